@@ -1,0 +1,47 @@
+"""Command line: ``python -m sdecor <command>`` (also the ``sdecor`` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "info": ("sdecor.cli", "versions, available backends and the native extension's build"),
+    "demo": ("sdecor.demo", "the main job: a short end-to-end run on embedded data"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._info import format_info, info
+
+    data = info()
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdecor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Test setup: the Triton interpreter without a GPU, seeding, and output poisoning.
+
+TRITON_INTERPRET must be set before Triton is first imported, hence at the top of this file.
+"""
+
+import os
+import random
+import subprocess
+
+
+def _gpu_present() -> bool:
+    # Decide without importing torch (importing torch may import triton).
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+HAS_GPU = _gpu_present()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdecor.testing import poison as _poison  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    """Where Triton kernels run: the GPU when there is one, else CPU through the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make torch.empty / torch.empty_like return NaN-filled tensors inside a test, so that an op
+    output left partly unwritten fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    return _poison
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
