@@ -6,6 +6,7 @@ decorrelation_loss, use_backend, info; pure-PyTorch references in :mod:`sdecor.r
 
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
+from . import reference
 from .masking import topk_mask
 from .objective import decorrelation_loss
 from .whitening import group_cov, group_whiten, whitening_matrix
