@@ -75,7 +75,7 @@ def _extensions():
         raise RuntimeError(f"FORCE_CUDA=1 but the CUDA part cannot be built: {why}")
 
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    extra = {"cxx": ["-O3", "-std=c++20"]}
     sources = list(cpp_sources)
     if with_cuda:
         # torch's cpp_extension reads CUDA_HOME and the arch list from the environment.
@@ -86,7 +86,7 @@ def _extensions():
         sources += cuda_sources
         define_macros.append(("SDECOR_WITH_CUDA", "1"))
         define_macros.append(("SDECOR_CUDA_ARCH_LIST", f'"{arch_list}"'))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
         _log(f"building C++ and CUDA parts (CUDA_HOME={cuda_home}, arch list {arch_list})")
     else:

@@ -1,0 +1,68 @@
+// The sdecor operator library (torch.ops.sdecor) and the Python module sdecor._C.
+//
+// Ops:
+//   build_info() -> str                  "key=value;..." describing this build (see _ext.build_info)
+//   eigh_small(Tensor a) -> (Tensor, Tensor)
+//                                        batched symmetric eigendecomposition of (..., d, d), d <= 128,
+//                                        float32/float64, reading the lower triangle; eigenvalues
+//                                        ascending (..., d), eigenvectors as columns (..., d, d).
+// Kernels: CPU here (eigh_small.cpp); CUDA in eigh_small_cuda.cu when built with SDECOR_WITH_CUDA.
+// Fake (meta) implementations are registered from Python in sdecor._native.
+#include <Python.h>
+
+#include <torch/headeronly/version.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "eigh_small.h"
+
+#define SDECOR_STR2(x) #x
+#define SDECOR_STR(x) SDECOR_STR2(x)
+
+namespace sdecor {
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return "clang-" SDECOR_STR(__clang_major__) "." SDECOR_STR(__clang_minor__) "." SDECOR_STR(__clang_patchlevel__);
+#elif defined(__GNUC__)
+  return "gcc-" SDECOR_STR(__GNUC__) "." SDECOR_STR(__GNUC_MINOR__) "." SDECOR_STR(__GNUC_PATCHLEVEL__);
+#elif defined(_MSC_VER)
+  return "msvc-" SDECOR_STR(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+std::string build_info() {
+  std::string s = "torch=" SDECOR_STR(TORCH_VERSION_MAJOR) "." SDECOR_STR(TORCH_VERSION_MINOR) "." SDECOR_STR(
+      TORCH_VERSION_PATCH);
+  s += ";cxx=" + compiler();
+#if defined(SDECOR_WITH_CUDA)
+  s += ";" + cuda_build_info();
+#else
+  s += ";cuda=none;archs=none";
+#endif
+  s += ";ops=build_info,eigh_small";
+  return s;
+}
+
+}  // namespace
+}  // namespace sdecor
+
+TORCH_LIBRARY(sdecor, m) {
+  m.set_python_module("sdecor._native");
+  m.def("build_info() -> str", &sdecor::build_info);
+  m.def("eigh_small(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors)");
+}
+
+TORCH_LIBRARY_IMPL(sdecor, CPU, m) { m.impl("eigh_small", &sdecor::eigh_small_cpu); }
+
+// Importing sdecor._C loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "sdecor native ops (registered in torch.ops.sdecor)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
