@@ -6,16 +6,16 @@
 #include "jacobi.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 
-#define SDECOR_STR2(x) #x
-#define SDECOR_STR(x) SDECOR_STR2(x)
+#define SDECOR_STR2(...) #__VA_ARGS__
+#define SDECOR_STR(...) SDECOR_STR2(__VA_ARGS__)
 
 namespace sdecor {
 
@@ -46,8 +46,9 @@ int threads_for(int d) {
 
 template <typename T>
 void launch(const at::Tensor& x, at::Tensor& evals, at::Tensor& evecs, int64_t batch, int d) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const size_t optin = prop->sharedMemPerBlockOptin;
+  int optin_attr = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_attr, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+  const size_t optin = static_cast<size_t>(optin_attr);
   const bool v_external = jacobi::workspace_bytes<T>(d, false) > optin;
   const size_t bytes = jacobi::workspace_bytes<T>(d, v_external);
   TORCH_CHECK(bytes <= optin, "sdecor::eigh_small: d = ", d, " needs ", bytes,
@@ -58,7 +59,7 @@ void launch(const at::Tensor& x, at::Tensor& evals, at::Tensor& evecs, int64_t b
                                         static_cast<int>(bytes)));
   }
   TORCH_CHECK(batch <= 0x7fffffff, "sdecor::eigh_small: batch of ", batch, " matrices exceeds 2^31 - 1");
-  kernel<<<static_cast<unsigned int>(batch), threads_for(d), bytes, at::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<static_cast<unsigned int>(batch), threads_for(d), bytes, c10::cuda::getCurrentCUDAStream()>>>(
       x.const_data_ptr<T>(), evals.mutable_data_ptr<T>(), evecs.mutable_data_ptr<T>(), d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
