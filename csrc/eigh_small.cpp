@@ -42,6 +42,20 @@ std::tuple<at::Tensor, at::Tensor> eigh_small_outputs(const at::Tensor& a) {
   return {evals, evecs};
 }
 
+std::tuple<at::Tensor, at::Tensor> eigh_small_meta(const at::Tensor& a) {
+  TORCH_CHECK(a.dim() >= 2, "sdecor::eigh_small: a must have shape (..., d, d); got ", a.dim(),
+              " dimension(s)");
+  TORCH_CHECK(a.sym_size(-1) == a.sym_size(-2),
+              "sdecor::eigh_small: a must hold square matrices (..., d, d); got shape ", a.sym_sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "sdecor::eigh_small: a must be float32 or float64; got ", a.scalar_type());
+  std::vector<c10::SymInt> sizes(a.sym_sizes().begin(), a.sym_sizes().end());
+  at::Tensor evecs = at::empty_symint(sizes, a.options());
+  sizes.pop_back();
+  at::Tensor evals = at::empty_symint(sizes, a.options());
+  return {evals, evecs};
+}
+
 std::tuple<at::Tensor, at::Tensor> eigh_small_cpu(const at::Tensor& a) {
   const int64_t batch = eigh_small_check(a);
   TORCH_CHECK(a.device().is_cpu(), "sdecor::eigh_small (CPU): a must be a CPU tensor");

@@ -16,6 +16,9 @@ std::tuple<at::Tensor, at::Tensor> eigh_small_outputs(const at::Tensor& a);
 
 std::tuple<at::Tensor, at::Tensor> eigh_small_cpu(const at::Tensor& a);
 
+// Shapes only (Meta / fake tensors), symbolic sizes allowed.
+std::tuple<at::Tensor, at::Tensor> eigh_small_meta(const at::Tensor& a);
+
 #if defined(SDECOR_WITH_CUDA)
 // "cuda=<version>;archs=<sm list>" of the compiled CUDA part.
 std::string cuda_build_info();

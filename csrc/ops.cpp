@@ -7,7 +7,8 @@
 //                                        float32/float64, reading the lower triangle; eigenvalues
 //                                        ascending (..., d), eigenvectors as columns (..., d, d).
 // Kernels: CPU here (eigh_small.cpp); CUDA in eigh_small_cuda.cu when built with SDECOR_WITH_CUDA.
-// Fake (meta) implementations are registered from Python in sdecor._native.
+// Meta kernels (shapes only) are registered here too, so fake tensors (torch.compile, opcheck) work
+// however the extension was loaded.
 #include <Python.h>
 
 #include <torch/headeronly/version.h>
@@ -52,12 +53,13 @@ std::string build_info() {
 }  // namespace sdecor
 
 TORCH_LIBRARY(sdecor, m) {
-  m.set_python_module("sdecor._native");
   m.def("build_info() -> str", &sdecor::build_info);
   m.def("eigh_small(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors)");
 }
 
 TORCH_LIBRARY_IMPL(sdecor, CPU, m) { m.impl("eigh_small", &sdecor::eigh_small_cpu); }
+
+TORCH_LIBRARY_IMPL(sdecor, Meta, m) { m.impl("eigh_small", &sdecor::eigh_small_meta); }
 
 // Importing sdecor._C loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
