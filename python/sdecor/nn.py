@@ -1,0 +1,161 @@
+"""Modules: :class:`GroupWhitening`, a drop-in replacement for BatchNorm that whitens groups of channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import reference as ref
+from . import whitening
+
+__all__ = ["GroupWhitening"]
+
+
+def _group_whiten_train(x, num_channels, method, eps, T, weight, bias):
+    return whitening.group_whiten_train(x, num_channels, method=method, eps=eps, T=T,
+                                        weight=weight, bias=bias)
+
+
+def _group_whiten_eval(x, mean, wm, weight, bias):
+    return whitening.group_whiten_eval(x, mean, wm, weight=weight, bias=bias)
+
+
+class GroupWhitening(nn.Module):
+    r"""Group-wise whitening of the channels, with running statistics and an affine map (IterNorm).
+
+    The C = ``num_features`` channels are split into G = C / d groups of d = ``num_channels``
+    contiguous channels. For input x of shape (N, C, *S) (0 to 3 trailing dims) and each group g,
+
+    .. math:: y_g = \mathrm{weight}_g \odot W_g (x_g - \mu_g) + \mathrm{bias}_g
+
+    where in training mode :math:`\mu_g` and :math:`W_g = f(\Sigma_g + \epsilon I)` come from the
+    batch (:math:`\Sigma_g` the biased covariance over the m = N * prod(S) samples; f the exact ZCA
+    :math:`\Sigma^{-1/2}` for ``method="zca"``, T Newton-Schulz steps for ``method="newton"``) and
+    in eval mode from the running estimates, updated in training as
+    ``running <- (1 - momentum) * running + momentum * batch`` for the mean and for W
+    (``momentum=None``: the cumulative average over all batches seen, like BatchNorm).
+
+    Buffers (IterNorm's names and shapes): ``running_mean`` (G, d, 1), ``running_wm`` (G, d, d),
+    initially the identity, and ``num_batches_tracked``. Parameters ``weight`` and ``bias`` have
+    shape (C,) like BatchNorm's; IterNorm's (1, C, 1, 1) / (1, C) shapes are accepted by
+    ``load_state_dict``. With ``track_running_stats=False`` there are no buffers and batch
+    statistics are used in eval mode as well.
+
+    Statistics are computed in float32 for float16 / bfloat16 / float32 inputs (float64 for float64);
+    the output has the input's dtype.
+    """
+
+    _version = 1
+
+    def __init__(self, num_features: int, num_channels: int = 16, *, method: str = "newton", T: int = 5,
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int; got {num_features!r}")
+        G = ref.check_groups(num_channels, num_features)
+        ref.check_whitening_args(method, eps, T)
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); "
+                             f"got {momentum!r}")
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.num_channels = num_channels
+        self.num_groups = G
+        self.method = method
+        self.T = T
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            d = num_channels
+            self.register_buffer("running_mean", torch.zeros(G, d, 1, **factory))
+            self.register_buffer("running_wm", torch.eye(d, **factory).expand(G, d, d).clone())
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_wm", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running whitening matrices the identity, no batches tracked."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_wm.copy_(torch.eye(self.num_channels, dtype=self.running_wm.dtype,
+                                            device=self.running_wm.device).expand_as(self.running_wm))
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_channels={self.num_channels}, method={self.method!r}, "
+                f"T={self.T}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor; got {type(x).__name__}")
+        if not 2 <= x.dim() <= 5:
+            raise ValueError(f"expected a 2D to 5D input (N, C, *S) to {type(self).__name__}; "
+                             f"got a {x.dim()}D input of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels (dim 1 of the input, num_features) "
+                             f"for {type(self).__name__}; got input of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor; got dtype {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.training or not self.track_running_stats:
+            y, mean, wm = _group_whiten_train(x, self.num_channels, self.method, self.eps, self.T,
+                                              self.weight, self.bias)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, wm)
+            return y
+        return _group_whiten_eval(x, self.running_mean.squeeze(-1), self.running_wm,
+                                  self.weight, self.bias)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, wm: torch.Tensor) -> None:
+        """running <- running + factor * (batch - running); factor = momentum, or 1 / batches seen."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mean.unsqueeze(-1).to(self.running_mean.dtype), factor)
+        self.running_wm.lerp_(wm.to(self.running_wm.dtype), factor)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # IterNorm stores weight and bias as (1, C, 1, 1) or (1, C); accept any shape holding C values
+        # with C along one dim, and take them as (C,).
+        for name in ("weight", "bias"):
+            key = prefix + name
+            t = state_dict.get(key)
+            if (isinstance(t, torch.Tensor) and t.dim() > 1 and t.numel() == self.num_features
+                    and max(t.shape) == self.num_features):
+                state_dict[key] = t.reshape(self.num_features)
+        # IterNorm checkpoints have no batch counter: start it at 0 as BatchNorm does for old ones.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict and (prefix + "running_wm") in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.num_batches_tracked.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
