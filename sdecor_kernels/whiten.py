@@ -1,0 +1,774 @@
+"""Triton kernels of group-wise statistics and whitening, and their launchers.
+
+Notation (see DESIGN.md): x (N, C, *S) is read as (N, C, L), L = prod(S), through three strides
+(sn, sc, sl), so contiguous NCHW-style inputs (sl = 1) and channels_last inputs (sc = 1, sl = C) are
+both read in place, without a transposed copy. Sample j in [0, m), m = N * L, is (n, l) = divmod(j, L).
+Group g holds channels [g*d, (g+1)*d); every kernel works on tiles [BD, BM] (channels x samples) with
+BD = next power of two >= d (masked), and accumulates in fp32.
+
+Kernels (one launch each, no host synchronisation, no float atomics):
+
+- ``group_stats_partial_kernel``  grid (P, G): program (s, g) reduces its contiguous range of sample
+  blocks to a shifted sum and a shifted second moment (shift = the first sample of each channel, which
+  keeps E[xx^T] - mean mean^T free of cancellation when |mean| >> std).
+- ``group_stats_finalize_kernel`` grid (G,): sums the P partials in a fixed order (deterministic), writes
+  mean and cov, and with NEWTON runs the Newton-Schulz steps and writes W as well.
+- ``newton_fwd_kernel`` / ``newton_bwd_kernel`` grid (G,): W of cov + eps I, and dL/dcov from dL/dW
+  (the exact derivative of the coupled iteration, iterates kept in a global scratch buffer).
+- ``whiten_apply_kernel`` grid (P, G): y = gamma * W (x - mean) + beta, one read of x, one write of y.
+- ``whiten_bwd_reduce_kernel`` grid (P, G): partials of D = sum_j dy_j (x_j - mean)^T and of sum_j dy_j.
+- ``whiten_bwd_dx_kernel`` grid (P, G): dx = B dy + A (x - mean) + v (group_cov's backward without dy).
+
+Matrix products use ``tl.dot`` when BD >= 16 and a broadcast-and-sum otherwise (tl.dot needs 16).
+For BD > 64 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
+multiply them in 64 x 64 tiles, since three 128 x 128 fp32 matrices do not fit in registers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "STATIC_SPECS",
+    "flat_view",
+    "group_stats",
+    "newton",
+    "newton_backward",
+    "apply",
+    "bwd_reduce",
+    "bwd_dx",
+]
+
+# Largest BD whose d x d matrices the Newton kernels keep in registers; above it, 64 x 64 tiles.
+REG_BD = 64
+TILE = 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b in fp32: tl.dot for dims >= 16, else broadcast-and-sum."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _tile(g, j0, d, m, L, sn, sc, sl, BD: tl.constexpr, BM: tl.constexpr):
+    """Offsets [BD, BM] (int64) and mask of the samples j0 .. j0+BM of group g."""
+    c = tl.arange(0, BD)
+    j = j0 + tl.arange(0, BM).to(tl.int64)
+    n = j // L
+    l = j - n * L
+    off = (g * d + c).to(tl.int64)[:, None] * sc + (n * sn + l * sl)[None, :]
+    mask = (c < d)[:, None] & (j < m)[None, :]
+    return off, mask
+
+
+@triton.jit
+def _block_range(s, n_blocks, bpp):
+    b0 = s.to(tl.int64) * bpp
+    b1 = tl.minimum(b0 + bpp, n_blocks)
+    return b0, b1
+
+
+@triton.jit
+def _eye(BD: tl.constexpr, d):
+    r = tl.arange(0, BD)
+    return ((r[:, None] == r[None, :]) & (r < d)[:, None]).to(tl.float32)
+
+
+@triton.jit
+def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """Coupled Newton-Schulz on Se (registers): Y0 = Se/tr, Z0 = I, M = (3I - ZY)/2, Y = YM, Z = MZ."""
+    tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
+    Y = S / tr
+    Z = eye
+    for _ in range(T):
+        M = 1.5 * eye - 0.5 * _mm(Z, Y, USE_DOT, PREC)
+        Y = _mm(Y, M, USE_DOT, PREC)
+        Z = _mm(M, Z, USE_DOT, PREC)
+    return Z / tl.sqrt(tr)
+
+
+@triton.jit
+def _tiled_mm(a_ptr, b_ptr, c_ptr, alpha, beta_eye, TA: tl.constexpr, TB: tl.constexpr,
+              BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
+    """C = alpha * op(A) @ op(B) + beta_eye * I on BD x BD row-major scratch, in BT x BT tiles.
+
+    op(X) = X^T when the flag is set. Ends with a barrier so that C is visible to the whole program.
+    """
+    r = tl.arange(0, BT)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            acc = tl.zeros((BT, BT), dtype=tl.float32)
+            for k in tl.static_range(BD // BT):
+                if TA:
+                    a = tl.load(a_ptr + (k * BT + r)[None, :] * BD + (i * BT + r)[:, None])
+                else:
+                    a = tl.load(a_ptr + (i * BT + r)[:, None] * BD + (k * BT + r)[None, :])
+                if TB:
+                    b = tl.load(b_ptr + (jb * BT + r)[None, :] * BD + (k * BT + r)[:, None])
+                else:
+                    b = tl.load(b_ptr + (k * BT + r)[:, None] * BD + (jb * BT + r)[None, :])
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = alpha * acc
+            if i == jb:
+                acc += beta_eye * ((r[:, None] == r[None, :]).to(tl.float32))
+            tl.store(c_ptr + (i * BT + r)[:, None] * BD + (jb * BT + r)[None, :], acc)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tiled_axpy(x_ptr, y_ptr, out_ptr, a, b, BD: tl.constexpr, BT: tl.constexpr):
+    """out = a * X + b * Y elementwise on BD x BD scratch (then a barrier)."""
+    r = tl.arange(0, BT)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            off = (i * BT + r)[:, None] * BD + (jb * BT + r)[None, :]
+            tl.store(out_ptr + off, a * tl.load(x_ptr + off) + b * tl.load(y_ptr + off))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tiled_dotsum(x_ptr, y_ptr, BD: tl.constexpr, BT: tl.constexpr):
+    """sum(X * Y) over BD x BD scratch."""
+    r = tl.arange(0, BT)
+    total = 0.0
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            off = (i * BT + r)[:, None] * BD + (jb * BT + r)[None, :]
+            total += tl.sum(tl.sum(tl.load(x_ptr + off) * tl.load(y_ptr + off), axis=1), axis=0)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics
+
+
+@triton.jit
+def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+                               BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr,
+                               PREC: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    c = tl.arange(0, BD)
+    # shift = sample j = 0 of each channel
+    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < d, other=0.0).to(tl.float32)
+    acc1 = tl.zeros((BD,), dtype=tl.float32)
+    acc2 = tl.zeros((BD, BD), dtype=tl.float32)
+    b0, b1 = _block_range(s, n_blocks, bpp)
+    for b in range(b0, b1):
+        off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
+        xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        xs = tl.where(mask, xt - k[:, None], 0.0)                        # [BD, BM]
+        acc1 += tl.sum(xs, axis=1)
+        acc2 += _mm(xs, tl.trans(xs), USE_DOT, PREC)                      # [BD, BD]
+    base = (g * P + s).to(tl.int64)
+    tl.store(s1_ptr + base * BD + c, acc1)
+    tl.store(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :], acc2)
+
+
+@triton.jit
+def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, mean_ptr, cov_ptr, w_ptr, d, m, sc, P, eps, T,
+                                NEWTON: tl.constexpr, BD: tl.constexpr, USE_DOT: tl.constexpr,
+                                PREC: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.arange(0, BD)
+    cm = c < d
+    m2 = cm[:, None] & cm[None, :]
+    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=cm, other=0.0).to(tl.float32)
+    s1 = tl.zeros((BD,), dtype=tl.float32)
+    s2 = tl.zeros((BD, BD), dtype=tl.float32)
+    for s in range(0, P):                                                # fixed order: deterministic
+        base = (g * P + s).to(tl.int64)
+        s1 += tl.load(s1_ptr + base * BD + c)
+        s2 += tl.load(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :])
+    ms = s1 / m                                                          # mean - shift
+    cov = s2 / m - ms[:, None] * ms[None, :]
+    cov = tl.where(m2, cov, 0.0)
+    gd = g.to(tl.int64) * d
+    tl.store(mean_ptr + gd + c, k + ms, mask=cm)
+    tl.store(cov_ptr + gd * d + c[:, None] * d + c[None, :], cov, mask=m2)
+    if NEWTON:
+        eye = _eye(BD, d)
+        W = _newton_regs(cov + eps * eye, eye, T, USE_DOT, PREC)
+        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Newton-Schulz (IterNorm) whitening matrix and its backward
+
+
+@triton.jit
+def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, d, eps, T, BD: tl.constexpr, BT: tl.constexpr,
+                      USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    g = tl.program_id(0)
+    gd = g.to(tl.int64) * d
+    if BD <= BT:
+        c = tl.arange(0, BD)
+        m2 = (c < d)[:, None] & (c < d)[None, :]
+        eye = _eye(BD, d)
+        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
+        W = _newton_regs(S, eye, T, USE_DOT, PREC)
+        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
+    else:
+        # scratch per group: Y, Z, M, tmp, each BD x BD (padded, zero outside d x d)
+        sz = BD * BD
+        Yp = scratch_ptr + g.to(tl.int64) * 4 * sz
+        Zp = Yp + sz
+        Mp = Zp + sz
+        Xp = Mp + sz
+        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, eps, BD, BT)
+        for _ in range(T):
+            _tiled_mm(Zp, Yp, Mp, -0.5, 1.5, False, False, BD, BT, PREC)    # M = 1.5 I - 0.5 Z Y
+            _tiled_mm(Yp, Mp, Xp, 1.0, 0.0, False, False, BD, BT, PREC)     # tmp = Y M
+            _tiled_mm(Mp, Zp, Yp, 1.0, 0.0, False, False, BD, BT, PREC)     # Y <- M Z (new Z)
+            t = Yp                                                            # swap roles
+            Yp = Xp
+            Xp = Zp
+            Zp = t
+        _store_tiled(Zp, w_ptr + gd * d, 1.0 / tl.sqrt(tr), d, BD, BT)
+
+
+@triton.jit
+def _load_se_tiled(cov_ptr, Yp, Zp, d, eps, BD: tl.constexpr, BT: tl.constexpr):
+    """Y = Se / tr(Se), Z = I into scratch (zero padded); returns tr(Se)."""
+    r = tl.arange(0, BT)
+    tr = 0.0
+    for i in tl.static_range(BD // BT):
+        ri = i * BT + r
+        diag = tl.load(cov_ptr + ri * d + ri, mask=ri < d, other=0.0) + eps
+        tr += tl.sum(tl.where(ri < d, diag, 0.0), axis=0)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            ri = i * BT + r
+            rj = jb * BT + r
+            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            eye = ((ri[:, None] == rj[None, :]) & m2).to(tl.float32)
+            S = tl.load(cov_ptr + ri[:, None] * d + rj[None, :], mask=m2, other=0.0) + eps * eye
+            off = ri[:, None] * BD + rj[None, :]
+            tl.store(Yp + off, S / tr)
+            tl.store(Zp + off, eye)
+    tl.debug_barrier()
+    return tr
+
+
+@triton.jit
+def _store_tiled(src, dst, scale, d, BD: tl.constexpr, BT: tl.constexpr):
+    """dst (d x d, row-major) = scale * src (BD x BD scratch)."""
+    r = tl.arange(0, BT)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            ri = i * BT + r
+            rj = jb * BT + r
+            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            v = tl.load(src + ri[:, None] * BD + rj[None, :])
+            tl.store(dst + ri[:, None] * d + rj[None, :], scale * v, mask=m2)
+
+
+@triton.jit
+def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, BD: tl.constexpr,
+                      BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """dL/dcov of W = Newton-Schulz(cov + eps I, T): reverse mode through the coupled iteration.
+
+    Step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z. With gY', gZ' given:
+    gM = Y^T gY' + gZ' Z^T, gY = gY' M^T - 0.5 Z^T gM, gZ = M^T gZ' - 0.5 gM Y^T.
+    The iterates (Y_k, Z_k), k < T, go to hist (G, T, 2, BD, BD) on the way forward.
+    """
+    g = tl.program_id(0)
+    gd = g.to(tl.int64) * d
+    sz = BD * BD
+    hist = hist_ptr + g.to(tl.int64) * T * 2 * sz
+    if BD <= BT:
+        c = tl.arange(0, BD)
+        m2 = (c < d)[:, None] & (c < d)[None, :]
+        off = c[:, None] * BD + c[None, :]
+        eye = _eye(BD, d)
+        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
+        tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
+        Y = S / tr
+        Z = eye
+        for k in range(T):
+            tl.store(hist + (2 * k) * sz + off, Y)
+            tl.store(hist + (2 * k + 1) * sz + off, Z)
+            M = 1.5 * eye - 0.5 * _mm(Z, Y, USE_DOT, PREC)
+            Y = _mm(Y, M, USE_DOT, PREC)
+            Z = _mm(M, Z, USE_DOT, PREC)
+        tl.debug_barrier()
+        rs = 1.0 / tl.sqrt(tr)
+        gW = tl.load(gw_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0)
+        gZ = gW * rs
+        g_tr = -0.5 * rs / tr * tl.sum(tl.sum(gW * Z, axis=1), axis=0)
+        gY = tl.zeros((BD, BD), dtype=tl.float32)
+        for i in range(T):
+            k = T - 1 - i
+            Yk = tl.load(hist + (2 * k) * sz + off)
+            Zk = tl.load(hist + (2 * k + 1) * sz + off)
+            M = 1.5 * eye - 0.5 * _mm(Zk, Yk, USE_DOT, PREC)
+            gM = _mm(tl.trans(Yk), gY, USE_DOT, PREC) + _mm(gZ, tl.trans(Zk), USE_DOT, PREC)
+            gY = _mm(gY, tl.trans(M), USE_DOT, PREC) - 0.5 * _mm(tl.trans(Zk), gM, USE_DOT, PREC)
+            gZ = _mm(tl.trans(M), gZ, USE_DOT, PREC) - 0.5 * _mm(gM, tl.trans(Yk), USE_DOT, PREC)
+        # Y0 = Se / tr
+        g_tr += -tl.sum(tl.sum(gY * S, axis=1), axis=0) / (tr * tr)
+        gS = gY / tr + g_tr * eye
+        tl.store(gcov_ptr + gd * d + c[:, None] * d + c[None, :], gS, mask=m2)
+    else:
+        # work per group: S, gY, gZ, M, gM, t1, t2, each BD x BD
+        wk = work_ptr + g.to(tl.int64) * 7 * sz
+        Sp = wk
+        gYp = wk + sz
+        gZp = wk + 2 * sz
+        Mp = wk + 3 * sz
+        gMp = wk + 4 * sz
+        t1 = wk + 5 * sz
+        t2 = wk + 6 * sz
+        # forward: Y, Z live in hist slots k (read), next iterate written to slot k+1 or t1/t2
+        tr = _load_se_tiled(cov_ptr + gd * d, hist, hist + sz, d, eps, BD, BT)
+        _tiled_axpy(hist, hist, Sp, tr, 0.0, BD, BT)                     # S = Y0 * tr
+        for k in range(T):
+            Yk = hist + (2 * k) * sz
+            Zk = Yk + sz
+            if k + 1 < T:
+                Yn = Yk + 2 * sz
+                Zn = Yn + sz
+            else:
+                Yn = t1
+                Zn = t2
+            _tiled_mm(Zk, Yk, Mp, -0.5, 1.5, False, False, BD, BT, PREC)
+            _tiled_mm(Yk, Mp, Yn, 1.0, 0.0, False, False, BD, BT, PREC)
+            _tiled_mm(Mp, Zk, Zn, 1.0, 0.0, False, False, BD, BT, PREC)
+        # t2 = Z_T; gZ = gW / sqrt(tr); gY = 0
+        rs = 1.0 / tl.sqrt(tr)
+        _load_padded_tiled(gw_ptr + gd * d, gZp, d, BD, BT)
+        g_tr = -0.5 * rs / tr * _tiled_dotsum(gZp, t2, BD, BT)
+        _tiled_axpy(gZp, gZp, gZp, rs, 0.0, BD, BT)
+        _tiled_axpy(gZp, gZp, gYp, 0.0, 0.0, BD, BT)
+        for i in range(T):
+            k = T - 1 - i
+            Yk = hist + (2 * k) * sz
+            Zk = Yk + sz
+            _tiled_mm(Zk, Yk, Mp, -0.5, 1.5, False, False, BD, BT, PREC)        # M
+            _tiled_mm(Yk, gYp, t1, 1.0, 0.0, True, False, BD, BT, PREC)         # Y^T gY
+            _tiled_mm(gZp, Zk, t2, 1.0, 0.0, False, True, BD, BT, PREC)         # gZ Z^T
+            _tiled_axpy(t1, t2, gMp, 1.0, 1.0, BD, BT)                          # gM
+            _tiled_mm(gYp, Mp, t1, 1.0, 0.0, False, True, BD, BT, PREC)         # gY M^T
+            _tiled_mm(Zk, gMp, t2, 1.0, 0.0, True, False, BD, BT, PREC)         # Z^T gM
+            _tiled_axpy(t1, t2, gYp, 1.0, -0.5, BD, BT)                         # gY
+            _tiled_mm(Mp, gZp, t1, 1.0, 0.0, True, False, BD, BT, PREC)         # M^T gZ
+            _tiled_mm(gMp, Yk, t2, 1.0, 0.0, False, True, BD, BT, PREC)         # gM Y^T
+            _tiled_axpy(t1, t2, gZp, 1.0, -0.5, BD, BT)                         # gZ
+        g_tr += -_tiled_dotsum(gYp, Sp, BD, BT) / (tr * tr)
+        _store_grad_tiled(gYp, gcov_ptr + gd * d, 1.0 / tr, g_tr, d, BD, BT)
+
+
+@triton.jit
+def _load_padded_tiled(src, dst, d, BD: tl.constexpr, BT: tl.constexpr):
+    """dst (BD x BD scratch) = src (d x d) zero padded (then a barrier)."""
+    r = tl.arange(0, BT)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            ri = i * BT + r
+            rj = jb * BT + r
+            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            v = tl.load(src + ri[:, None] * d + rj[None, :], mask=m2, other=0.0)
+            tl.store(dst + ri[:, None] * BD + rj[None, :], v)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constexpr):
+    """dst (d x d) = scale * src + diag * I."""
+    r = tl.arange(0, BT)
+    for i in tl.static_range(BD // BT):
+        for jb in tl.static_range(BD // BT):
+            ri = i * BT + r
+            rj = jb * BT + r
+            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            eye = (ri[:, None] == rj[None, :]).to(tl.float32)
+            v = scale * tl.load(src + ri[:, None] * BD + rj[None, :]) + diag * eye
+            tl.store(dst + ri[:, None] * d + rj[None, :], v, mask=m2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# apply and backward passes over x
+
+
+@triton.jit
+def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, m, L, sn, sc, sl,
+                        n_blocks, bpp, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    c = tl.arange(0, BD)
+    cm = c < d
+    gd = g.to(tl.int64) * d
+    W = tl.load(w_ptr + gd * d + c[:, None] * d + c[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
+    mu = tl.load(mean_ptr + gd + c, mask=cm, other=0.0)
+    if HAS_WEIGHT:
+        W = W * tl.load(weight_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)
+    else:
+        beta = tl.zeros((BD,), dtype=tl.float32)
+    b0, b1 = _block_range(s, n_blocks, bpp)
+    for b in range(b0, b1):
+        off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
+        xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, xt - mu[:, None], 0.0)                           # [BD, BM]
+        yt = _mm(W, xc, USE_DOT, PREC) + beta[:, None]
+        tl.store(y_ptr + off, yt.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, dp_ptr, sp_ptr, d, m, L, sn, sc, sl, tn, tc, tl_,
+                             n_blocks, bpp, P, BD: tl.constexpr, BM: tl.constexpr,
+                             USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    c = tl.arange(0, BD)
+    mu = tl.load(mean_ptr + g.to(tl.int64) * d + c, mask=c < d, other=0.0)
+    accD = tl.zeros((BD, BD), dtype=tl.float32)
+    accS = tl.zeros((BD,), dtype=tl.float32)
+    b0, b1 = _block_range(s, n_blocks, bpp)
+    for b in range(b0, b1):
+        j0 = b * BM
+        off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
+        offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+        xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, xt - mu[:, None], 0.0)
+        accD += _mm(dyt, tl.trans(xc), USE_DOT, PREC)                        # sum dy xc^T
+        accS += tl.sum(dyt, axis=1)
+    base = (g * P + s).to(tl.int64)
+    tl.store(sp_ptr + base * BD + c, accS)
+    tl.store(dp_ptr + base * BD * BD + c[:, None] * BD + c[None, :], accD)
+
+
+@triton.jit
+def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d, m, L, sn, sc, sl,
+                         tn, tc, tl_, n_blocks, bpp, HAS_DY: tl.constexpr, BD: tl.constexpr,
+                         BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    c = tl.arange(0, BD)
+    cm = c < d
+    m2 = cm[:, None] & cm[None, :]
+    gd = g.to(tl.int64) * d
+    mat = gd * d + c[:, None] * d + c[None, :]
+    A = tl.load(a_ptr + mat, mask=m2, other=0.0)
+    if HAS_DY:
+        B = tl.load(b_ptr + mat, mask=m2, other=0.0)
+    mu = tl.load(mean_ptr + gd + c, mask=cm, other=0.0)
+    v = tl.load(v_ptr + gd + c, mask=cm, other=0.0)
+    b0, b1 = _block_range(s, n_blocks, bpp)
+    for b in range(b0, b1):
+        j0 = b * BM
+        off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
+        xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, xt - mu[:, None], 0.0)
+        out = _mm(A, xc, USE_DOT, PREC) + v[:, None]
+        if HAS_DY:
+            offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+            dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+            out += _mm(B, dyt, USE_DOT, PREC)
+        tl.store(dx_ptr + off, out.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch configuration
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def config(d: int, on_gpu: bool) -> dict:
+    """Block sizes of the kernels for group size d.
+
+    BM keeps a [BD, BM] fp32 tile at <= 4096 elements (32 registers a thread at 4 warps); below 16
+    channels the broadcast product [BD, BM, BD] is what is kept at <= 4096.
+    """
+    BD = max(2, _pow2(d))
+    use_dot = BD >= 16
+    if use_dot:
+        BM = max(16, min(128, 4096 // BD))
+    else:
+        BM = max(16, min(128, 4096 // (BD * BD)))
+    return dict(BD=BD, BM=BM, USE_DOT=use_dot,
+                # fp32 products on tensor cores at ~fp32 accuracy (three tf32 products); the
+                # interpreter's dot is exact fp32 whatever is asked
+                PREC="tf32x3" if on_gpu else "ieee",
+                num_warps=4 if BD <= 32 else 8)
+
+
+def _splits(n_blocks: int, G: int, device: torch.device) -> tuple[int, int]:
+    """(P, blocks per program): enough programs to fill the device even when G is small."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    P = max(1, min(n_blocks, -(-target // G)))
+    bpp = -(-n_blocks // P)
+    return -(-n_blocks // bpp), bpp
+
+
+def flat_view(t: torch.Tensor, output_layout: bool = False):
+    """(t', sn, sc, sl, L): t (N, C, *S) addressed as (N, C, L) by three strides.
+
+    Any layout whose trailing dims merge into one stride is read in place (contiguous, channels_last,
+    expanded gradients); others are copied. With ``output_layout`` t' is also dense (contiguous or
+    channels_last), so that ``torch.empty_like(t')`` has the same strides.
+    """
+    if output_layout and not (t.is_contiguous() or _channels_last(t)):
+        t = t.contiguous()
+    spatial = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    if any(spatial[i][1] != spatial[i + 1][1] * spatial[i + 1][0] for i in range(len(spatial) - 1)):
+        t = t.contiguous()
+        spatial = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    sl = spatial[-1][1] if spatial else 1
+    return t, t.stride(0), t.stride(1), sl, math.prod(t.shape[2:])
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Launch through torch.library.wrap_triton (traceable by torch.compile / export).
+
+    Under the interpreter with fake tensors (shape propagation), no kernel runs.
+    """
+    if _interpreted(kernel):
+        from torch._subclasses.fake_tensor import is_fake
+
+        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _f32(*shape, device):
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+
+def group_stats(x: torch.Tensor, d: int, newton: tuple[float, int] | None = None):
+    """mean (G, d), cov (G, d, d) fp32 of x (N, C, *S) in one read of x; with ``newton=(eps, T)``
+    also W (G, d, d), the Newton-Schulz whitening matrix of cov + eps I."""
+    x, sn, sc, sl, L = flat_view(x)
+    N, C = x.shape[:2]
+    G, m, dev = C // d, N * L, x.device
+    cfg = config(d, dev.type == "cuda")
+    BD, BM = cfg["BD"], cfg["BM"]
+    n_blocks = -(-m // BM)
+    P, bpp = _splits(n_blocks, G, dev)
+    s1 = _f32(G, P, BD, device=dev)
+    s2 = _f32(G, P, BD, BD, device=dev)
+    _launch(group_stats_partial_kernel, (P, G), x, s1, s2, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+            BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    mean = _f32(G, d, device=dev)
+    cov = _f32(G, d, d, device=dev)
+    fused = newton is not None and BD <= REG_BD
+    w = _f32(G, d, d, device=dev) if fused else cov
+    eps, T = newton if newton is not None else (0.0, 0)
+    _launch(group_stats_finalize_kernel, (G,), x, s1, s2, mean, cov, w, d, m, sc, P, float(eps), int(T),
+            NEWTON=fused, BD=BD, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    if newton is None:
+        return mean, cov
+    if not fused:
+        w = globals()["newton"](cov, eps, T)
+    return mean, cov, w
+
+
+def newton(cov: torch.Tensor, eps: float, T: int) -> torch.Tensor:
+    """W (G, d, d) = Newton-Schulz whitening matrix of cov (G, d, d) fp32 + eps I, T steps."""
+    cov = cov.contiguous()
+    G, d = cov.shape[0], cov.shape[-1]
+    dev = cov.device
+    cfg = config(d, dev.type == "cuda")
+    BD = cfg["BD"]
+    w = _f32(G, d, d, device=dev)
+    scratch = _f32(G, 4, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
+    _launch(newton_fwd_kernel, (G,), cov, w, scratch, d, float(eps), int(T), BD=BD, BT=TILE,
+            USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    return w
+
+
+def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int) -> torch.Tensor:
+    """dL/dcov (G, d, d) from dL/dW for W = newton(cov, eps, T) (the exact derivative)."""
+    cov = cov.contiguous()
+    grad_w = grad_w.to(torch.float32).contiguous()
+    G, d = cov.shape[0], cov.shape[-1]
+    dev = cov.device
+    cfg = config(d, dev.type == "cuda")
+    BD = cfg["BD"]
+    gcov = _f32(G, d, d, device=dev)
+    hist = _f32(G, int(T), 2, BD, BD, device=dev)
+    work = _f32(G, 7, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
+    _launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, d, float(eps), int(T), BD=BD,
+            BT=TILE, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    return gcov
+
+
+def apply(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, weight: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = weight * W (x - mean) + bias per group, in x's dtype and memory format (contiguous when x
+    is neither contiguous nor channels_last)."""
+    x, sn, sc, sl, L = flat_view(x, output_layout=True)
+    N, C = x.shape[:2]
+    G, d = mean.shape
+    m, dev = N * L, x.device
+    cfg = config(d, dev.type == "cuda")
+    n_blocks = -(-m // cfg["BM"])
+    P, bpp = _splits(n_blocks, G, dev)
+    y = torch.empty_like(x)
+    mean = mean.to(torch.float32).contiguous()
+    w = w.to(torch.float32).contiguous()
+    _launch(whiten_apply_kernel, (P, G), x, y, mean, w,
+            weight.contiguous() if weight is not None else mean,
+            bias.contiguous() if bias is not None else mean,
+            d, m, L, sn, sc, sl, n_blocks, bpp, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BD=cfg["BD"], BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
+            num_warps=cfg["num_warps"])
+    return y
+
+
+def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
+    """D = sum_j dy_j (x_j - mean)^T (G, d, d) and sum_j dy_j (G, d), fp32, in one read of (dy, x).
+
+    Two stages: per-program partials, then a fixed-order sum over the programs (deterministic).
+    """
+    x, sn, sc, sl, L = flat_view(x, output_layout=True)
+    dy, tn, tc, tl_, _ = flat_view(dy)
+    N, C = x.shape[:2]
+    G, d = mean.shape
+    m, dev = N * L, x.device
+    cfg = config(d, dev.type == "cuda")
+    BD, BM = cfg["BD"], cfg["BM"]
+    n_blocks = -(-m // BM)
+    P, bpp = _splits(n_blocks, G, dev)
+    dp = _f32(G, P, BD, BD, device=dev)
+    sp = _f32(G, P, BD, device=dev)
+    _launch(whiten_bwd_reduce_kernel, (P, G), dy, x, mean.to(torch.float32).contiguous(), dp, sp,
+            d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, P, BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"],
+            PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    return dp.sum(1)[:, :d, :d], sp.sum(1)[:, :d]
+
+
+def bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """dx_j = B dy_j + A (x_j - mean) + v per group (without the B term when dy is None), in x's
+    dtype and layout, in one read of (dy, x) and one write."""
+    x, sn, sc, sl, L = flat_view(x, output_layout=True)
+    dy_given = dy is not None
+    if dy_given:
+        if b is None:
+            raise ValueError("bwd_dx: b is required when dy is given")
+        dy, tn, tc, tl_, _ = flat_view(dy)
+    else:
+        dy, tn, tc, tl_ = x, sn, sc, sl
+    N, C = x.shape[:2]
+    G, d = mean.shape
+    m, dev = N * L, x.device
+    cfg = config(d, dev.type == "cuda")
+    n_blocks = -(-m // cfg["BM"])
+    P, bpp = _splits(n_blocks, G, dev)
+    dx = torch.empty_like(x)
+    a = a.to(torch.float32).contiguous()
+    _launch(whiten_bwd_dx_kernel, (P, G), dy, x, dx, mean.to(torch.float32).contiguous(), a,
+            b.to(torch.float32).contiguous() if b is not None else a, v.to(torch.float32).contiguous(),
+            d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, HAS_DY=dy_given, BD=cfg["BD"],
+            BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
+
+
+def _gpu_cfg(d: int, **extra) -> dict:
+    cfg = config(d, on_gpu=True)
+    return {**cfg, **extra}
+
+
+def _sig(names: str, types: dict | None = None) -> dict:
+    """Signature: *_ptr arguments are fp32 pointers, the rest i32 unless ``types`` says otherwise."""
+    types = types or {}
+    return {a: types.get(a, "*fp32" if a.endswith("_ptr") else "i32") for a in names.split()}
+
+
+_X = "d m L sn sc sl n_blocks bpp"
+_SPEC_DS = (2, 3, 4, 8, 16, 32, 48, 64, 128)
+
+
+def _only(cfg: dict, *keys) -> dict:
+    return {k: cfg[k] for k in keys}
+
+
+STATIC_SPECS = [
+    dict(name="group_stats_partial_kernel", kernel=group_stats_partial_kernel, ds=_SPEC_DS,
+         signature=_sig(f"x_ptr s1_ptr s2_ptr {_X} P"),
+         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
+    dict(name="group_stats_partial_kernel[bf16]", kernel=group_stats_partial_kernel, ds=_SPEC_DS,
+         signature=_sig(f"x_ptr s1_ptr s2_ptr {_X} P", {"x_ptr": "*bf16"}),
+         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
+    dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel,
+         ds=tuple(d for d in _SPEC_DS if _pow2(d) <= REG_BD),
+         signature=_sig("x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"}),
+         config=lambda d: _only(_gpu_cfg(d, NEWTON=True), "NEWTON", "BD", "USE_DOT", "PREC", "num_warps")),
+    dict(name="group_stats_finalize_kernel", kernel=group_stats_finalize_kernel, ds=_SPEC_DS,
+         signature=_sig("x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"}),
+         config=lambda d: _only(_gpu_cfg(d, NEWTON=False), "NEWTON", "BD", "USE_DOT", "PREC", "num_warps")),
+    dict(name="newton_fwd_kernel", kernel=newton_fwd_kernel, ds=_SPEC_DS,
+         signature=_sig("cov_ptr w_ptr scratch_ptr d eps T", {"eps": "fp32"}),
+         config=lambda d: _only(_gpu_cfg(d, BT=TILE), "BD", "BT", "USE_DOT", "PREC", "num_warps")),
+    dict(name="newton_bwd_kernel", kernel=newton_bwd_kernel, ds=_SPEC_DS,
+         signature=_sig("cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr d eps T", {"eps": "fp32"}),
+         config=lambda d: _only(_gpu_cfg(d, BT=TILE), "BD", "BT", "USE_DOT", "PREC", "num_warps")),
+    dict(name="whiten_apply_kernel", kernel=whiten_apply_kernel, ds=_SPEC_DS,
+         signature=_sig(f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}"),
+         config=lambda d: _only(_gpu_cfg(d, HAS_WEIGHT=True, HAS_BIAS=True), "HAS_WEIGHT", "HAS_BIAS",
+                                "BD", "BM", "USE_DOT", "PREC", "num_warps")),
+    dict(name="whiten_apply_kernel[bf16]", kernel=whiten_apply_kernel, ds=_SPEC_DS,
+         signature=_sig(f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}",
+                        {"x_ptr": "*bf16", "y_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16"}),
+         config=lambda d: _only(_gpu_cfg(d, HAS_WEIGHT=True, HAS_BIAS=True), "HAS_WEIGHT", "HAS_BIAS",
+                                "BD", "BM", "USE_DOT", "PREC", "num_warps")),
+    dict(name="whiten_bwd_reduce_kernel", kernel=whiten_bwd_reduce_kernel, ds=_SPEC_DS,
+         signature=_sig(f"dy_ptr x_ptr mean_ptr dp_ptr sp_ptr {_X} tn tc tl_ P".replace(
+             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
+         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
+    dict(name="whiten_bwd_dx_kernel[HAS_DY]", kernel=whiten_bwd_dx_kernel, ds=_SPEC_DS,
+         signature=_sig(f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_X} tn tc tl_".replace(
+             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
+         config=lambda d: _only(_gpu_cfg(d, HAS_DY=True), "HAS_DY", "BD", "BM", "USE_DOT", "PREC",
+                                "num_warps")),
+    dict(name="whiten_bwd_dx_kernel", kernel=whiten_bwd_dx_kernel, ds=_SPEC_DS,
+         signature=_sig(f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_X} tn tc tl_".replace(
+             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
+         config=lambda d: _only(_gpu_cfg(d, HAS_DY=False), "HAS_DY", "BD", "BM", "USE_DOT", "PREC",
+                                "num_warps")),
+]
