@@ -72,7 +72,7 @@ struct Work {
   int* rot;   // [P] 1 when pair k rotates this round
   int* count; // [P] rotations applied by pair slot k during the current sweep
   int* perm;  // [d] perm[k] = index of the k-th smallest eigenvalue
-  int* flag;  // [2] stop flag, scale exponent
+  int* flag;  // [3] stop flag, scale exponent, non-finite input
 };
 
 // Math by explicit precision, one spelling for host and device code.
@@ -96,7 +96,7 @@ SDECOR_HD size_t workspace_bytes(int d, bool v_external) {
   const size_t P = static_cast<size_t>(padded(d) / 2);
   const size_t dd = static_cast<size_t>(d) * d;
   const size_t nt = dd * (v_external ? 1 : 2) + 3 * P + 3 * static_cast<size_t>(d);
-  const size_t ni = 2 * P + static_cast<size_t>(d) + 2;
+  const size_t ni = 2 * P + static_cast<size_t>(d) + 3;
   return nt * sizeof(T) + ni * sizeof(int);
 }
 
@@ -201,7 +201,8 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
       w.part[d + r] = A[r * d + r] * A[r * d + r];
     }
     team.sync();
-    // stop test (NaN stops at once); reset the rotation counts                     items: 1
+    // stop test; reset the rotation counts. After scaling the sums are at most d^2, so a non-finite
+    // total means inf or NaN in the input: stop at once and return NaN.             items: 1
     for (int i = rank; i < 1; i += step) {
       T off = 0, diag = 0;
       for (int r = 0; r < d; ++r) {
@@ -213,8 +214,11 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
         rotated += w.count[k];
         w.count[k] = 0;
       }
-      const bool small = !(off > eps * eps * (off + diag));
-      w.flag[0] = small || (sweep > 0 && rotated == 0) || sweep >= Limits<T>::max_sweeps;
+      const T total = off + diag;
+      const bool finite = total - total == T(0);
+      w.flag[2] = !finite;
+      w.flag[0] = !finite || off <= eps * eps * total || (sweep > 0 && rotated == 0) ||
+                  sweep >= Limits<T>::max_sweeps;
     }
     team.sync();
     if (w.flag[0]) break;
@@ -291,8 +295,9 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
     }
   }
 
-  // eigenvalues, scale undone                                                      items: d
-  for (int i = rank; i < d; i += step) w.lam[i] = m_ldexp(A[i * d + i], e);
+  // eigenvalues, scale undone (NaN for non-finite input)                           items: d
+  const bool nonfinite = w.flag[2] != 0;
+  for (int i = rank; i < d; i += step) w.lam[i] = nonfinite ? T(NAN) : m_ldexp(A[i * d + i], e);
   team.sync();
   // rank of each eigenvalue (ascending, NaN last, ties by index)                  items: d
   for (int i = rank; i < d; i += step) {
@@ -315,7 +320,7 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
   // sorted eigenvalues and eigenvector columns                                     items: d*d, d
   for (int i = rank; i < dd; i += step) {
     const int r = i / d, k = i - r * d;
-    evecs[i] = src[r * d + w.perm[k]];
+    evecs[i] = nonfinite ? T(NAN) : src[r * d + w.perm[k]];
   }
   for (int k = rank; k < d; k += step) evals[k] = w.lam[w.perm[k]];
 }
