@@ -81,7 +81,7 @@ def topk_select_kernel(key_ptr, mask_ptr, D, k, BLOCK: tl.constexpr):
     rank = tl.maximum(k, 1)            # 1-based rank of the threshold key t within the row
     prefix = tl.zeros([1], dtype=tl.uint32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([256], dtype=tl.int32)
         for start in range(0, D, BLOCK):
             offs = start + tl.arange(0, BLOCK)                  # [BLOCK]
@@ -199,3 +199,38 @@ def topk_mask_launch(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: b
         SHARED_MASK=bool(shared), FILL=fill_code, BLOCK=FILL_BLOCK, num_warps=4)
     mask = mask_u8.view(torch.bool)
     return out, mask.reshape(((N,) + tuple(x.shape[2:])) if shared else x.shape)
+
+
+# Ahead-of-time compile specs (sdecor_kernels.static); ``d`` is not used (the blocks are fixed):
+# every fill and mask layout in fp32, and the half-precision variants of the default options.
+def _score_spec(dtype, mean, largest):
+    return dict(name=f"topk_score_kernel[{dtype},{'mean' if mean else 'none'},"
+                     f"{'largest' if largest else 'smallest'}]",
+                kernel=topk_score_kernel,
+                signature={"sal_ptr": f"*{dtype}", "key_ptr": "*i32", "R": "i32", "D": "i32",
+                           "R_f": "fp32"},
+                config=lambda d: dict(ABS=True, MEAN=mean, LARGEST=largest, BLOCK=SCORE_BLOCK,
+                                      num_warps=4))
+
+
+def _fill_spec(dtype, fill, shared):
+    return dict(name=f"topk_fill_kernel[{dtype},{fill},{'shared' if shared else 'per_element'}]",
+                kernel=topk_fill_kernel,
+                signature={"x_ptr": f"*{dtype}", "mask_ptr": "*u8", "base_ptr": f"*{dtype}",
+                           "out_ptr": f"*{dtype}", "C": "i32", "S": "i32", "S_f": "fp32",
+                           "value": "fp32", "seed": "i64", "call_lo": "i64", "call_hi": "i64"},
+                config=lambda d: dict(SHARED_MASK=shared, FILL=FILL_CODES[fill], BLOCK=FILL_BLOCK,
+                                      num_warps=4))
+
+
+STATIC_SPECS = [
+    *[_score_spec("fp32", mean, largest) for mean in (True, False) for largest in (False, True)],
+    _score_spec("fp16", True, False),
+    _score_spec("bf16", True, False),
+    dict(name="topk_select_kernel", kernel=topk_select_kernel,
+         signature={"key_ptr": "*i32", "mask_ptr": "*u8", "D": "i32", "k": "i32"},
+         config=lambda d: dict(BLOCK=SELECT_BLOCK, num_warps=4)),
+    *[_fill_spec("fp32", fill, shared) for fill in FILL_CODES for shared in (True, False)],
+    _fill_spec("fp16", "uniform", True),
+    _fill_spec("bf16", "uniform", True),
+]
