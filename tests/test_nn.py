@@ -391,11 +391,22 @@ def test_module_on_triton_backend(method, device):
 # the torch training path with the hand-written backward (sdecor._torch_fused)
 
 
+FUSED_CASES = [  # (shape, d, method, T)
+    ((3, 48, 7, 7), 16, "newton", 5),
+    ((3, 48, 7, 7), 16, "zca", 5),
+    ((3, 48, 7, 7), 16, "newton", 60),
+    ((5, 12), 4, "newton", 5),
+    ((5, 12), 4, "zca", 5),
+    ((2, 24, 3, 2, 3), 8, "newton", 3),
+    ((2, 24, 3, 2, 3), 8, "zca", 3),
+    ((4, 6, 9), 1, "newton", 5),
+    ((4, 6, 9), 1, "zca", 5),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("method, T", [("newton", 5), ("newton", 60), ("zca", 5)],
-                         ids=["newton5", "newton60", "zca"])
-@pytest.mark.parametrize("shape, d", [((3, 48, 7, 7), 16), ((5, 12), 4), ((2, 24, 3, 2, 3), 8),
-                                      ((4, 6, 9), 1)], ids=["4d", "2d", "5d", "d1"])
+@pytest.mark.parametrize("shape, d, method, T", FUSED_CASES,
+                         ids=[f"{len(c[0])}d-C{c[0][1]}-d{c[1]}-{c[2]}{c[3]}" for c in FUSED_CASES])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_torch_fused_matches_reference(shape, d, method, T, dtype, affine):
     from sdecor._torch_fused import group_whiten_train_torch
@@ -429,3 +440,11 @@ def test_torch_fused_argument_checks():
         group_whiten_train_torch(x, 3)
     with pytest.raises(ValueError, match="method"):
         group_whiten_train_torch(x, 4, method="cholesky")
+
+
+def test_output_can_be_modified_in_place():
+    net = torch.nn.Sequential(GroupWhitening(16, 8), torch.nn.ReLU(inplace=True))
+    x = torch.randn(4, 16, 3, 3, requires_grad=True)
+    y = net(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

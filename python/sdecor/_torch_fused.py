@@ -108,12 +108,15 @@ class _GroupWhitenTrain(torch.autograd.Function):
         wg = None if weight is None else weight.to(sd).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # diag(weight) W
         xc3 = xc.reshape(N * G, d, L)
+        # y is allocated with x's shape and written through a view, so that the output is not a view
+        # (callers may modify it in place, e.g. ReLU(inplace=True)).
+        y = torch.empty(x.shape, dtype=sd, device=x.device)
         if bias is None:
-            y = torch.bmm(_batched(a, N), xc3)
+            torch.bmm(_batched(a, N), xc3, out=y.view(N * G, d, L))
         else:
             shift = bias.to(sd).reshape(G, d, 1)
-            y = torch.baddbmm(_batched(shift, N), _batched(a, N), xc3)
-        y = ref.like_format(y.reshape(x.shape).to(x.dtype), x)
+            torch.baddbmm(_batched(shift, N), _batched(a, N), xc3, out=y.view(N * G, d, L))
+        y = ref.like_format(y.to(x.dtype), x)
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype)
