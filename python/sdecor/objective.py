@@ -1,10 +1,27 @@
-"""Decorrelation loss (and the SaliencyDecor objective)."""
+"""Decorrelation loss and the SaliencyDecor objective.
+
+``decorrelation_loss`` goes through :func:`sdecor.whitening.group_cov`, so it runs on whichever
+backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors).
+
+``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
+
+    saliency = |d logit_y / d x|                      (eval mode, one backward, no parameter grads)
+    x~       = topk_mask(x, saliency, ratio, fill)    (detached: the least salient positions replaced)
+    total    = CE(f(x), y) + lambda_c KL(softmax f(x) || softmax f(x~)) (batchmean)
+               + lambda_d * sum over layers of decorrelation_loss(features, num_channels, kind)
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import reference as ref
+from .masking import saliency as input_saliency
+from .masking import topk_mask
 from .whitening import group_cov
 
 
@@ -16,3 +33,170 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") 
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
     _, cov = group_cov(x, num_channels)
     return ref.decorrelation_from_cov(cov, kind)
+
+
+class _Terms(NamedTuple):
+    total: torch.Tensor
+    ce: torch.Tensor
+    consistency: torch.Tensor
+    decorrelation: torch.Tensor
+
+
+class SaliencyDecorTerms(_Terms):
+    """``(total, ce, consistency, decorrelation)``, scalar tensors; ``total`` is what to backward.
+
+    Also carries, as attributes (not tuple fields): ``saliency`` (|d logit_y / d x|, shaped like x,
+    detached), ``x_masked`` (the masked input x~, detached), ``mask`` (bool, True = replaced; (N, *S))
+    and ``logits`` / ``logits_masked`` (f(x) and f(x~), with their graphs).
+    """
+
+    def __new__(cls, total, ce, consistency, decorrelation, *, saliency=None, x_masked=None, mask=None,
+                logits=None, logits_masked=None):
+        self = super().__new__(cls, total, ce, consistency, decorrelation)
+        self.saliency, self.x_masked, self.mask = saliency, x_masked, mask
+        self.logits, self.logits_masked = logits, logits_masked
+        return self
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+# lambda_decor default: decov sums squared off-diagonal covariances, which for unnormalized
+# features of a few hundred channels is of the order of CE or larger at initialization; 0.1 keeps
+# the term a regularizer next to CE and the consistency term rather than the dominant objective.
+DEFAULT_LAMBDA_DECOR = 0.1
+
+
+class SaliencyDecor(nn.Module):
+    """The SaliencyDecor training objective around a classifier ``model`` (returns logits (N, K)).
+
+    ``loss(x, y)`` (also ``forward``) returns :class:`SaliencyDecorTerms`. Arguments:
+
+    - ``mask_ratio`` in [0, 1]: fraction of positions (per sample, channels share the mask) of
+      lowest saliency replaced in x~; ``fill`` one of "zero", "constant" (0.0), "mean", "uniform"
+      (the default; "baseline" needs a per-batch tensor and is not offered); ``generator`` drives
+      the uniform fill.
+    - ``lambda_consistency``, ``lambda_decor`` >= 0 weigh the KL and decorrelation terms
+      (default lambda_decor = 0.1, see DEFAULT_LAMBDA_DECOR).
+    - ``decor_layers``: None = the input of the last ``nn.Linear`` of ``model``; else a list of
+      submodule names or submodules whose *input* features (N, C, *S) are decorrelated (a forward
+      pre-hook during the clean forward only). C must be divisible by ``num_channels``.
+    - ``kind``: "decov" (default) or "corr" (see decorrelation_loss).
+    """
+
+    def __init__(self, model: nn.Module, mask_ratio: float = 0.5, fill: str = "uniform",
+                 lambda_consistency: float = 1.0, lambda_decor: float = DEFAULT_LAMBDA_DECOR,
+                 decor_layers=None, num_channels: int = 16, *, kind: str = "decov", generator=None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not _is_number(mask_ratio) or not 0.0 <= mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
+        fills = tuple(f for f in ref.FILLS if f != "baseline")
+        if fill not in fills:
+            raise ValueError(f"fill must be one of {fills}; got {fill!r}")
+        for name, v in (("lambda_consistency", lambda_consistency), ("lambda_decor", lambda_decor)):
+            if not _is_number(v) or not v >= 0:
+                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int; got {num_channels!r}")
+        if kind not in ref.DECOR_KINDS:
+            raise ValueError(f"kind must be one of {ref.DECOR_KINDS}; got {kind!r}")
+        if kind == "corr" and num_channels < 2:
+            raise ValueError(f"kind='corr' needs num_channels >= 2; got {num_channels}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        self.model = model
+        self.mask_ratio, self.fill = float(mask_ratio), fill
+        self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)
+        self.num_channels, self.kind, self.generator = num_channels, kind, generator
+        self.decor_layers = self._resolve_layers(model, decor_layers)
+        if decor_layers is None:
+            C = self.decor_layers[0][1].in_features
+            if C % num_channels:
+                raise ValueError(
+                    f"the input of the last nn.Linear ({self.decor_layers[0][0]!r}) has C={C} features, "
+                    f"not divisible by num_channels={num_channels}; valid group sizes are {ref.divisors(C)}")
+
+    @staticmethod
+    def _resolve_layers(model: nn.Module, decor_layers) -> list[tuple[str, nn.Module]]:
+        names = {id(m): n for n, m in model.named_modules()}
+        if decor_layers is None:
+            linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError("decor_layers=None decorrelates the input of the last nn.Linear, but "
+                                 "model has no nn.Linear; name the layers in decor_layers")
+            return [linears[-1]]
+        if isinstance(decor_layers, (str, nn.Module)):
+            decor_layers = [decor_layers]
+        try:
+            decor_layers = list(decor_layers)
+        except TypeError:
+            raise TypeError(f"decor_layers must be None or a list of module names or modules; got "
+                            f"{type(decor_layers).__name__}") from None
+        out = []
+        for layer in decor_layers:
+            if isinstance(layer, str):
+                try:
+                    out.append((layer, model.get_submodule(layer)))
+                except AttributeError:
+                    raise ValueError(f"decor_layers: model has no submodule named {layer!r}") from None
+            elif isinstance(layer, nn.Module):
+                if id(layer) not in names:
+                    raise ValueError(f"decor_layers: {type(layer).__name__} module is not a submodule of model")
+                out.append((names[id(layer)], layer))
+            else:
+                raise TypeError(f"decor_layers entries must be module names or modules; got "
+                                f"{type(layer).__name__}")
+        if not out:
+            raise ValueError("decor_layers must name at least one layer (or be None)")
+        return out
+
+    def _decorrelation(self, feats: list[tuple[str, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+        total = like.new_zeros(())
+        for name, f in feats:
+            if f.dim() < 2 or f.shape[1] % self.num_channels:
+                raise ValueError(
+                    f"decor layer {name!r}: input features of shape {tuple(f.shape)} have C="
+                    f"{f.shape[1] if f.dim() >= 2 else None} channels, not divisible by num_channels="
+                    f"{self.num_channels}" + (f"; valid group sizes are {ref.divisors(f.shape[1])}"
+                                              if f.dim() >= 2 else ""))
+            total = total + decorrelation_loss(f, self.num_channels, self.kind).to(total.dtype)
+        return total
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> SaliencyDecorTerms:
+        """Total loss and every term for the batch (x, y); see the class docstring."""
+        sal = input_saliency(self.model, x, y)
+        x_masked, mask = topk_mask(x.detach(), sal, ratio=self.mask_ratio, fill=self.fill,
+                                   generator=self.generator)
+        x_masked = x_masked.detach()
+
+        feats: list[tuple[str, torch.Tensor]] = []
+        handles = [module.register_forward_pre_hook(
+            lambda mod, args, name=name: feats.append((name, args[0])))
+            for name, module in self.decor_layers]
+        try:
+            logits = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        logits_masked = self.model(x_masked)
+
+        ce = F.cross_entropy(logits, y)
+        # KL(softmax f(x) || softmax f(x~)), batchmean
+        consistency = F.kl_div(F.log_softmax(logits_masked, dim=1), F.log_softmax(logits, dim=1),
+                               reduction="batchmean", log_target=True)
+        decor = self._decorrelation(feats, ce)
+        total = ce + self.lambda_consistency * consistency + self.lambda_decor * decor
+        return SaliencyDecorTerms(total, ce, consistency, decor, saliency=sal, x_masked=x_masked,
+                                  mask=mask, logits=logits, logits_masked=logits_masked)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> SaliencyDecorTerms:
+        return self.loss(x, y)
+
+    def extra_repr(self) -> str:
+        layers = [n for n, _ in self.decor_layers]
+        return (f"mask_ratio={self.mask_ratio}, fill={self.fill!r}, lambda_consistency="
+                f"{self.lambda_consistency}, lambda_decor={self.lambda_decor}, decor_layers={layers}, "
+                f"num_channels={self.num_channels}, kind={self.kind!r}")
