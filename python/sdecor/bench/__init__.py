@@ -1,0 +1,227 @@
+"""``python -m sdecor bench``: microbenchmarks of every op against its baselines.
+
+Measures group_cov, whitening_matrix, group_whiten, GroupWhitening (forward, backward, both),
+topk_mask, decorrelation_loss and eigh_small on every backend that can run here, beside the
+reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Saliency Guided
+Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
+the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
+Shapes: :mod:`sdecor.bench.shapes`. Results: benchmarks/results/<device>-<time>.json/.csv and
+latest-<device>.json/.csv, plus a PNG per op. ``--static`` compiles the Triton kernels for sm_80 and
+sm_90 without a GPU and estimates H100 bandwidth-bound times.
+
+Importing this module costs little beyond ``import sdecor``: the harness, matplotlib and Triton are
+imported when a run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._backend import BACKENDS
+from .ops import BASELINES, MODES
+from .shapes import DTYPES, OPS
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32", **{d: d for d in DTYPES}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sel = parser.add_argument_group("what to run (comma-separated lists)")
+    sel.add_argument("--quick", action="store_true",
+                     help="one real shape per op, float32, short timing, torch.compile on the smallest "
+                          "shape only (under 2 minutes on a small CPU)")
+    sel.add_argument("--ops", default=None, help=f"ops to run: {','.join(OPS)} (default: all)")
+    sel.add_argument("--shapes", default=None,
+                     help="shape names to run: substrings or globs, e.g. 'resnet50,cifar10-*' (see --list)")
+    sel.add_argument("--dtypes", default=None,
+                     help="fp32,fp16,bf16 (default: all three; float32 with --quick); ops whose inputs "
+                          "are float32 statistics run float32 only")
+    sel.add_argument("--modes", default=None, help=f"{','.join(MODES)} (default: all)")
+    sel.add_argument("--backends", default=None, help=f"sdecor backends to measure: {','.join(BACKENDS)} "
+                                                     "(default: every one that can run here)")
+    sel.add_argument("--baselines", default=None,
+                     help=f"baselines to measure: {','.join(BASELINES)} or 'none' (default: all; the "
+                          "reference always runs, as the correctness oracle)")
+    sel.add_argument("--compile", choices=("all", "smallest", "off"), default=None,
+                     help="torch.compile baseline on every case, on the smallest shape of each op, or "
+                          "never (default: all; smallest with --quick)")
+    sel.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where to run (default: cuda when available)")
+    sel.add_argument("--list", action="store_true", help="list the selected shapes and exit")
+    tim = parser.add_argument_group("timing (CPU; the GPU uses triton.testing.do_bench)")
+    tim.add_argument("--min-time", type=float, default=None,
+                     help="seconds of timed calls per path and mode (default 0.5; 0.1 with --quick)")
+    tim.add_argument("--reps", type=int, default=None, help="at least this many timed rounds (default 5; 3 with --quick)")
+    tim.add_argument("--threads", type=int, default=None,
+                     help="CPU: torch.set_num_threads for the run (default: torch's default); 1 gives "
+                          "steadier times on a machine that other work keeps busy")
+    tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=None, help="results folder (default: benchmarks/results of the source tree)")
+    out.add_argument("--no-save", action="store_true", help="print the table only; write no files")
+    out.add_argument("--no-plot", action="store_true", help="write no PNG plots")
+    out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    st = parser.add_argument_group("static report")
+    st.add_argument("--static", action="store_true",
+                    help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "
+                         "spills, shared memory, tensor-core use; bytes moved and H100 bandwidth-bound time")
+    st.add_argument("--arch", default="80,90", help="with --static: GPU architectures (default 80,90)")
+    st.add_argument("--d", default="16,64", help="with --static: group sizes to compile for (default 16,64)")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _split(text, allowed, what, aliases=None) -> tuple:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    out = []
+    for t in items:
+        name = (aliases or {}).get(t.lower(), t)
+        if allowed is not None and name not in allowed:
+            raise UsageError(f"--{what}: unknown {what[:-1] if what.endswith('s') else what} {t!r}; "
+                             f"choose from {', '.join(allowed)}")
+        out.append(name)
+    if not out:
+        raise UsageError(f"--{what} is empty")
+    return tuple(dict.fromkeys(out))
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The harness Settings for parsed arguments (raises UsageError for bad values)."""
+    import torch
+
+    from .harness import Settings
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    baselines = ("reference",) if (args.baselines or "").strip().lower() == "none" else \
+        _split(args.baselines, BASELINES, "baselines")
+    min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.5)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1; got {args.threads}")
+    if not min_time > 0 or reps < 1:
+        raise UsageError(f"--min-time must be > 0 and --reps >= 1; got {min_time}, {reps}")
+    return Settings(
+        device=device,
+        ops=_split(args.ops, OPS, "ops") or OPS,
+        shapes=_split(args.shapes, None, "shapes") or (),
+        dtypes=_split(args.dtypes, DTYPES, "dtypes", _DTYPE_ALIASES) or (("float32",) if args.quick else DTYPES),
+        modes=_split(args.modes, MODES, "modes") or MODES,
+        backends=_split(args.backends, BACKENDS, "backends") or BACKENDS,
+        baselines=baselines or BASELINES,
+        compile=args.compile or ("smallest" if args.quick else "all"),
+        quick=args.quick,
+        min_time=min_time,
+        min_reps=reps,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark (or the static report); 1 when a fast path disagrees with the reference or fails."""
+    try:
+        settings = settings_from_args(args)
+        if args.static:
+            return _run_static(args, settings)
+    except UsageError as exc:
+        print(f"sdecor bench: error: {exc}", file=sys.stderr)
+        return 2
+    from .harness import select_entries
+    from .shapes import describe
+
+    if args.list:
+        for e in select_entries(settings):
+            print(f"{e['op']:<20} {e['name']:<36} {describe(e)}")
+        return 0
+    return _run_bench(args, settings)
+
+
+def _run_bench(args, settings) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from . import harness, report
+
+    device = torch.device(settings.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    timer = ("triton.testing.do_bench median (25 ms warm-up, 100 ms of repeats, gradients cleared)"
+             if device.type == "cuda" else
+             f"perf_counter median over >= {settings.min_reps} interleaved rounds and >= "
+             f"{settings.min_time:g} s per path, gradients cleared between calls")
+    env = report.environment(device, timer)
+    records = harness.run(settings)
+    env["load_average_end"] = report._load()
+    if not records:
+        print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
+        return 2
+    print(report.format_table(records, env, markdown=args.markdown))
+    if not args.no_save:
+        out_dir = Path(args.out) if args.out else report.default_out_dir()
+        paths = report.write_results(records, env, _settings_dict(settings), out_dir)
+        written = [paths["run_json"], paths["run_csv"], paths["latest_json"], paths["latest_csv"]]
+        if not args.no_plot:
+            from .plot import plot_op
+
+            for op in dict.fromkeys(r["op"] for r in records):
+                png = plot_op(records, op, env, out_dir / f"latest-{env['device_slug']}-{op}.png")
+                if png is not None:
+                    written.append(png)
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    bad = [r for r in records if r["kind"] == "fast" and r["status"] in ("MISMATCH", "error")]
+    if bad:
+        names = sorted({f"{r['op']} {r['impl']} ({r['status']})" for r in bad})
+        print(f"\n{len(names)} fast path(s) failed the check or the run: " + "; ".join(names), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _settings_dict(settings) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items() if k != "inject"}
+
+
+def _run_static(args, settings) -> int:
+    import datetime as _dt
+    import json
+    from pathlib import Path
+
+    from . import report, static_report
+    from .harness import select_entries
+
+    archs = tuple(int(a) for a in _split(args.arch, ("80", "90"), "arch"))
+    ds = tuple(int(d) for d in _split(args.d, None, "d"))
+    bandwidth = static_report.bandwidth_rows(select_entries(settings), settings.dtypes, settings.modes)
+    kernels, kernel_error = [], None
+    try:
+        kernels = static_report.kernel_rows(archs, ds)
+    except ImportError as exc:
+        kernel_error = f"sdecor_kernels.static is not available ({exc})"
+    print(static_report.format_static(kernels, bandwidth, kernel_error))
+    if not args.no_save:
+        out_dir = Path(args.out) if args.out else report.default_out_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        doc = dict(environment=dict(report.git_revision(), timestamp=stamp, archs=list(archs), ds=list(ds),
+                                    h100_bytes_per_s=static_report.H100_BYTES_PER_S,
+                                    kernel_error=kernel_error),
+                   kernels=kernels, bandwidth=bandwidth)
+        written = []
+        for name in (f"static-{stamp}", "latest-static"):
+            path = out_dir / f"{name}.json"
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+            written.append(path)
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    failed = [r for r in kernels if r.get("error")]
+    return 1 if failed or kernel_error else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sdecor bench", description=__doc__.splitlines()[0].strip("`: "))
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

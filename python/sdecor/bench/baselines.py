@@ -1,0 +1,81 @@
+"""Baselines the benchmark measures sdecor against (besides the reference and torch.compile of it).
+
+* :func:`iternorm`: IterNorm (Huang et al., CVPR 2019, Algorithm 1) as a user writes it, from
+  ``benchmarks/iternorm_naive.py``; half-precision inputs get float32 statistics, as in sdecor.
+* :func:`sgt_mask`: the masking step of Saliency Guided Training (Ismail et al., NeurIPS 2021): sort
+  each sample's saliency, then replace its k lowest features sample by sample in a Python loop.
+* ``torch.nn.BatchNorm*d`` and ``torch.linalg.eigh`` are used as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+class Unavailable(RuntimeError):
+    """A baseline cannot run here (reported as skipped, with this message)."""
+
+
+def source_tree_module(name: str):
+    """Import ``benchmarks/<name>.py`` of the source tree (benchmarks/ is not installed)."""
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ImportError:
+        pass
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        raise Unavailable(f"benchmarks/{name}.py not found: run from a source checkout of sdecor")
+    spec = importlib.util.spec_from_file_location(f"_sdecor_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def iternorm(x: torch.Tensor, num_channels: int, T: int, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """IterNorm's training forward (benchmarks/iternorm_naive.py), statistics in float32 as in sdecor."""
+    fn = source_tree_module("iternorm_naive").iternorm_train
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return fn(x.float(), num_channels, T, eps, weight, bias).to(x.dtype)
+    return fn(x, num_channels, T, eps, weight, bias)
+
+
+SGT_FILLS = ("zero", "constant", "mean")
+
+
+def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, reduce="mean", fill: str = "zero",
+             value: float = 0.0):
+    """Replace each sample's k least salient features, one sample at a time.
+
+    Scores are |saliency| (averaged over channels for ``reduce="mean"``); a stable ascending sort
+    gives the order (ties by lower index, NaN last). Returns (x_masked, mask) like ``topk_mask``.
+    """
+    if fill not in SGT_FILLS:
+        raise ValueError(f"fill must be one of {SGT_FILLS} for the SGT baseline; got {fill!r}")
+    N, C = x.shape[:2]
+    score = saliency.abs()
+    if reduce == "mean":
+        score = score.mean(1)
+    order = torch.sort(score.reshape(N, -1), dim=1, stable=True).indices
+    out = x.clone()
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=x.device)
+    for i in range(N):                      # SGT's per-sample loop
+        idx = order[i, :k]
+        mask[i].view(-1)[idx] = True
+        if reduce == "mean":
+            rows = out[i].view(C, -1)
+            if fill == "mean":
+                rows[:, idx] = rows.mean(1, keepdim=True).expand(C, idx.numel())
+            else:
+                rows[:, idx] = value if fill == "constant" else 0.0
+        else:
+            flat = out[i].view(-1)
+            if fill == "mean":
+                means = x[i].reshape(C, -1).mean(1).repeat_interleave(x[i][0].numel())
+                flat[idx] = means[idx]
+            else:
+                flat[idx] = value if fill == "constant" else 0.0
+    return out, mask

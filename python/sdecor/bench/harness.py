@@ -1,0 +1,410 @@
+"""The measuring loop: generate inputs, check every path against the reference, then time it.
+
+For each selected (op, shape, dtype): inputs are generated once (outside any timed region) and every
+implementation gets its own copy. The reference runs first; each other implementation that computes
+the same function is compared with it -- outputs, and for backward modes every gradient -- with
+:func:`sdecor.testing.tol` of the dtype. One that disagrees is recorded as ``MISMATCH`` with its
+largest error and is never timed. Timing: ``triton.testing.do_bench`` (median, warm-up, gradients
+cleared) on GPU; on CPU a perf_counter loop (median of repeats, gradients cleared between calls,
+outside the timed call).
+
+Modes: ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one retained forward),
+``fwdbwd`` (both).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _backend
+from ..testing import tol
+from .ops import BASELINES, MODES, OP_SPECS, Impl, Prepared, Unavailable
+from .shapes import DTYPES, OPS, SHAPES, describe, numel
+
+STATUS_OK, STATUS_MISMATCH, STATUS_SKIPPED, STATUS_ERROR = "ok", "MISMATCH", "skipped", "error"
+TRITON_ON_CPU = "Triton runs on CPU tensors only through its interpreter, which is not a fast path"
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    ops: tuple = OPS
+    shapes: tuple = ()                 # name patterns (substring or glob); empty = all
+    dtypes: tuple = DTYPES
+    modes: tuple = MODES
+    backends: tuple = _backend.BACKENDS
+    baselines: tuple = BASELINES
+    compile: str = "all"               # "all", "smallest" (per op) or "off"
+    quick: bool = False
+    min_time: float = 0.5              # CPU: seconds of timed calls per measurement (at least min_reps)
+    min_reps: int = 5
+    seed: int = 0
+    inject: dict = field(default_factory=dict)   # op -> extra fast-path Impls (candidates under test)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _matches(name: str, patterns) -> bool:
+    return not patterns or any(p in name or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select_entries(settings: Settings, shapes=None) -> list[dict]:
+    """The shape entries to run: by op, name pattern and (with --quick) the ``quick`` tag."""
+    entries = []
+    for e in (SHAPES if shapes is None else shapes):
+        if e["op"] not in settings.ops or not _matches(e["name"], settings.shapes):
+            continue
+        if settings.quick and "quick" not in e.get("tags", ()):
+            continue
+        entries.append(e)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# correctness
+
+
+def compare(actual: tuple, expected: tuple, dtype: torch.dtype, names) -> dict:
+    """Compare tensors with tol(dtype): {'ok', 'max_abs_err', 'err_ratio', 'where'}.
+
+    err_ratio is the largest |a - e| / (atol + rtol |e|): above 1 means outside the tolerance.
+    """
+    t = tol(dtype)
+    worst = dict(ok=True, max_abs_err=0.0, err_ratio=0.0, where="")
+    if len(actual) != len(expected):
+        return dict(ok=False, max_abs_err=float("inf"), err_ratio=float("inf"),
+                    where=f"{len(actual)} outputs instead of {len(expected)}")
+    for name, a, e in zip(names, actual, expected):
+        if a is None:
+            return dict(ok=False, max_abs_err=float("inf"), err_ratio=float("inf"), where=f"{name}: missing")
+        if tuple(a.shape) != tuple(e.shape) or a.dtype != e.dtype:
+            return dict(ok=False, max_abs_err=float("inf"), err_ratio=float("inf"),
+                        where=f"{name}: {a.dtype} {tuple(a.shape)} instead of {e.dtype} {tuple(e.shape)}")
+        a, e = a.detach(), e.detach()
+        if a.dtype == torch.bool:
+            wrong = int((a != e).sum())
+            if wrong:
+                return dict(ok=False, max_abs_err=1.0, err_ratio=float("inf"), where=f"{name}: {wrong} flags differ")
+            continue
+        a64, e64 = a.double(), e.double()
+        fa, fe = torch.isfinite(a64), torch.isfinite(e64)
+        if not torch.equal(fa, fe) or not torch.equal(a64[~fa], e64[~fe]):
+            return dict(ok=False, max_abs_err=float("inf"), err_ratio=float("inf"),
+                        where=f"{name}: non-finite values differ")
+        if a64.numel() == 0:
+            continue
+        err = (a64 - e64).abs().where(fa, torch.zeros_like(a64))
+        ratio = err / (t["atol"] + t["rtol"] * e64.abs())
+        max_err, max_ratio = float(err.max()), float(ratio.max())
+        if max_ratio > worst["err_ratio"]:
+            worst.update(max_abs_err=max_err, err_ratio=max_ratio, where=name)
+        if max_ratio > 1.0:
+            worst["ok"] = False
+            return worst
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+def _clear(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _stats(times: list) -> dict:
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None)
+
+
+def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_round: int = 50) -> list[dict]:
+    """Time several (fn, leaves) in rounds, each round calling every fn, in a rotating order.
+
+    Interleaving spreads any change of machine load over all paths alike. Within a round a fast fn is
+    called several times (about as long as the slowest one, at most ``max_calls_per_round``); every
+    call is timed on its own with perf_counter, gradients cleared outside the timed call. Stops after
+    ``min_reps`` rounds once ``min_time`` seconds per fn have passed (or 10x that, after 3 rounds).
+    """
+    est = []
+    for fn, leaves in fns:                      # warm-up, and a first estimate of each call's time
+        _clear(leaves)
+        t0 = time.perf_counter()
+        fn()
+        est.append(time.perf_counter() - t0)
+    slowest = max(est)
+    calls = [max(1, min(max_calls_per_round, int(slowest / max(t, 1e-7)))) for t in est]
+    times = [[] for _ in fns]
+    start, rounds, n = time.perf_counter(), 0, len(fns)
+    while True:
+        for j in range(n):
+            i = (j + rounds) % n
+            fn, leaves = fns[i]
+            for _ in range(calls[i]):
+                _clear(leaves)
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        if (rounds >= min_reps and elapsed >= min_time * n) or (rounds >= 3 and elapsed >= 10 * min_time * n):
+            break
+    for _, leaves in fns:
+        _clear(leaves)
+    return [_stats(t) for t in times]
+
+
+def time_gpu(fn, leaves) -> dict:
+    """triton.testing.do_bench median (and 20/80 % quantiles), gradients cleared; peak memory."""
+    from triton.testing import do_bench
+
+    med, lo, hi = do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.5, 0.2, 0.8])
+    _clear(leaves)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    _clear(leaves)
+    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fresh(master: dict, grad_keys) -> dict:
+    return {k: v.detach().clone().requires_grad_(k in grad_keys) for k, v in master.items()}
+
+
+def _backward(outs, dys, retain=False):
+    torch.autograd.backward([o for o in outs], list(dys), retain_graph=retain)
+
+
+def _compile_targets(settings: Settings, entries) -> set:
+    """(op, name, dtype) triples on which the torch.compile baseline runs."""
+    if settings.compile == "off" or "compile" not in settings.baselines:
+        return set()
+    out = set()
+    for op in settings.ops:
+        spec = OP_SPECS[op]
+        dts = [d for d in settings.dtypes if d in spec.dtypes]
+        es = [e for e in entries if e["op"] == op]
+        if not es or not dts:
+            continue
+        if settings.compile == "all":
+            out |= {(op, e["name"], d) for e in es for d in dts}
+        else:
+            smallest = min(es, key=numel)
+            out.add((op, smallest["name"], dts[0]))
+    return out
+
+
+def run(settings: Settings, shapes=None, log=_log) -> list[dict]:
+    """Run the selected benchmarks; return one record per (op, shape, dtype, mode, implementation)."""
+    device = torch.device(settings.device)
+    entries = select_entries(settings, shapes)
+    compile_on = _compile_targets(settings, entries)
+    records = []
+    jobs = [(e, dt) for e in entries for dt in settings.dtypes if dt in OP_SPECS[e["op"]].dtypes]
+    for i, (e, dt) in enumerate(jobs):
+        spec = OP_SPECS[e["op"]]
+        modes = [m for m in settings.modes if m in spec.modes]
+        if not modes:
+            continue
+        log(f"[{i + 1}/{len(jobs)}] {e['op']} {e['name']} ({describe(e)}) {dt}")
+        records += _run_case(settings, spec, e, _dtype(dt), modes, device, (e["op"], e["name"], dt) in compile_on, log)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(records)
+    return records
+
+
+def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> list[dict]:
+    gen = torch.Generator().manual_seed(settings.seed + zlib.crc32(f"{e['op']}/{e['name']}/{dtype}".encode()))
+    master = spec.inputs(e, dtype, device, gen)
+    need_grad = bool(spec.grad_inputs) and any(m != "fwd" for m in modes)
+    grad_names = [f"grad {k}" for k in spec.grad_inputs]
+    params = {k: v for k, v in e.items() if k not in ("op", "name", "tags")}
+    base = dict(op=e["op"], shape=e["name"], shape_desc=describe(e), params=params, dtype=str(dtype).replace("torch.", ""))
+
+    def record(impl: Impl, mode: str, status: str, **kw) -> dict:
+        r = dict(base, mode=mode, impl=impl.name, kind=impl.kind, backend=impl.backend, note=impl.note,
+                 status=status, time_ms=None, p20_ms=None, p80_ms=None, reps=None,
+                 bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None,
+                 max_abs_err=None, err_ratio=None, reason="")
+        r.update(kw)
+        return r
+
+    # the reference: outputs and gradients every other path is compared with
+    ref_impl = spec.reference_impl(e)
+    ref_prep = ref_impl.build(_fresh(master, spec.grad_inputs))
+    ref_outs = tuple(o.detach() for o in ref_prep.forward())
+    dys, ref_grads = (), ()
+    if need_grad:
+        outs = ref_prep.forward()
+        diff = spec.diff_outputs(outs)
+        dys = tuple(torch.ones_like(o) if o.dim() == 0 else
+                    torch.randn(o.shape, generator=gen).to(o.dtype).to(device) for o in diff)
+        _backward(diff, dys)
+        ref_grads = tuple(leaf.grad.detach().clone() for leaf in ref_prep.leaves)
+        _clear(ref_prep.leaves)
+    ref_canon = spec.canon(ref_outs)
+    out_names = [f"output {j}" for j in range(len(ref_canon))]
+
+    impls = [ref_impl] + [i for i in spec.baselines(e)[1:] if i.name in settings.baselines]
+    impls += [i for i in spec.fast_paths(e, device) if i.backend in settings.backends]
+    impls += list(settings.inject.get(e["op"], ()))
+    time_ref = "reference" in settings.baselines or ref_impl.name in settings.baselines
+
+    out, ready = [], []
+    for impl in impls:
+        if impl is ref_impl and not time_ref:
+            continue
+        if impl.name == "compile" and not compile_here:
+            why = ("torch.compile baseline off (--compile off)" if settings.compile == "off"
+                   else "torch.compile baseline measured on the smallest shape of each op only (--compile smallest)")
+            out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
+            continue
+        if impl.backend == "triton" and device.type == "cpu":
+            out += [record(impl, m, STATUS_SKIPPED, reason=TRITON_ON_CPU) for m in modes]
+            continue
+        if impl.backend is not None:
+            why = _backend.reason(impl.backend, device)
+            if why is not None:
+                out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
+                continue
+        prep = ref_prep if impl is ref_impl else None
+        check = None
+        try:
+            if prep is None:
+                prep = impl.build(_fresh(master, spec.grad_inputs))
+                if impl.same:
+                    check = _gate(spec, prep, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names)
+                else:
+                    _smoke(spec, prep, need_grad)
+        except (_backend.BackendUnavailableError, Unavailable) as exc:
+            out += [record(impl, m, STATUS_SKIPPED, reason=str(exc)) for m in modes]
+            continue
+        except Exception as exc:  # a path that fails is reported, and the other paths still run
+            why = _one_line(exc)
+            out += [record(impl, m, STATUS_ERROR, reason=why) for m in modes]
+            log(f"    {impl.name}: error, {why}")
+            continue
+        errs = {} if check is None else dict(max_abs_err=check["max_abs_err"], err_ratio=check["err_ratio"])
+        if check is not None and not check["ok"]:
+            why = (f"disagrees with the reference at {check['where']} (max |err| {check['max_abs_err']:.3g}, "
+                   f"{check['err_ratio']:.3g}x the {str(dtype).replace('torch.', '')} tolerance)")
+            out += [record(impl, m, STATUS_MISMATCH, reason=why, **errs) for m in modes]
+            log(f"    {impl.name}: MISMATCH, {why}")
+            continue
+        ready.append((impl, prep, errs))
+
+    for m in modes:
+        fns, failed = [], {}
+        for impl, prep, _ in ready:
+            try:
+                fn = _mode_fn(spec, prep, m, dys)
+                _clear(prep.leaves)
+                fn()                        # warm-up; a path that cannot run this mode is reported
+                _clear(prep.leaves)
+                fns.append((impl, fn, prep.leaves))
+            except Exception as exc:
+                failed[impl.name] = _one_line(exc)
+        timed = {}
+        if device.type == "cuda":
+            for impl, fn, leaves in fns:
+                try:
+                    timed[impl.name] = time_gpu(fn, leaves)
+                except Exception as exc:
+                    failed[impl.name] = _one_line(exc)
+        elif fns:
+            try:
+                results = time_cpu_interleaved([(fn, leaves) for _, fn, leaves in fns], settings.min_time,
+                                               settings.min_reps)
+                timed = {impl.name: t for (impl, _, _), t in zip(fns, results)}
+            except Exception as exc:
+                failed.update({impl.name: _one_line(exc) for impl, _, _ in fns})
+        del fns
+        nbytes = spec.bytes(e, dtype, m)
+        for impl, _, errs in ready:
+            if impl.name in failed:
+                out.append(record(impl, m, STATUS_ERROR, reason=failed[impl.name], **errs))
+                continue
+            t = timed[impl.name]
+            out.append(record(impl, m, STATUS_OK, time_ms=t["median"] * 1e3, p20_ms=t["p20"] * 1e3,
+                              p80_ms=t["p80"] * 1e3, reps=t["reps"], gbps=nbytes / t["median"] / 1e9,
+                              peak_mem_bytes=t["peak_mem"], **errs))
+        log("    " + m + ": " + ", ".join(f"{impl.name} {timed[impl.name]['median'] * 1e3:.3g} ms"
+                                          for impl, _, _ in ready if impl.name in timed))
+    return out
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _gate(spec, prep: Prepared, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names) -> dict:
+    outs = prep.forward()
+    res = compare(spec.canon(tuple(o.detach() for o in outs)), ref_canon, dtype, out_names)
+    if res["ok"] and need_grad:
+        _backward(spec.diff_outputs(outs), dys)
+        grads = tuple(leaf.grad for leaf in prep.leaves)
+        g = compare(grads, ref_grads, dtype, grad_names)
+        if not g["ok"] or g["err_ratio"] > res["err_ratio"]:
+            res = g
+    _clear(prep.leaves)
+    return res
+
+
+def _smoke(spec, prep: Prepared, need_grad) -> None:
+    """Run a baseline that computes another function once (warm-up, and it must run)."""
+    outs = spec.diff_outputs(prep.forward())
+    if need_grad:
+        _backward(outs, [torch.randn_like(o) for o in outs])
+    _clear(prep.leaves)
+
+
+def _mode_fn(spec, prep: Prepared, mode, dys):
+    """The call to time for one mode (a retained forward for ``bwd`` is built here, untimed)."""
+    if mode == "fwd":
+        return prep.forward
+    outs = spec.diff_outputs(prep.forward())
+    grads = dys if [tuple(o.shape) for o in outs] == [tuple(g.shape) for g in dys] else [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: _backward(outs, grads, retain=True)
+    del outs
+    return lambda: _backward(spec.diff_outputs(prep.forward()), grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# speed-ups
+
+
+def add_speedups(records: list[dict]) -> None:
+    """speedup[b] = time of baseline b / time of this path, within one (op, shape, dtype, mode)."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    for rs in groups.values():
+        base = {r["impl"]: r["time_ms"] for r in rs if r["kind"] == "baseline" and r["status"] == STATUS_OK}
+        for r in rs:
+            r["speedup"] = ({b: t / r["time_ms"] for b, t in base.items() if b != r["impl"]}
+                            if r["status"] == STATUS_OK else {})

@@ -1,0 +1,218 @@
+"""Results: the environment they were measured in, the printed table, and the JSON / CSV files."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .ops import BASELINES
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return slug(torch.cuda.get_device_name(device))
+    return slug(f"cpu {_cpu_name()} {os.cpu_count()}c")
+
+
+def git_revision(root: Path = REPO_ROOT) -> dict:
+    """{'revision': sha or None, 'dirty': bool or None} of the source tree the package runs from."""
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return dict(revision=None, dirty=None)
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=20).stdout.strip() or None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20).stdout
+        return dict(revision=rev, dirty=bool(status.strip()))
+    except (OSError, subprocess.SubprocessError):
+        return dict(revision=None, dirty=None)
+
+
+def _load():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(device: torch.device, timer: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from .. import __version__, _ext
+
+    env = dict(
+        device=device.type,
+        device_name=device_name(device),
+        device_slug=device_slug(device),
+        capability=(".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        triton=triton_version,
+        sdecor=__version__,
+        extension=_ext.build_info() or None,
+        timestamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        timer=timer,
+        load_average=_load(),
+        env={k: os.environ[k] for k in ("SDECOR_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS",
+                                         "CUDA_VISIBLE_DEVICES") if k in os.environ},
+    )
+    env.update(git_revision())
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------
+# table
+
+
+def _fmt_time(ms) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms * 1e3:.1f} us" if ms < 0.1 else f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1e3:.3g} s"
+
+
+def _fmt_x(v) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _baselines_of(rs) -> list[str]:
+    seen = {r["impl"] for r in rs if r["kind"] == "baseline" and r["status"] == "ok"}
+    order = [b for b in BASELINES if b in seen]
+    return order + sorted(seen - set(order))
+
+
+def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
+    """Per op: time, GB/s against the bytes floor, peak memory (GPU) and speed-up over each baseline."""
+    lines = [f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, "
+             f"{env['torch_threads']} threads, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
+             f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
+             f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
+             f"Speed-up = baseline time / path time, same inputs and run."]
+    ops = list(dict.fromkeys(r["op"] for r in records))
+    show_mem = any(r.get("peak_mem_bytes") is not None for r in records)
+    for op in ops:
+        rs = [r for r in records if r["op"] == op]
+        bases = _baselines_of(rs)
+        head = ["shape", "dtype", "mode", "path", "time", "GB/s"] + (["peak MB"] if show_mem else []) \
+            + [f"vs {b}" for b in bases] + ["note"]
+        rows = []
+        for r in rs:
+            if r["status"] == "skipped":
+                continue
+            if r["status"] == "ok":
+                cells = [_fmt_time(r["time_ms"]), f"{r['gbps']:.3g}"]
+                note = ""
+            else:
+                cells = [r["status"], "-"]
+                note = r["reason"] if len(r["reason"]) <= 120 else r["reason"][:117] + "..."
+            mem = [f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"] if show_mem else []
+            sp = [_fmt_x(r.get("speedup", {}).get(b)) for b in bases]
+            rows.append([r["shape_desc"], _SHORT.get(r["dtype"], r["dtype"]), r["mode"], r["impl"]] + cells + mem + sp + [note])
+        lines.append("")
+        lines.append(f"## {op}" if markdown else f"== {op} ==")
+        if markdown:
+            lines.append("")
+        lines += _render(head, rows, markdown)
+        skipped = {}
+        for r in rs:
+            if r["status"] == "skipped":
+                skipped.setdefault((r["impl"], r["reason"]), set()).add(r["shape_desc"])
+        if skipped:
+            if markdown:
+                lines.append("")
+            for (impl, why), shapes in skipped.items():
+                lines.append(f"{'- ' if markdown else '  '}not measured: {impl}: {why}")
+    return "\n".join(lines)
+
+
+def _render(head, rows, markdown) -> list[str]:
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        return out
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# files
+
+CSV_FIELDS = ["device", "device_name", "op", "shape", "shape_desc", "dtype", "mode", "impl", "kind", "backend",
+              "status", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes",
+              "max_abs_err", "err_ratio"] + [f"speedup_vs_{b}" for b in BASELINES] + \
+             ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"]
+
+
+def default_out_dir() -> Path:
+    """benchmarks/results of the source tree the package runs from, else of the working directory."""
+    root = REPO_ROOT if (REPO_ROOT / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results"
+
+
+def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path) -> dict:
+    """Write <device>-<time>.json/.csv and latest-<device>.json/.csv; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = env["timestamp"].replace("-", "").replace(":", "")
+    stem = f"{env['device_slug']}-{stamp}"
+    doc = dict(environment=env, settings=settings, results=records)
+    paths = dict(stem=stem)
+    for key, name in (("run", stem), ("latest", f"latest-{env['device_slug']}")):
+        jp, cp = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+        with open(jp, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+            f.write("\n")
+        with open(cp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for r in records:
+                row = {k: r.get(k) for k in CSV_FIELDS}
+                for b in BASELINES:
+                    row[f"speedup_vs_{b}"] = r.get("speedup", {}).get(b)
+                row["params"] = json.dumps(r["params"])
+                for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"):
+                    row[k] = env.get(k)
+                w.writerow(row)
+        paths[f"{key}_json"], paths[f"{key}_csv"] = jp, cp
+    return paths

@@ -1,0 +1,155 @@
+"""Every benchmark shape, in one place: activations and masks of real networks.
+
+Each entry names the network and the layer it comes from. Conventions:
+
+* whitening ops (``group_cov``, ``group_whiten``, ``GroupWhitening``, ``decorrelation_loss``) take
+  x of shape ``(N, C, *S)`` with group size ``d``; ``GroupWhitening`` and ``group_whiten`` entries
+  also name the whitening ``method`` ("newton" with ``T`` steps, IterNorm's default T=5, or "zca");
+* ``whitening_matrix`` and ``eigh_small`` take ``G`` symmetric positive definite ``d x d``
+  matrices: the covariances of the layer's ``G = C / d`` groups;
+* ``topk_mask`` takes an input batch and its saliency map of the same shape (CIFAR-10 32x32 and
+  ImageNet 224x224 images), masking ``ratio`` of the positions: one mask per sample shared by all
+  channels (``reduce="mean"``, SaliencyDecor) or one per element (``reduce=None``, Saliency Guided
+  Training).
+
+Batch sizes: 128 for CIFAR-10 training, 64 per GPU for ImageNet. ResNet-18/CIFAR stages produce
+64x32x32, 128x16x16, 256x8x8 and 512x4x4 activations; ResNet-18/ImageNet 64x56x56 .. 512x7x7;
+ResNet-50/ImageNet's bottleneck blocks end in 256x56x56, 512x28x28, 1024x14x14 and 2048x7x7.
+Entries tagged ``quick`` form ``--quick``: one small real shape per op, sized for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+OPS = (
+    "group_cov",
+    "whitening_matrix",
+    "group_whiten",
+    "GroupWhitening",
+    "topk_mask",
+    "decorrelation_loss",
+    "eigh_small",
+)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+# (network, stage, N, C, spatial)
+_R18_CIFAR = [
+    ("resnet18-cifar", "stage1", 128, 64, (32, 32)),
+    ("resnet18-cifar", "stage2", 128, 128, (16, 16)),
+    ("resnet18-cifar", "stage3", 128, 256, (8, 8)),
+    ("resnet18-cifar", "stage4", 128, 512, (4, 4)),
+]
+_R18_IMAGENET = [
+    ("resnet18-imagenet", "stage1", 64, 64, (56, 56)),
+    ("resnet18-imagenet", "stage2", 64, 128, (28, 28)),
+    ("resnet18-imagenet", "stage3", 64, 256, (14, 14)),
+    ("resnet18-imagenet", "stage4", 64, 512, (7, 7)),
+]
+_R50_IMAGENET = [
+    ("resnet50-imagenet", "stage1", 64, 256, (56, 56)),
+    ("resnet50-imagenet", "stage2", 64, 512, (28, 28)),
+    ("resnet50-imagenet", "stage3", 64, 1024, (14, 14)),
+    ("resnet50-imagenet", "stage4", 64, 2048, (7, 7)),
+]
+_ACTIVATIONS = _R18_CIFAR + _R18_IMAGENET + _R50_IMAGENET
+
+QUICK_LAYER = ("resnet18-cifar", "stage3")
+
+
+def _activation_entries(op: str, extra: dict, groups=(16,)) -> list[dict]:
+    out = []
+    for net, stage, N, C, S in _ACTIVATIONS:
+        for d in groups:
+            name = f"{net}-{stage}-d{d}"
+            if extra.get("method") == "zca":
+                name += "-zca"
+            tags = ("quick",) if (net, stage) == QUICK_LAYER and d == 16 and extra.get("method") != "zca" else ()
+            out.append(dict(op=op, name=name, N=N, C=C, S=S, d=d, tags=tags, **extra))
+    return out
+
+
+def _matrix_entries(op: str, extra: dict) -> list[dict]:
+    """Covariance batches of real layers: G = C / d groups of d x d."""
+    out = []
+    for net, stage, _, C, _ in _R18_CIFAR + _R50_IMAGENET:
+        for d in (16, 64):
+            if C % d or (d == 64 and net == "resnet18-cifar" and stage != "stage4"):
+                continue
+            name = f"{net}-{stage}-d{d}"
+            if extra.get("method") == "zca":
+                name += "-zca"
+            quick = (net, stage) == QUICK_LAYER and d == 16 and extra.get("method", "newton") == "newton"
+            out.append(dict(op=op, name=name, G=C // d, d=d, tags=("quick",) if quick else (), **extra))
+    return out
+
+
+def _mask_entries() -> list[dict]:
+    out = []
+    for data, N, C, S in (("cifar10", 128, 3, (32, 32)), ("imagenet", 64, 3, (224, 224))):
+        for reduce, label in (("mean", "shared"), (None, "per-element")):
+            for ratio in (0.1, 0.5):
+                name = f"{data}-{label}-r{ratio}"
+                quick = data == "cifar10" and reduce == "mean" and ratio == 0.5
+                out.append(dict(op="topk_mask", name=name, N=N, C=C, S=S, ratio=ratio, reduce=reduce,
+                                fill="zero", tags=("quick",) if quick else ()))
+    return out
+
+
+def _decorrelation_entries() -> list[dict]:
+    # the input of the last nn.Linear (the objective's default layer), then conv features
+    out = [
+        dict(op="decorrelation_loss", name="resnet18-cifar-fc-d16", N=128, C=512, S=(), d=16,
+             kind="decov", tags=("quick",)),
+        dict(op="decorrelation_loss", name="resnet18-cifar-fc-d16-corr", N=128, C=512, S=(), d=16,
+             kind="corr", tags=()),
+        dict(op="decorrelation_loss", name="resnet50-imagenet-fc-d64", N=64, C=2048, S=(), d=64,
+             kind="decov", tags=()),
+    ]
+    for net, stage, N, C, S in (_R18_CIFAR[3], _R50_IMAGENET[3]):
+        out.append(dict(op="decorrelation_loss", name=f"{net}-{stage}-d16", N=N, C=C, S=S, d=16,
+                        kind="decov", tags=()))
+    return out
+
+
+SHAPES: list[dict] = (
+    _activation_entries("group_cov", {})
+    + _matrix_entries("whitening_matrix", dict(method="newton", T=5))
+    + _matrix_entries("whitening_matrix", dict(method="zca", T=5))
+    + _activation_entries("group_whiten", dict(method="newton", T=5), groups=(16, 64))
+    + [e for e in _activation_entries("group_whiten", dict(method="zca", T=5)) if e["N"] == 128]
+    + _activation_entries("GroupWhitening", dict(method="newton", T=5))
+    + _mask_entries()
+    + _decorrelation_entries()
+    + _matrix_entries("eigh_small", {})
+)
+
+
+def shapes_for(op: str) -> list[dict]:
+    return [s for s in SHAPES if s["op"] == op]
+
+
+def numel(entry: dict) -> int:
+    """Elements of the op's main input (x, or the G d x d matrices)."""
+    if "G" in entry:
+        return entry["G"] * entry["d"] * entry["d"]
+    n = entry["N"] * entry["C"]
+    for s in entry["S"]:
+        n *= s
+    return n
+
+
+def describe(entry: dict) -> str:
+    """Short shape text for tables: "128x256x8x8 d16 newton" or "G16 d16"."""
+    if "G" in entry:
+        text = f"{entry['G']}x{entry['d']}x{entry['d']}"
+    else:
+        text = "x".join(str(v) for v in (entry["N"], entry["C"], *entry["S"]))
+    if "d" in entry and "G" not in entry:
+        text += f" d{entry['d']}"
+    if "method" in entry:
+        text += f" {entry['method']}" + (f" T{entry['T']}" if entry["method"] == "newton" else "")
+    if "ratio" in entry:
+        text += f" r{entry['ratio']} {entry['reduce'] or 'elem'}"
+    if "kind" in entry:
+        text += f" {entry['kind']}"
+    return text

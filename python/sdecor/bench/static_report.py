@@ -1,0 +1,98 @@
+"""``sdecor bench --static``: what the kernels cost on a GPU, worked out without one.
+
+Two parts:
+
+1. every Triton kernel variant listed in a ``sdecor_kernels`` module's ``STATIC_SPECS``, compiled
+   for sm_80 and sm_90 by :mod:`sdecor_kernels.static`: registers per thread, spilled bytes, shared
+   memory, and whether tensor-core instructions appear;
+2. per benchmark shape, the bytes floor of DESIGN.md and the time an H100 SXM would need to move
+   those bytes at its 3.35 TB/s of HBM3 bandwidth: the time no kernel can beat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from .ops import OP_SPECS
+
+H100_BYTES_PER_S = 3.35e12
+
+
+def bandwidth_rows(entries, dtypes, modes) -> list[dict]:
+    rows = []
+    for e in entries:
+        spec = OP_SPECS[e["op"]]
+        for dt in dtypes:
+            if dt not in spec.dtypes:
+                continue
+            for m in modes:
+                if m not in spec.modes:
+                    continue
+                nbytes = spec.bytes(e, getattr(torch, dt), m)
+                rows.append(dict(op=e["op"], shape=e["name"], dtype=dt, mode=m, bytes=nbytes,
+                                 h100_bound_us=nbytes / H100_BYTES_PER_S * 1e6))
+    return rows
+
+
+def kernel_rows(archs=(80, 90), ds=(16, 64), modules=None) -> list[dict]:
+    """Compile every STATIC_SPECS kernel; one row per (module, kernel, arch, d), or an error row.
+
+    Raises ImportError when sdecor_kernels.static is missing.
+    """
+    from sdecor_kernels import static
+
+    modules = modules or [m for m in static.kernel_modules() if _has_specs(static, m)]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # the interpreter replaces triton.jit: compile in a process without it (one for all modules)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "sdecor_kernels.static", "--json", "--module", *modules,
+               "--arch", *map(str, archs), "--d", *map(str, ds)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return [dict(module=",".join(modules), name="*", arch=a, d=None, error=tail) for a in archs]
+        return json.loads(out.stdout)
+    rows = []
+    for mod in modules:
+        for arch in archs:
+            for d in ds:
+                try:
+                    rows += [dict(module=mod, **r) for r in static.compile_report(mod, arch, d)]
+                except Exception as exc:  # one module failing does not hide the others
+                    rows.append(dict(module=mod, name="*", arch=arch, d=d,
+                                     error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]))
+    return rows
+
+
+def _has_specs(static, module: str) -> bool:
+    try:
+        return bool(static.specs_of(module))
+    except Exception:
+        return True          # compile it, so that the failure to import shows as an error row
+
+
+def format_static(kernels: list[dict], bandwidth: list[dict], kernel_error: str | None = None) -> str:
+    lines = ["== Triton kernels compiled for sm_80 / sm_90 (no GPU needed) =="]
+    if kernel_error:
+        lines.append(f"  not compiled: {kernel_error}")
+    else:
+        head = f"{'module':<24} {'kernel':<40} {'arch':>4} {'d':>4} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem B':>7}  tensor cores"
+        lines += [head, "-" * len(head)]
+        for r in kernels:
+            if r.get("error"):
+                lines.append(f"{r['module']:<24} {r['name']:<40} {r['arch']:>4} {str(r.get('d')):>4}  ERROR {r['error']}")
+                continue
+            lines.append(f"{r['module']:<24} {r['name']:<40} {r['arch']:>4} {r['d']:>4} {r['num_warps']:>5} "
+                         f"{r['n_regs']:>4} {r['n_spills']:>7} {r['shared']:>7}  {'yes' if r['tensor_cores'] else 'no'}")
+    lines += ["", f"== Bytes floor (DESIGN.md) and H100 bandwidth-bound time ({H100_BYTES_PER_S / 1e12:.2f} TB/s) =="]
+    head = f"{'op':<20} {'shape':<34} {'dtype':<9} {'mode':<7} {'MB':>10} {'H100 bound us':>14}"
+    lines += [head, "-" * len(head)]
+    for r in bandwidth:
+        lines.append(f"{r['op']:<20} {r['shape']:<34} {r['dtype']:<9} {r['mode']:<7} "
+                     f"{r['bytes'] / 1e6:>10.3f} {r['h100_bound_us']:>14.2f}")
+    return "\n".join(lines)
