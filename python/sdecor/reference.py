@@ -289,7 +289,12 @@ def mask_scores(saliency: torch.Tensor, reduce, abs: bool) -> torch.Tensor:
     """Scores per sample, flattened: (N, prod(S)) for reduce="mean", (N, C*prod(S)) for None."""
     score = saliency.abs() if abs else saliency
     if reduce == "mean":
-        score = score.mean(dim=1)                                     # mean over channels
+        # Mean over channels, pinned to one rounding on every device: accumulate channel by channel
+        # in fp32 (fp64 for fp64), divide by C once, round to the saliency's dtype.
+        acc = score[:, 0].to(stats_dtype(score.dtype))
+        for c in range(1, score.shape[1]):
+            acc = acc + score[:, c]
+        score = (acc / score.shape[1]).to(score.dtype)
     return score.reshape(score.shape[0], -1)
 
 
