@@ -69,6 +69,8 @@ struct Work {
   T* t;       // [P] rotation tangents
   T* lam;     // [d] eigenvalues before sorting
   T* part;    // [2d] per-row partial sums (off-diagonal, diagonal) / per-row maxima
+  int* pp;    // [P] pair k of the current round is (pp[k], qq[k]), pp < qq
+  int* qq;    // [P]
   int* rot;   // [P] 1 when pair k rotates this round
   int* count; // [P] rotations applied by pair slot k during the current sweep
   int* perm;  // [d] perm[k] = index of the k-th smallest eigenvalue
@@ -96,7 +98,7 @@ SDECOR_HD size_t workspace_bytes(int d, bool v_external) {
   const size_t P = static_cast<size_t>(padded(d) / 2);
   const size_t dd = static_cast<size_t>(d) * d;
   const size_t nt = dd * (v_external ? 1 : 2) + 3 * P + 3 * static_cast<size_t>(d);
-  const size_t ni = 2 * P + static_cast<size_t>(d) + 3;
+  const size_t ni = 4 * P + static_cast<size_t>(d) + 3;
   return nt * sizeof(T) + ni * sizeof(int);
 }
 
@@ -114,6 +116,8 @@ SDECOR_HD Work<T> carve(void* base, int d, bool v_external) {
   w.lam = p; p += d;
   w.part = p; p += 2 * d;
   int* q = reinterpret_cast<int*>(p);
+  w.pp = q; q += P;
+  w.qq = q; q += P;
   w.rot = q; q += P;
   w.count = q; q += P;
   w.perm = q; q += d;
@@ -241,6 +245,8 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
             on = 1;
           }
         }
+        w.pp[k] = p;
+        w.qq[k] = q;
         w.c[k] = c;
         w.s[k] = s;
         w.t[k] = t;
@@ -254,9 +260,7 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
         if (i < nb) {
           const int k1 = i / P, k2 = i - k1 * P;
           if (!w.rot[k1] && !w.rot[k2]) continue;
-          int p1, q1, p2, q2;
-          round_pair(round, k1, n, &p1, &q1);
-          round_pair(round, k2, n, &p2, &q2);
+          const int p1 = w.pp[k1], q1 = w.qq[k1], p2 = w.pp[k2], q2 = w.qq[k2];
           if (k1 == k2) {
             const T apq = A[p1 * d + q1], t = w.t[k1];
             A[p1 * d + p1] -= t * apq;
@@ -283,8 +287,7 @@ SDECOR_HD void eigh_jacobi(const Team& team, const T* in, T* evals, T* evecs, in
           const int j = i - nb;
           const int k = j / d, row = j - k * d;
           if (!w.rot[k]) continue;
-          int p, q;
-          round_pair(round, k, n, &p, &q);
+          const int p = w.pp[k], q = w.qq[k];
           const T c = w.c[k], s = w.s[k];
           const T vp = V[row * d + p], vq = V[row * d + q];
           V[row * d + p] = c * vp - s * vq;

@@ -251,9 +251,11 @@ def test_cuda_matches_cpu_twin(dtype, d, batch):
         pytest.skip("sdecor._C was built without its CUDA part")
     a = make("cov", batch, d, dtype, _gen(d))
     cpu_lam, cpu_vec = torch.ops.sdecor.eigh_small(a)
+    a_gpu = a.cuda()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # the op must not synchronise with the host
     try:
-        gpu_lam, gpu_vec = torch.ops.sdecor.eigh_small(a.cuda())
+        gpu_lam, gpu_vec = torch.ops.sdecor.eigh_small(a_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     gpu_lam, gpu_vec = gpu_lam.cpu(), gpu_vec.cpu()
