@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "spills, shared memory, tensor-core use; bytes moved and H100 bandwidth-bound time")
     st.add_argument("--arch", default="80,90", help="with --static: GPU architectures (default 80,90)")
     st.add_argument("--d", default="16,64", help="with --static: group sizes to compile for (default 16,64)")
+    st.add_argument("--kernels", default=None,
+                    help="with --static: kernel modules to compile, e.g. 'whiten,topk' (default: every "
+                         "sdecor_kernels module with STATIC_SPECS)")
 
 
 class UsageError(ValueError):
@@ -195,11 +198,18 @@ def _run_static(args, settings) -> int:
     from .harness import select_entries
 
     archs = tuple(int(a) for a in _split(args.arch, ("80", "90"), "arch"))
-    ds = tuple(int(d) for d in _split(args.d, None, "d"))
+    ds = _split(args.d, None, "d")
+    if not all(d.isdigit() and int(d) > 0 for d in ds):
+        raise UsageError(f"--d: group sizes must be positive integers; got {args.d!r}")
+    ds = tuple(int(d) for d in ds)
+    modules = None
+    if args.kernels:
+        modules = [m if m.startswith("sdecor_kernels.") else f"sdecor_kernels.{m}"
+                   for m in _split(args.kernels, None, "kernels")]
     bandwidth = static_report.bandwidth_rows(select_entries(settings), settings.dtypes, settings.modes)
     kernels, kernel_error = [], None
     try:
-        kernels = static_report.kernel_rows(archs, ds)
+        kernels = static_report.kernel_rows(archs, ds, modules)
     except ImportError as exc:
         kernel_error = f"sdecor_kernels.static is not available ({exc})"
     print(static_report.format_static(kernels, bandwidth, kernel_error))

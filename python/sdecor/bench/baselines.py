@@ -43,15 +43,16 @@ def iternorm(x: torch.Tensor, num_channels: int, T: int, eps: float, weight=None
     return fn(x, num_channels, T, eps, weight, bias)
 
 
-SGT_FILLS = ("zero", "constant", "mean")
+SGT_FILLS = ("zero", "constant", "mean", "uniform")
 
 
 def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, reduce="mean", fill: str = "zero",
-             value: float = 0.0):
-    """Replace each sample's k least salient features, one sample at a time.
+             value: float = 0.0, generator=None):
+    """Replace each sample's k least salient features, one sample at a time, as SGT does.
 
     Scores are |saliency| (averaged over channels for ``reduce="mean"``); a stable ascending sort
-    gives the order (ties by lower index, NaN last). Returns (x_masked, mask) like ``topk_mask``.
+    gives the order (ties by lower index, NaN last). ``fill="uniform"`` draws from U[min, max] of the
+    whole sample, as SGT does. Returns (x_masked, mask) like ``topk_mask``.
     """
     if fill not in SGT_FILLS:
         raise ValueError(f"fill must be one of {SGT_FILLS} for the SGT baseline; got {fill!r}")
@@ -62,20 +63,21 @@ def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, reduce="mean", fil
     order = torch.sort(score.reshape(N, -1), dim=1, stable=True).indices
     out = x.clone()
     mask = torch.zeros(score.shape, dtype=torch.bool, device=x.device)
-    for i in range(N):                      # SGT's per-sample loop
+    for i in range(N):                      # SGT's loop over the samples of the batch
         idx = order[i, :k]
         mask[i].view(-1)[idx] = True
-        if reduce == "mean":
-            rows = out[i].view(C, -1)
-            if fill == "mean":
-                rows[:, idx] = rows.mean(1, keepdim=True).expand(C, idx.numel())
+        rows = out[i].view(C, -1) if reduce == "mean" else out[i].view(1, -1)
+        width = rows.shape[0]
+        if fill == "uniform":
+            lo, hi = x[i].min(), x[i].max()
+            noise = torch.rand((width, idx.numel()), generator=generator, device=x.device)
+            rows[:, idx] = (lo + (hi - lo) * noise).to(x.dtype)
+        elif fill == "mean":
+            means = x[i].reshape(C, -1).mean(1, keepdim=True)
+            if reduce == "mean":
+                rows[:, idx] = means.expand(C, idx.numel()).to(x.dtype)
             else:
-                rows[:, idx] = value if fill == "constant" else 0.0
+                rows[0, idx] = means.expand(C, x[i][0].numel()).reshape(-1)[idx].to(x.dtype)
         else:
-            flat = out[i].view(-1)
-            if fill == "mean":
-                means = x[i].reshape(C, -1).mean(1).repeat_interleave(x[i][0].numel())
-                flat[idx] = means[idx]
-            else:
-                flat[idx] = value if fill == "constant" else 0.0
+            rows[:, idx] = value if fill == "constant" else 0.0
     return out, mask

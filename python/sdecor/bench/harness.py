@@ -265,7 +265,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
         _backward(diff, dys)
         ref_grads = tuple(leaf.grad.detach().clone() for leaf in ref_prep.leaves)
         _clear(ref_prep.leaves)
-    ref_canon = spec.canon(ref_outs)
+    ref_canon = spec.canon(ref_outs, e)
     out_names = [f"output {j}" for j in range(len(ref_canon))]
 
     impls = [ref_impl] + [i for i in spec.baselines(e)[1:] if i.name in settings.baselines]
@@ -296,7 +296,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
             if prep is None:
                 prep = impl.build(_fresh(master, spec.grad_inputs))
                 if impl.same:
-                    check = _gate(spec, prep, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names)
+                    check = _gate(spec, e, prep, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names)
                 else:
                     _smoke(spec, prep, need_grad)
         except (_backend.BackendUnavailableError, Unavailable) as exc:
@@ -361,9 +361,9 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _gate(spec, prep: Prepared, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names) -> dict:
+def _gate(spec, e, prep: Prepared, need_grad, dtype, dys, ref_canon, ref_grads, out_names, grad_names) -> dict:
     outs = prep.forward()
-    res = compare(spec.canon(tuple(o.detach() for o in outs)), ref_canon, dtype, out_names)
+    res = compare(spec.canon(tuple(o.detach() for o in outs), e), ref_canon, dtype, out_names)
     if res["ok"] and need_grad:
         _backward(spec.diff_outputs(outs), dys)
         grads = tuple(leaf.grad for leaf in prep.leaves)

@@ -90,8 +90,9 @@ def _mask_entries() -> list[dict]:
             for ratio in (0.1, 0.5):
                 name = f"{data}-{label}-r{ratio}"
                 quick = data == "cifar10" and reduce == "mean" and ratio == 0.5
+                # SGT fills with uniform noise; the shared (SaliencyDecor) masks here fill zeros
                 out.append(dict(op="topk_mask", name=name, N=N, C=C, S=S, ratio=ratio, reduce=reduce,
-                                fill="zero", tags=("quick",) if quick else ()))
+                                fill="zero" if reduce == "mean" else "uniform", tags=("quick",) if quick else ()))
     return out
 
 
@@ -149,7 +150,7 @@ def describe(entry: dict) -> str:
     if "method" in entry:
         text += f" {entry['method']}" + (f" T{entry['T']}" if entry["method"] == "newton" else "")
     if "ratio" in entry:
-        text += f" r{entry['ratio']} {entry['reduce'] or 'elem'}"
+        text += f" r{entry['ratio']} {entry['reduce'] or 'elem'} {entry['fill']}"
     if "kind" in entry:
         text += f" {entry['kind']}"
     return text
