@@ -16,7 +16,6 @@ Backward, given gy:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -28,30 +27,6 @@ __all__ = ["group_whiten_train_torch", "newton_forward", "newton_backward"]
 
 # ---------------------------------------------------------------------------------------------------
 # the d x d part: whitening matrix and its exact backward
-
-
-@contextlib.contextmanager
-def _serial():
-    """Run the d x d work on one thread.
-
-    The Newton steps and their reverse are ~50 products of (G, d, d) matrices: microseconds of work
-    each, but every one opens a parallel region, and on a busy 2-core machine one region can wait
-    milliseconds for the second thread (measured: forward + backward of the d x d part, G = d = 16,
-    T = 5: median 0.57 ms, 1 run in 7 above 20 ms with 2 threads; 0.38 ms, worst 0.56 ms, serial).
-    Compiled graphs schedule their own threads, so nothing changes while tracing.
-    """
-    if torch.compiler.is_compiling():
-        yield
-        return
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def newton_forward(se: torch.Tensor, T: int):
@@ -120,19 +95,18 @@ class _GroupWhitenTrain(torch.autograd.Function):
         mean = xg.mean(dim=(0, 3))                                   # (G, d)
         xc = xg - mean[None, :, :, None]                             # (N, G, d, L)
         cov = torch.matmul(xc, xc.transpose(-1, -2)).sum(0).div_(m)  # Xc Xc^T / m: (G, d, d)
-        with _serial():
-            se = cov + eps * ref.eye_like(cov)
-            if method == "zca":
-                evals, evecs = torch.linalg.eigh(se)
-                w = ref.zca_from_eigh(evals, evecs, eps)
-                small = (evals, evecs)
-                newton = ()
-            else:
-                w, trace, z_last, ys, zs, ms = newton_forward(se, T)
-                small = (se, trace, z_last)
-                newton = (*ys, *zs, *ms)
-            wg = None if weight is None else weight.to(sd).reshape(G, d)
-            a = w if wg is None else wg.unsqueeze(-1) * w            # diag(weight) W
+        se = cov + eps * ref.eye_like(cov)
+        if method == "zca":
+            evals, evecs = torch.linalg.eigh(se)
+            w = ref.zca_from_eigh(evals, evecs, eps)
+            small = (evals, evecs)
+            newton = ()
+        else:
+            w, trace, z_last, ys, zs, ms = newton_forward(se, T)
+            small = (se, trace, z_last)
+            newton = (*ys, *zs, *ms)
+        wg = None if weight is None else weight.to(sd).reshape(G, d)
+        a = w if wg is None else wg.unsqueeze(-1) * w                # diag(weight) W
         xc3 = xc.reshape(N * G, d, L)
         # y is allocated with x's shape and written through a view, so that the output is not a view
         # (callers may modify it in place, e.g. ReLU(inplace=True)).
@@ -178,17 +152,16 @@ class _GroupWhitenTrain(torch.autograd.Function):
             grad_w = gx_t
         if not need_x:
             return grad_x, grad_weight, grad_bias, None, None, None, None
-        with _serial():
-            if method == "zca":
-                evals, evecs = rest
-                grad_se = ref.zca_backward(grad_w, evals, evecs, eps)
-            else:
-                se, trace, z_last = rest[:3]
-                hist = rest[3:]
-                grad_se = newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
-            s2 = (grad_se + grad_se.transpose(-1, -2)) / m           # (2/m) sym(dSe)
-            a_t = a.transpose(-1, -2)
-            shift = -(a_t @ (gsum / m).unsqueeze(-1))                # -A^T mean(gy): (G, d, 1)
+        if method == "zca":
+            evals, evecs = rest
+            grad_se = ref.zca_backward(grad_w, evals, evecs, eps)
+        else:
+            se, trace, z_last = rest[:3]
+            hist = rest[3:]
+            grad_se = newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
+        s2 = (grad_se + grad_se.transpose(-1, -2)) / m               # (2/m) sym(dSe)
+        a_t = a.transpose(-1, -2)
+        shift = -(a_t @ (gsum / m).unsqueeze(-1))                    # -A^T mean(gy): (G, d, 1)
         L = gy.shape[-1]
         dx = torch.baddbmm(_batched(shift, N), _batched(a_t, N), gy.reshape(N * G, d, L))
         dx.baddbmm_(_batched(s2, N), xc.reshape(N * G, d, L))
