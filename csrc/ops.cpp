@@ -11,6 +11,7 @@
 // however the extension was loaded.
 #include <Python.h>
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
@@ -60,6 +61,12 @@ TORCH_LIBRARY(sdecor, m) {
 TORCH_LIBRARY_IMPL(sdecor, CPU, m) { m.impl("eigh_small", &sdecor::eigh_small_cpu); }
 
 TORCH_LIBRARY_IMPL(sdecor, Meta, m) { m.impl("eigh_small", &sdecor::eigh_small_meta); }
+
+// eigh_small has no derivative of its own (the ZCA backward is a separate formula): backpropagating
+// through it raises instead of passing wrong gradients on.
+TORCH_LIBRARY_IMPL(sdecor, Autograd, m) {
+  m.impl("eigh_small", torch::autograd::autogradNotImplementedFallback());
+}
 
 // Importing sdecor._C loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {

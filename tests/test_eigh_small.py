@@ -217,10 +217,13 @@ def test_bad_input_is_rejected_by_the_op(bad, match):
         torch.ops.sdecor.eigh_small(bad)
 
 
-def test_outputs_do_not_track_gradients():
+def test_no_autograd():
     a = make("cov", 2, 4, torch.float64, _gen(9)).requires_grad_()
-    lam, vec = _native.eigh_small(a)
+    lam, vec = _native.eigh_small(a)  # the wrapper detaches
     assert not lam.requires_grad and not vec.requires_grad
+    lam, vec = torch.ops.sdecor.eigh_small(a)  # the op itself refuses to backpropagate
+    with pytest.raises(RuntimeError, match="not implemented"):
+        (lam.sum() + vec.sum()).backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
