@@ -234,9 +234,13 @@ def test_opcheck(dtype, shape):
     torch.library.opcheck(torch.ops.sdecor.eigh_small.default, (a,))
 
 
-def test_compile_fullgraph():
-    fn = torch.compile(lambda x: torch.ops.sdecor.eigh_small(x), fullgraph=True, backend="aot_eager",
-                       dynamic=True)
+@pytest.mark.parametrize("call", ["op", "wrapper"])
+def test_compile_fullgraph(call):
+    if call == "op":
+        fn = lambda x: torch.ops.sdecor.eigh_small(x)  # noqa: E731
+    else:
+        fn = lambda x: _native.eigh_small(x, check=False)  # noqa: E731
+    fn = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
     for batch, d in [(3, 5), (4, 7)]:
         a = make("cov", batch, d, torch.float64, _gen(batch))
         lam, vec = fn(a)

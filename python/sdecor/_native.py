@@ -63,17 +63,29 @@ def eigh_small(a: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch
     ``torch.linalg.eigh``; only the lower triangle of ``a`` is read.
 
     ``check=True`` (eager use) also rejects non-symmetric input with a ValueError; it reads the values,
-    so on CUDA it synchronises with the host. Code inside a training step passes ``check=False``:
-    then only shape, dtype and device are checked and nothing waits for the GPU.
+    so on CUDA it synchronises with the host, and also checks that the extension can run on ``a``'s
+    device. Code inside a training step (after backend selection) passes ``check=False``: then only
+    shape, dtype and device type are checked, nothing waits for the GPU, and torch.compile traces the
+    call without a graph break.
 
     No autograd: the outputs are detached (the ZCA backward has its own formula, see DESIGN.md).
     Raises ImportError when the extension is not built, and BackendUnavailableError for a CUDA tensor
     when the extension was built without its CUDA part.
     """
     check_eigh_small_input(a, "a", check_symmetric=check)
-    why = _backend.native_reason(a.device)
-    if why is not None:
-        if _ext.error() is not None:
-            raise ImportError(why)
-        raise _backend.BackendUnavailableError(f"eigh_small: {why}")
-    return torch.ops.sdecor.eigh_small(a.detach())
+    if check:
+        why = _backend.native_reason(a.device)
+        if why is not None:
+            if _ext.error() is not None:
+                raise ImportError(why)
+            raise _backend.BackendUnavailableError(f"eigh_small: {why}")
+    return _eigh_small_op()(a.detach())
+
+
+def _eigh_small_op():
+    # Plain attribute access on the fast path, so that torch.compile traces through this wrapper.
+    try:
+        return torch.ops.sdecor.eigh_small
+    except AttributeError:  # the library is registered when sdecor._C is first imported
+        _ext.require()
+        return torch.ops.sdecor.eigh_small
