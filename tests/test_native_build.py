@@ -144,3 +144,32 @@ def test_setup_force_cuda_without_cuda_is_an_error():
     out = _setup_py({"USE_CUDA": "0", "FORCE_CUDA": "1"}, "--name")
     assert out.returncode != 0
     assert "FORCE_CUDA=1 but the CUDA part cannot be built: USE_CUDA=0" in out.stderr
+
+
+def _build_team_check(tmp_path, extra_flags):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = str(tmp_path / "jacobi_team")
+    src = os.path.join(ROOT, "csrc", "check", "jacobi_team.cc")
+    out = subprocess.run([cxx, "-std=c++20", "-pthread", *extra_flags, src, "-o", exe], capture_output=True,
+                         text=True, timeout=300)
+    return exe, out
+
+
+def test_jacobi_phases_with_a_team_of_threads(tmp_path):
+    # The CUDA kernel's execution model on the CPU: items strided over threads, a barrier between
+    # phases. Bitwise equality with the serial twin shows that every phase has disjoint writes.
+    exe, out = _build_team_check(tmp_path, ["-O2"])
+    assert out.returncode == 0, out.stderr
+    run = subprocess.run([exe, "128"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "0 mismatch(es)" in run.stdout, run.stdout + run.stderr
+
+
+def test_jacobi_phases_under_thread_sanitizer(tmp_path):
+    exe, out = _build_team_check(tmp_path, ["-O1", "-g", "-fsanitize=thread"])
+    if out.returncode != 0:
+        pytest.skip(f"ThreadSanitizer is not available with this compiler: {out.stderr.strip()[-300:]}")
+    run = subprocess.run([exe, "33"], capture_output=True, text=True, timeout=300)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-3000:]
+    assert run.returncode == 0 and "0 mismatch(es)" in run.stdout, run.stdout + run.stderr
