@@ -4,9 +4,10 @@ Two embedded sets need no download and are the same on every machine:
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), scaled to
   [0, 1].
-* ``shapes``: procedurally generated 24x24 RGB images (4000 by default) of one object (disk, square, triangle or plus)
-  on a cluttered background, with the ground-truth object mask of every image. Generated from a
-  seed with numpy's PCG64 generator, so a seed gives the same images everywhere.
+* ``shapes``: procedurally generated 24x24 RGB images (4000 by default) of one object (disk,
+  square, triangle or plus) on a cluttered background, with the ground-truth object mask of every
+  image. Generated from a seed with numpy's PCG64 generator, so a seed gives the same images
+  everywhere.
 
 Three torchvision sets are read from a local folder with download disabled: ``mnist``,
 ``fashion-mnist`` and ``cifar10``. A missing folder or file raises :class:`DatasetNotFoundError`,
@@ -214,7 +215,7 @@ def not_found_message(name: str, root: str) -> str:
     folder = os.path.join(os.path.abspath(root), sub)
     return (f"dataset {name!r} not found under --data-root {os.path.abspath(root)!r} (downloads are "
             f"disabled). Expected the folder {folder!r} holding: {', '.join(files)}"
-            + (" (the MNIST files may also be gzipped, .gz)" if name != "cifar10" else "")
+            + (" (uncompressed idx files)" if name != "cifar10" else " (the Python version of CIFAR-10)")
             + ". Place the files there (e.g. download them once with torchvision's download=True "
               "on a machine with network access) or pass the right --data-root.")
 
