@@ -24,7 +24,7 @@
 //
 // V lives in the work area when it fits (V_INTERNAL) or directly in the output buffer (V_EXTERNAL:
 // used on the GPU when A and V together exceed the shared memory a block may opt in to, i.e. fp64 at
-// d >= ~101 on sm_80 and d >= ~119 on sm_90; the final permutation then copies V into A's space,
+// d >= 101 on sm_80 and d >= 120 on sm_90; the final permutation then copies V into A's space,
 // which is free by then).
 #pragma once
 
