@@ -175,7 +175,7 @@ def test_quick_selection_and_filters():
     s = bench.settings_from_args(_parse(["--quick"]))
     entries = harness.select_entries(s)
     assert sorted(e["op"] for e in entries) == sorted(bench.OPS)
-    assert s.dtypes == ("float32",) and s.compile == "smallest"
+    assert s.dtypes == ("float32",) and s.compile == "tagged"
     s = bench.settings_from_args(_parse(["--ops", "topk_mask", "--shapes", "imagenet", "--dtypes", "bf16,fp16"]))
     entries = harness.select_entries(s)
     assert entries and all(e["op"] == "topk_mask" and "imagenet" in e["name"] for e in entries)

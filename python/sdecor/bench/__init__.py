@@ -28,8 +28,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "hal
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_argument_group("what to run (comma-separated lists)")
     sel.add_argument("--quick", action="store_true",
-                     help="one real shape per op, float32, short timing, torch.compile on the smallest "
-                          "shape only (under 2 minutes on a small CPU)")
+                     help="one real shape per op, float32, short timing, torch.compile for two ops only "
+                          "(under 2 minutes on a small CPU)")
     sel.add_argument("--ops", default=None, help=f"ops to run: {','.join(OPS)} (default: all)")
     sel.add_argument("--shapes", default=None,
                      help="shape names to run: substrings or globs, e.g. 'resnet50,cifar10-*' (see --list)")
@@ -42,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--baselines", default=None,
                      help=f"baselines to measure: {','.join(BASELINES)} or 'none' (default: all; the "
                           "reference always runs, as the correctness oracle)")
-    sel.add_argument("--compile", choices=("all", "smallest", "off"), default=None,
-                     help="torch.compile baseline on every case, on the smallest shape of each op, or "
-                          "never (default: all; smallest with --quick)")
+    sel.add_argument("--compile", choices=("all", "smallest", "tagged", "off"), default=None,
+                     help="torch.compile baseline on every case, on the smallest shape of each op, on the "
+                          "shapes tagged 'compile' in sdecor/bench/shapes.py, or never (default: all; "
+                          "tagged with --quick)")
     sel.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where to run (default: cuda when available)")
     sel.add_argument("--list", action="store_true", help="list the selected shapes and exit")
@@ -117,7 +118,7 @@ def settings_from_args(args: argparse.Namespace):
         modes=_split(args.modes, MODES, "modes") or MODES,
         backends=_split(args.backends, BACKENDS, "backends") or BACKENDS,
         baselines=baselines or BASELINES,
-        compile=args.compile or ("smallest" if args.quick else "all"),
+        compile=args.compile or ("tagged" if args.quick else "all"),
         quick=args.quick,
         min_time=min_time,
         min_reps=reps,

@@ -42,7 +42,7 @@ class Settings:
     modes: tuple = MODES
     backends: tuple = _backend.BACKENDS
     baselines: tuple = BASELINES
-    compile: str = "all"               # "all", "smallest" (per op) or "off"
+    compile: str = "all"               # "all", "smallest" (per op), "tagged" (shapes tagged compile), "off"
     quick: bool = False
     min_time: float = 0.5              # CPU: seconds of timed calls per measurement (at least min_reps)
     min_reps: int = 5
@@ -209,6 +209,8 @@ def _compile_targets(settings: Settings, entries) -> set:
             continue
         if settings.compile == "all":
             out |= {(op, e["name"], d) for e in es for d in dts}
+        elif settings.compile == "tagged":
+            out |= {(op, e["name"], dts[0]) for e in es if "compile" in e.get("tags", ())}
         else:
             smallest = min(es, key=numel)
             out.add((op, smallest["name"], dts[0]))
@@ -246,7 +248,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
 
     def record(impl: Impl, mode: str, status: str, **kw) -> dict:
         r = dict(base, mode=mode, impl=impl.name, kind=impl.kind, backend=impl.backend, note=impl.note,
-                 status=status, time_ms=None, p20_ms=None, p80_ms=None, reps=None,
+                 checked=impl.same and impl is not ref_impl, status=status, time_ms=None, p20_ms=None, p80_ms=None, reps=None,
                  bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None,
                  max_abs_err=None, err_ratio=None, reason="")
         r.update(kw)
@@ -278,8 +280,11 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
         if impl is ref_impl and not time_ref:
             continue
         if impl.name == "compile" and not compile_here:
-            why = ("torch.compile baseline off (--compile off)" if settings.compile == "off"
-                   else "torch.compile baseline measured on the smallest shape of each op only (--compile smallest)")
+            why = {"off": "torch.compile baseline off (--compile off)",
+                   "smallest": "torch.compile baseline measured on the smallest shape of each op only (--compile smallest)",
+                   "tagged": "torch.compile baseline measured only on shapes tagged 'compile' (--compile tagged, "
+                             "the --quick default: compile time on CPU); --compile all measures it everywhere",
+                   }.get(settings.compile, "torch.compile baseline not selected for this case")
             out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
             continue
         if impl.backend == "triton" and device.type == "cpu":

@@ -153,14 +153,25 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
         if markdown:
             lines.append("")
         lines += _render(head, rows, markdown)
+        legend = {}
+        for r in rs:
+            if r["status"] != "skipped":
+                what = r["note"] or ("sdecor's public API, backend forced" if r["kind"] == "fast" else "")
+                if r["impl"] == "reference" or r["impl"] == "eigh":
+                    check = "the correctness oracle"
+                else:
+                    check = "checked against the reference" if r.get("checked") else "not checked: computes another function"
+                legend.setdefault(r["impl"], f"{what}; {check}" if what else check)
+        if legend:
+            if markdown:
+                lines.append("")
+            lines += [f"{'- ' if markdown else '  '}{impl}: {text}" for impl, text in legend.items()]
         skipped = {}
         for r in rs:
             if r["status"] == "skipped":
-                skipped.setdefault((r["impl"], r["reason"]), set()).add(r["shape_desc"])
+                skipped.setdefault((r["impl"], r["reason"]), None)
         if skipped:
-            if markdown:
-                lines.append("")
-            for (impl, why), shapes in skipped.items():
+            for impl, why in skipped:
                 lines.append(f"{'- ' if markdown else '  '}not measured: {impl}: {why}")
     return "\n".join(lines)
 
@@ -179,7 +190,7 @@ def _render(head, rows, markdown) -> list[str]:
 # files
 
 CSV_FIELDS = ["device", "device_name", "op", "shape", "shape_desc", "dtype", "mode", "impl", "kind", "backend",
-              "status", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes",
+              "status", "checked", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes",
               "max_abs_err", "err_ratio"] + [f"speedup_vs_{b}" for b in BASELINES] + \
              ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"]
 

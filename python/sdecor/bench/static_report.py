@@ -81,13 +81,13 @@ def format_static(kernels: list[dict], bandwidth: list[dict], kernel_error: str 
     if kernel_error:
         lines.append(f"  not compiled: {kernel_error}")
     else:
-        head = f"{'module':<24} {'kernel':<40} {'arch':>4} {'d':>4} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem B':>7}  tensor cores"
+        head = f"{'module':<24} {'kernel':<44} {'arch':>4} {'d':>4} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem B':>7}  tensor cores"
         lines += [head, "-" * len(head)]
         for r in kernels:
             if r.get("error"):
-                lines.append(f"{r['module']:<24} {r['name']:<40} {r['arch']:>4} {str(r.get('d')):>4}  ERROR {r['error']}")
+                lines.append(f"{r['module']:<24} {r['name']:<44} {r['arch']:>4} {str(r.get('d')):>4}  ERROR {r['error']}")
                 continue
-            lines.append(f"{r['module']:<24} {r['name']:<40} {r['arch']:>4} {r['d']:>4} {r['num_warps']:>5} "
+            lines.append(f"{r['module']:<24} {r['name']:<44} {r['arch']:>4} {r['d']:>4} {r['num_warps']:>5} "
                          f"{r['n_regs']:>4} {r['n_spills']:>7} {r['shared']:>7}  {'yes' if r['tensor_cores'] else 'no'}")
     lines += ["", f"== Bytes floor (DESIGN.md) and H100 bandwidth-bound time ({H100_BYTES_PER_S / 1e12:.2f} TB/s) =="]
     head = f"{'op':<20} {'shape':<34} {'dtype':<9} {'mode':<7} {'MB':>10} {'H100 bound us':>14}"
