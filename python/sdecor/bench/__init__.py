@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-save", action="store_true", help="print the table only; write no files")
     out.add_argument("--no-plot", action="store_true", help="write no PNG plots")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    out.add_argument("--show", metavar="JSON", default=None,
+                     help="print the table of a saved results file (e.g. benchmarks/results/latest-<device>.json) "
+                          "instead of running; --ops filters it")
     st = parser.add_argument_group("static report")
     st.add_argument("--static", action="store_true",
                     help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "
@@ -128,6 +131,8 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or the static report); 1 when a fast path disagrees with the reference or fails."""
+    if args.show:
+        return _show(args)
     try:
         settings = settings_from_args(args)
         if args.static:
@@ -183,6 +188,24 @@ def _run_bench(args, settings) -> int:
         names = sorted({f"{r['op']} {r['impl']} ({r['status']})" for r in bad})
         print(f"\n{len(names)} fast path(s) failed the check or the run: " + "; ".join(names), file=sys.stderr)
         return 1
+    return 0
+
+
+def _show(args) -> int:
+    import json
+
+    from . import report
+
+    try:
+        with open(args.show) as f:
+            doc = json.load(f)
+        env, records = doc["environment"], doc["results"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"sdecor bench: error: --show {args.show}: not a results file ({exc})", file=sys.stderr)
+        return 2
+    if args.ops:
+        records = [r for r in records if r["op"] in args.ops.split(",")]
+    print(report.format_table(records, env, markdown=args.markdown))
     return 0
 
 

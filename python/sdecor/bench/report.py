@@ -160,7 +160,8 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
                 if r["impl"] == "reference" or r["impl"] == "eigh":
                     check = "the correctness oracle"
                 else:
-                    check = "checked against the reference" if r.get("checked") else "not checked: computes another function"
+                    checked = r.get("checked", r.get("err_ratio") is not None)
+                    check = "checked against the reference" if checked else "not checked: computes another function"
                 legend.setdefault(r["impl"], f"{what}; {check}" if what else check)
         if legend:
             if markdown:
