@@ -58,6 +58,13 @@ def load_average():
         return None
 
 
+def module_train_function() -> str:
+    """Qualified name of the function GroupWhitening calls for batch statistics."""
+    from sdecor import whitening
+    fn = getattr(whitening, "group_whiten_train", None)
+    return "missing" if fn is None else f"{fn.__module__}.{fn.__qualname__}"
+
+
 def check_correctness(d: int, T: int, eps: float) -> None:
     """Every timed implementation against the reference on a small float64 input."""
     x = (torch.randn(4, 4 * d, 5, 5, dtype=torch.float64) + 0.5).requires_grad_()
@@ -150,6 +157,7 @@ def main(argv=None) -> dict:
         "method": "newton",
         "step": "forward + backward (grads of x, weight, bias), training mode",
         "statistic": f"median over {args.repeats} round-robin repeats after {args.warmup} warm-up rounds",
+        "groupwhitening_train_function": module_train_function(),
         "load_average_before": load_average(),
         "runs": [],
     }
