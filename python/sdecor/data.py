@@ -136,7 +136,8 @@ def make_shapes(n: int = 4000, size: int = 24, seed: int = 0, clutter: int = 6,
     Every image: a smooth random colour gradient, ``clutter`` distractors (short thick strokes and
     small blobs in random colours, which are not any of the classes), one object of a random class
     from :data:`SHAPE_CLASSES` (random position, size, colour at least 0.35 away from the local
-    background colour, and rotation within +-``max_rotation`` degrees), and Gaussian pixel noise. The mask is the object's pixels.
+    background colour, and rotation within +-``max_rotation`` degrees), and Gaussian pixel noise.
+    The mask is the object's pixels.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")

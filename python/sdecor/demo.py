@@ -106,15 +106,23 @@ def summarize(values: list) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     try:
         names = check_args(args)
     except ValueError as err:
         print(f"sdecor demo: error: {err}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run_demo(args, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_demo(args: argparse.Namespace, names: list) -> int:
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     seeds = args.seeds or (1 if args.quick else 3)
     eval_samples = args.eval_samples or (64 if args.quick else 200)

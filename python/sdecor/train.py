@@ -289,8 +289,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     cfg = TrainConfig(dataset=args.dataset, model=args.model, norm=args.norm,
                       lambda_consistency=args.lambda_consistency, lambda_decor=args.lambda_decor,
                       mask_ratio=args.mask_ratio, fill=args.fill, num_channels=args.num_channels,
@@ -298,12 +296,26 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, width=args.width)
     try:
         cfg.check()
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {args.threads}")
+        if args.eval_samples < 1:
+            raise ValueError(f"--eval-samples must be >= 1; got {args.eval_samples}")
         dataset = data_mod.load(args.dataset, args.data_root, seed=0)
     except (ValueError, data_mod.DatasetNotFoundError) as err:
         print(f"sdecor train: error: {err}", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return train_and_report(cfg, dataset, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     print(f"dataset {dataset.name}: {dataset.description}; train {len(dataset.train.y)}, "
           f"test {len(dataset.test.y)}")
     print(f"model {cfg.model} ({cfg.resolved_norm()} norm, group size {cfg.num_channels}); "
