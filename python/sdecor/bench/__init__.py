@@ -28,8 +28,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "hal
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_argument_group("what to run (comma-separated lists)")
     sel.add_argument("--quick", action="store_true",
-                     help="one real shape per op, float32, short timing, torch.compile for two ops only "
-                          "(under 2 minutes on a small CPU)")
+                     help="one real shape per op, float32, short timing, torch.compile for two ops only, "
+                          "one CPU thread (under 2 minutes on a small CPU)")
     sel.add_argument("--ops", default=None, help=f"ops to run: {','.join(OPS)} (default: all)")
     sel.add_argument("--shapes", default=None,
                      help="shape names to run: substrings or globs, e.g. 'resnet50,cifar10-*' (see --list)")
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seconds of timed calls per path and mode (default 0.5; 0.1 with --quick)")
     tim.add_argument("--reps", type=int, default=None, help="at least this many timed rounds (default 5; 3 with --quick)")
     tim.add_argument("--threads", type=int, default=None,
-                     help="CPU: torch.set_num_threads for the run (default: torch's default); 1 gives "
-                          "steadier times on a machine that other work keeps busy")
+                     help="CPU: torch.set_num_threads for the run (default: torch's default; 1 with "
+                          "--quick, whose times stay steady when other work shares a small CPU)")
     tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, help="results folder (default: benchmarks/results of the source tree)")
@@ -158,8 +158,9 @@ def _run_bench(args, settings) -> int:
     from . import harness, report
 
     device = torch.device(settings.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     timer = ("triton.testing.do_bench median (25 ms warm-up, 100 ms of repeats, gradients cleared)"
              if device.type == "cuda" else
              f"perf_counter median over >= {settings.min_reps} interleaved rounds and >= "
