@@ -36,7 +36,8 @@ def plot_op(records: list[dict], op: str, env: dict, path: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median time (ms), log scale")
-    ax.set_title(f"{op} on {env['device_name']}\n"
+    threads = f", {env['torch_threads']} thread(s)" if env.get("device") == "cpu" else ""
+    ax.set_title(f"{op} on {env['device_name']}{threads}\n"
                  f"torch {env['torch']}, {env['timestamp']}", fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
