@@ -20,8 +20,9 @@ Kernels (one launch each, no host synchronisation, no float atomics):
 - ``whiten_bwd_dx_kernel`` grid (P, G): dx = B dy + A (x - mean) + v (group_cov's backward without dy).
 
 Matrix products use ``tl.dot`` when BD >= 16 and a broadcast-and-sum otherwise (tl.dot needs 16).
-For BD > 64 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
-multiply them in 64 x 64 tiles, since three 128 x 128 fp32 matrices do not fit in registers.
+For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
+multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill).
+For BD > 32 the apply / dx kernels reload their d x d matrices inside the loop over samples.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ __all__ = [
     "bwd_dx",
 ]
 
-# Largest BD whose d x d matrices the Newton kernels keep in registers; above it, 64 x 64 tiles.
-REG_BD = 64
-TILE = 64
+# Largest BD whose d x d matrices the Newton kernels keep in registers; above it, TILE x TILE tiles
+# of a global scratch buffer (at BD = 64 registers spill on sm_80 and sm_90 otherwise).
+REG_BD = 32
+TILE = 32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,18 +405,28 @@ def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constex
 
 
 @triton.jit
+def _apply_matrix(w_ptr, weight_ptr, gd, d, BD: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    c = tl.arange(0, BD)
+    cm = c < d
+    W = tl.load(w_ptr + gd * d + c[:, None] * d + c[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
+    if HAS_WEIGHT:
+        W = W * tl.load(weight_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)[:, None]
+    return W
+
+
+@triton.jit
 def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, m, L, sn, sc, sl,
                         n_blocks, bpp, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+                        BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                        MAT_IN_LOOP: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
     cm = c < d
     gd = g.to(tl.int64) * d
-    W = tl.load(w_ptr + gd * d + c[:, None] * d + c[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
+    if not MAT_IN_LOOP:
+        W = _apply_matrix(w_ptr, weight_ptr, gd, d, BD, HAS_WEIGHT)
     mu = tl.load(mean_ptr + gd + c, mask=cm, other=0.0)
-    if HAS_WEIGHT:
-        W = W * tl.load(weight_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
         beta = tl.load(bias_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)
     else:
@@ -424,6 +436,9 @@ def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, 
         off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xc = tl.where(mask, xt - mu[:, None], 0.0)                           # [BD, BM]
+        if MAT_IN_LOOP:
+            # d x d too large to stay in registers across the loop: reload it (L1/L2 hits)
+            W = _apply_matrix(w_ptr, weight_ptr, gd, d, BD, HAS_WEIGHT)
         yt = _mm(W, xc, USE_DOT, PREC) + beta[:, None]
         tl.store(y_ptr + off, yt.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -456,7 +471,8 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, dp_ptr, sp_ptr, d, m, L, s
 @triton.jit
 def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d, m, L, sn, sc, sl,
                          tn, tc, tl_, n_blocks, bpp, HAS_DY: tl.constexpr, BD: tl.constexpr,
-                         BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+                         BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                         MAT_IN_LOOP: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
@@ -464,9 +480,10 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d
     m2 = cm[:, None] & cm[None, :]
     gd = g.to(tl.int64) * d
     mat = gd * d + c[:, None] * d + c[None, :]
-    A = tl.load(a_ptr + mat, mask=m2, other=0.0)
-    if HAS_DY:
-        B = tl.load(b_ptr + mat, mask=m2, other=0.0)
+    if not MAT_IN_LOOP:
+        A = tl.load(a_ptr + mat, mask=m2, other=0.0)
+        if HAS_DY:
+            B = tl.load(b_ptr + mat, mask=m2, other=0.0)
     mu = tl.load(mean_ptr + gd + c, mask=cm, other=0.0)
     v = tl.load(v_ptr + gd + c, mask=cm, other=0.0)
     b0, b1 = _block_range(s, n_blocks, bpp)
@@ -475,10 +492,14 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d
         off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xc = tl.where(mask, xt - mu[:, None], 0.0)
+        if MAT_IN_LOOP:
+            A = tl.load(a_ptr + mat, mask=m2, other=0.0)
         out = _mm(A, xc, USE_DOT, PREC) + v[:, None]
         if HAS_DY:
             offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
             dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+            if MAT_IN_LOOP:
+                B = tl.load(b_ptr + mat, mask=m2, other=0.0)
             out += _mm(B, dyt, USE_DOT, PREC)
         tl.store(dx_ptr + off, out.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -492,22 +513,32 @@ def _pow2(n: int) -> int:
 
 
 def config(d: int, on_gpu: bool) -> dict:
-    """Block sizes of the kernels for group size d.
+    """Block sizes and launch options of the kernels for group size d.
 
-    BM keeps a [BD, BM] fp32 tile at <= 4096 elements (32 registers a thread at 4 warps); below 16
-    channels the broadcast product [BD, BM, BD] is what is kept at <= 4096.
+    Chosen from the static compile figures (python -m sdecor_kernels.static) for sm_80 and sm_90: no
+    spills, and registers low enough for >= 2 programs of 8 warps per SM up to d = 32.
+    num_stages=1: the loops stream x once, and prefetch stages cost registers and shared memory that
+    occupancy (many programs per SM) makes up for.
     """
     BD = max(2, _pow2(d))
     use_dot = BD >= 16
-    if use_dot:
-        BM = max(16, min(128, 4096 // BD))
+    if not use_dot:
+        # the broadcast product [BD, BM, BD] kept at <= 4096 elements
+        BM, warps = max(16, min(128, 4096 // (BD * BD))), 4
+    elif BD <= 16:
+        BM, warps = 64, 8
+    elif BD <= 64:
+        BM, warps = 32, 8
     else:
-        BM = max(16, min(128, 4096 // (BD * BD)))
-    return dict(BD=BD, BM=BM, USE_DOT=use_dot,
-                # fp32 products on tensor cores at ~fp32 accuracy (three tf32 products); the
-                # interpreter's dot is exact fp32 whatever is asked
-                PREC="tf32x3" if on_gpu else "ieee",
-                num_warps=4 if BD <= 32 else 8)
+        BM, warps = 16, 8
+    # fp32 products: FMA ("ieee") keeps up with memory below d = 64 (2d flops per 4-byte element);
+    # above it, three tf32 tensor-core products give ~fp32 accuracy. The interpreter's dot is
+    # exact fp32 whatever is asked.
+    prec = "tf32x3" if (on_gpu and BD >= 64) else "ieee"
+    # d x d products of the one-program-per-group kernels: FMA, whose operands take half the
+    # registers of tf32x3's (the flops are negligible next to the passes over x)
+    return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, SMALL_PREC="ieee", MAT_IN_LOOP=BD > 64,
+                num_warps=warps, SMALL_WARPS=4 if BD <= 16 else 8, num_stages=1)
 
 
 def _splits(n_blocks: int, G: int, device: torch.device) -> tuple[int, int]:
@@ -588,14 +619,14 @@ def group_stats(x: torch.Tensor, d: int, newton: tuple[float, int] | None = None
     s1 = _f32(G, P, BD, device=dev)
     s2 = _f32(G, P, BD, BD, device=dev)
     _launch(group_stats_partial_kernel, (P, G), x, s1, s2, d, m, L, sn, sc, sl, n_blocks, bpp, P,
-            BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     mean = _f32(G, d, device=dev)
     cov = _f32(G, d, d, device=dev)
     fused = newton is not None and BD <= REG_BD
     w = _f32(G, d, d, device=dev) if fused else cov
     eps, T = newton if newton is not None else (0.0, 0)
     _launch(group_stats_finalize_kernel, (G,), x, s1, s2, mean, cov, w, d, m, sc, P, float(eps), int(T),
-            NEWTON=fused, BD=BD, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            NEWTON=fused, BD=BD, USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], num_warps=cfg["SMALL_WARPS"], num_stages=cfg["num_stages"])
     if newton is None:
         return mean, cov
     if not fused:
@@ -613,7 +644,7 @@ def newton(cov: torch.Tensor, eps: float, T: int) -> torch.Tensor:
     w = _f32(G, d, d, device=dev)
     scratch = _f32(G, 4, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
     _launch(newton_fwd_kernel, (G,), cov, w, scratch, d, float(eps), int(T), BD=BD, BT=TILE,
-            USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], num_warps=cfg["SMALL_WARPS"], num_stages=cfg["num_stages"])
     return w
 
 
@@ -629,7 +660,7 @@ def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int)
     hist = _f32(G, int(T), 2, BD, BD, device=dev)
     work = _f32(G, 7, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
     _launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, d, float(eps), int(T), BD=BD,
-            BT=TILE, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            BT=TILE, USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], num_warps=cfg["SMALL_WARPS"], num_stages=cfg["num_stages"])
     return gcov
 
 
@@ -652,7 +683,8 @@ def apply(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, weight: torch.Te
             bias.contiguous() if bias is not None else mean,
             d, m, L, sn, sc, sl, n_blocks, bpp, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BD=cfg["BD"], BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
-            num_warps=cfg["num_warps"])
+            MAT_IN_LOOP=cfg["MAT_IN_LOOP"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -674,7 +706,7 @@ def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
     sp = _f32(G, P, BD, device=dev)
     _launch(whiten_bwd_reduce_kernel, (P, G), dy, x, mean.to(torch.float32).contiguous(), dp, sp,
             d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, P, BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"],
-            PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            PREC=cfg["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dp.sum(1)[:, :d, :d], sp.sum(1)[:, :d]
 
 
@@ -701,7 +733,8 @@ def bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, a: torc
     _launch(whiten_bwd_dx_kernel, (P, G), dy, x, dx, mean.to(torch.float32).contiguous(), a,
             b.to(torch.float32).contiguous() if b is not None else a, v.to(torch.float32).contiguous(),
             d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, HAS_DY=dy_given, BD=cfg["BD"],
-            BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+            BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], MAT_IN_LOOP=cfg["MAT_IN_LOOP"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
 
 
@@ -709,9 +742,18 @@ def bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, a: torc
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
 
-def _gpu_cfg(d: int, **extra) -> dict:
-    cfg = config(d, on_gpu=True)
-    return {**cfg, **extra}
+def _gpu_cfg(kernel, **fixed):
+    """d -> the constexprs of ``kernel`` (and launch options) as the launchers pick them on a GPU."""
+    def cfg(d: int) -> dict:
+        full = {**config(d, on_gpu=True), **fixed}
+        if "T" in kernel.arg_names:                      # the d x d kernels
+            full["PREC"] = full["SMALL_PREC"]
+            full["num_warps"] = full["SMALL_WARPS"]
+        if "BT" in kernel.arg_names:
+            full["BT"] = TILE
+        keep = set(kernel.arg_names) | {"num_warps", "num_stages"}
+        return {k: v for k, v in full.items() if k in keep}
+    return cfg
 
 
 def _sig(names: str, types: dict | None = None) -> dict:
@@ -721,54 +763,36 @@ def _sig(names: str, types: dict | None = None) -> dict:
 
 
 _X = "d m L sn sc sl n_blocks bpp"
+_XT = "d m L sn sc sl tn tc tl_ n_blocks bpp"
 _SPEC_DS = (2, 3, 4, 8, 16, 32, 48, 64, 128)
+_BF16 = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "weight_ptr": "*bf16",
+         "bias_ptr": "*bf16"}
 
 
-def _only(cfg: dict, *keys) -> dict:
-    return {k: cfg[k] for k in keys}
+def _spec(name, kernel, args, types=None, ds=_SPEC_DS, **fixed):
+    return dict(name=name, kernel=kernel, ds=ds, signature=_sig(args, types), config=_gpu_cfg(kernel, **fixed))
 
 
 STATIC_SPECS = [
-    dict(name="group_stats_partial_kernel", kernel=group_stats_partial_kernel, ds=_SPEC_DS,
-         signature=_sig(f"x_ptr s1_ptr s2_ptr {_X} P"),
-         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
-    dict(name="group_stats_partial_kernel[bf16]", kernel=group_stats_partial_kernel, ds=_SPEC_DS,
-         signature=_sig(f"x_ptr s1_ptr s2_ptr {_X} P", {"x_ptr": "*bf16"}),
-         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
-    dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel,
-         ds=tuple(d for d in _SPEC_DS if _pow2(d) <= REG_BD),
-         signature=_sig("x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"}),
-         config=lambda d: _only(_gpu_cfg(d, NEWTON=True), "NEWTON", "BD", "USE_DOT", "PREC", "num_warps")),
-    dict(name="group_stats_finalize_kernel", kernel=group_stats_finalize_kernel, ds=_SPEC_DS,
-         signature=_sig("x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"}),
-         config=lambda d: _only(_gpu_cfg(d, NEWTON=False), "NEWTON", "BD", "USE_DOT", "PREC", "num_warps")),
-    dict(name="newton_fwd_kernel", kernel=newton_fwd_kernel, ds=_SPEC_DS,
-         signature=_sig("cov_ptr w_ptr scratch_ptr d eps T", {"eps": "fp32"}),
-         config=lambda d: _only(_gpu_cfg(d, BT=TILE), "BD", "BT", "USE_DOT", "PREC", "num_warps")),
-    dict(name="newton_bwd_kernel", kernel=newton_bwd_kernel, ds=_SPEC_DS,
-         signature=_sig("cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr d eps T", {"eps": "fp32"}),
-         config=lambda d: _only(_gpu_cfg(d, BT=TILE), "BD", "BT", "USE_DOT", "PREC", "num_warps")),
-    dict(name="whiten_apply_kernel", kernel=whiten_apply_kernel, ds=_SPEC_DS,
-         signature=_sig(f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}"),
-         config=lambda d: _only(_gpu_cfg(d, HAS_WEIGHT=True, HAS_BIAS=True), "HAS_WEIGHT", "HAS_BIAS",
-                                "BD", "BM", "USE_DOT", "PREC", "num_warps")),
-    dict(name="whiten_apply_kernel[bf16]", kernel=whiten_apply_kernel, ds=_SPEC_DS,
-         signature=_sig(f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}",
-                        {"x_ptr": "*bf16", "y_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16"}),
-         config=lambda d: _only(_gpu_cfg(d, HAS_WEIGHT=True, HAS_BIAS=True), "HAS_WEIGHT", "HAS_BIAS",
-                                "BD", "BM", "USE_DOT", "PREC", "num_warps")),
-    dict(name="whiten_bwd_reduce_kernel", kernel=whiten_bwd_reduce_kernel, ds=_SPEC_DS,
-         signature=_sig(f"dy_ptr x_ptr mean_ptr dp_ptr sp_ptr {_X} tn tc tl_ P".replace(
-             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
-         config=lambda d: _only(_gpu_cfg(d), "BD", "BM", "USE_DOT", "PREC", "num_warps")),
-    dict(name="whiten_bwd_dx_kernel[HAS_DY]", kernel=whiten_bwd_dx_kernel, ds=_SPEC_DS,
-         signature=_sig(f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_X} tn tc tl_".replace(
-             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
-         config=lambda d: _only(_gpu_cfg(d, HAS_DY=True), "HAS_DY", "BD", "BM", "USE_DOT", "PREC",
-                                "num_warps")),
-    dict(name="whiten_bwd_dx_kernel", kernel=whiten_bwd_dx_kernel, ds=_SPEC_DS,
-         signature=_sig(f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_X} tn tc tl_".replace(
-             "n_blocks bpp tn tc tl_", "tn tc tl_ n_blocks bpp")),
-         config=lambda d: _only(_gpu_cfg(d, HAS_DY=False), "HAS_DY", "BD", "BM", "USE_DOT", "PREC",
-                                "num_warps")),
+    _spec("group_stats_partial_kernel", group_stats_partial_kernel, f"x_ptr s1_ptr s2_ptr {_X} P"),
+    _spec("group_stats_partial_kernel[bf16]", group_stats_partial_kernel, f"x_ptr s1_ptr s2_ptr {_X} P", _BF16),
+    _spec("group_stats_finalize_kernel[NEWTON]", group_stats_finalize_kernel,
+          "x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"},
+          ds=tuple(d for d in _SPEC_DS if _pow2(d) <= REG_BD), NEWTON=True),
+    _spec("group_stats_finalize_kernel", group_stats_finalize_kernel,
+          "x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T", {"eps": "fp32"}, NEWTON=False),
+    _spec("newton_fwd_kernel", newton_fwd_kernel, "cov_ptr w_ptr scratch_ptr d eps T", {"eps": "fp32"}),
+    _spec("newton_bwd_kernel", newton_bwd_kernel, "cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr d eps T",
+          {"eps": "fp32"}),
+    _spec("whiten_apply_kernel", whiten_apply_kernel, f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}",
+          HAS_WEIGHT=True, HAS_BIAS=True),
+    _spec("whiten_apply_kernel[bf16]", whiten_apply_kernel,
+          f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {_X}", _BF16, HAS_WEIGHT=True, HAS_BIAS=True),
+    _spec("whiten_bwd_reduce_kernel", whiten_bwd_reduce_kernel, f"dy_ptr x_ptr mean_ptr dp_ptr sp_ptr {_XT} P"),
+    _spec("whiten_bwd_reduce_kernel[bf16]", whiten_bwd_reduce_kernel,
+          f"dy_ptr x_ptr mean_ptr dp_ptr sp_ptr {_XT} P", _BF16),
+    _spec("whiten_bwd_dx_kernel[HAS_DY]", whiten_bwd_dx_kernel,
+          f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_XT}", HAS_DY=True),
+    _spec("whiten_bwd_dx_kernel", whiten_bwd_dx_kernel,
+          f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {_XT}", HAS_DY=False),
 ]
