@@ -171,8 +171,8 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
 
     summary = {name: {c: {key: summarize([r.get(key) for r in runs]) for key, *_ in METRICS if key in runs[0]}
                       for c, runs in per.items()} for name, per in results.items()}
-    wall = time.perf_counter() - start
     figures = [] if args.no_figures else write_figures(out_dir, datasets, results, examples)
+    wall = time.perf_counter() - start
     meta = {"wall_seconds": wall, "mode": mode, "seeds": seeds, "eval_samples": eval_samples,
             "fractions": FRACTIONS, "threads": torch.get_num_threads(), "device": args.device,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
