@@ -2,7 +2,7 @@
 
 Layers: public function (argument checks, backend choice) -> for ``triton``, a torch.library custom op
 (``torch.ops.sdecor_triton.*``, built with ``triton_op`` + ``wrap_triton``, gradients through
-``register_autograd``) -> launcher in :mod:`sdecor_kernels.whiten` -> kernel. The ``torch`` backend is
+``register_autograd``; opaque ``custom_op`` under the Triton interpreter) -> launcher in :mod:`sdecor_kernels.whiten` -> kernel. The ``torch`` backend is
 the composition of the reference functions; ``native`` (whitening_matrix, zca) uses the batched Jacobi
 eigensolver ``sdecor._native.eigh_small``.
 
@@ -121,20 +121,30 @@ def _samples(x: torch.Tensor) -> int:
     return x.shape[0] * math.prod(x.shape[2:])
 
 
-def _define_ops() -> None:
-    from torch.library import triton_op
+def _op(name: str, schema: str):
+    """Register ``fn`` as the custom op sdecor_triton::<name>: a ``triton_op`` (visible to
+    torch.compile, kernels launched through wrap_triton). Under the Triton interpreter kernels are
+    not traceable, so the op is an opaque ``custom_op`` whose fake implementation is the same
+    function (the launcher skips kernels on fake tensors)."""
+    def dec(fn):
+        if _backend.interpreter_on():
+            op = torch.library.custom_op(f"sdecor_triton::{name}", fn, mutates_args=(), schema=schema)
+            op.register_fake(fn)
+            return op
+        return torch.library.triton_op(f"sdecor_triton::{name}", fn, mutates_args=(), schema=schema)
+    return dec
 
+
+def _define_ops() -> None:
     K = _K()
     Tensor = torch.Tensor
 
     # -- group_cov ----------------------------------------------------------------------------------
-    @triton_op("sdecor_triton::group_cov", mutates_args=(),
-               schema="(Tensor x, int d) -> (Tensor, Tensor)")
+    @_op("group_cov", "(Tensor x, int d) -> (Tensor, Tensor)")
     def group_cov_op(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
         return K.group_stats(x, d)
 
-    @triton_op("sdecor_triton::group_cov_backward", mutates_args=(),
-               schema="(Tensor x, Tensor mean, Tensor a, Tensor v) -> Tensor")
+    @_op("group_cov_backward", "(Tensor x, Tensor mean, Tensor a, Tensor v) -> Tensor")
     def group_cov_backward_op(x: Tensor, mean: Tensor, a: Tensor, v: Tensor) -> Tensor:
         """dx_j = A (x_j - mean) + v."""
         return K.bwd_dx(None, x, mean, a, None, v)
@@ -155,13 +165,11 @@ def _define_ops() -> None:
     group_cov_op.register_autograd(group_cov_backward, setup_context=group_cov_setup)
 
     # -- newton ------------------------------------------------------------------------------------
-    @triton_op("sdecor_triton::newton", mutates_args=(),
-               schema="(Tensor cov, float eps, int T) -> Tensor")
+    @_op("newton", "(Tensor cov, float eps, int T) -> Tensor")
     def newton_op(cov: Tensor, eps: float, T: int) -> Tensor:
         return K.newton(cov, eps, T)
 
-    @triton_op("sdecor_triton::newton_backward", mutates_args=(),
-               schema="(Tensor cov, Tensor grad_w, float eps, int T) -> Tensor")
+    @_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T) -> Tensor")
     def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int) -> Tensor:
         return K.newton_backward(cov, grad_w, eps, T)
 
@@ -177,21 +185,19 @@ def _define_ops() -> None:
     newton_op.register_autograd(newton_backward, setup_context=newton_setup)
 
     # -- passes of the whitening backward ----------------------------------------------------------
-    @triton_op("sdecor_triton::whiten_bwd_reduce", mutates_args=(),
-               schema="(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)")
+    @_op("whiten_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)")
     def bwd_reduce_op(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         """D = sum_j dy_j (x_j - mean)^T (G, d, d), s = sum_j dy_j (G, d)."""
         return K.bwd_reduce(dy, x, mean)
 
-    @triton_op("sdecor_triton::whiten_bwd_dx", mutates_args=(),
-               schema="(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v) -> Tensor")
+    @_op("whiten_bwd_dx", "(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v) -> Tensor")
     def bwd_dx_op(dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
         """dx_j = B dy_j + A (x_j - mean) + v."""
         return K.bwd_dx(dy, x, mean, a, b, v)
 
     # -- group whitening, training (batch statistics) ------------------------------------------------
-    @triton_op("sdecor_triton::whiten_train", mutates_args=(),
-               schema="(Tensor x, int d, str method, float eps, int T, Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+    @_op("whiten_train", "(Tensor x, int d, str method, float eps, int T, Tensor? weight, Tensor? bias)"
+                         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: Tensor | None,
                         bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(y, mean, W, cov, evals, evecs); evals/evecs (zca) are empty for newton."""
@@ -241,8 +247,7 @@ def _define_ops() -> None:
     whiten_train_op.register_autograd(whiten_train_backward, setup_context=whiten_train_setup)
 
     # -- group whitening with given statistics (eval) ---------------------------------------------
-    @triton_op("sdecor_triton::whiten_apply", mutates_args=(),
-               schema="(Tensor x, Tensor mean, Tensor wm, Tensor? weight, Tensor? bias) -> Tensor")
+    @_op("whiten_apply", "(Tensor x, Tensor mean, Tensor wm, Tensor? weight, Tensor? bias) -> Tensor")
     def whiten_apply_op(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None,
                         bias: Tensor | None) -> Tensor:
         return K.apply(x, mean, wm, weight, bias)
