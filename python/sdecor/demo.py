@@ -71,7 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a smoke run: one seed, 1-2 epochs, a smaller shapes set")
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test images per run for the saliency metrics (default 200; 64 with --quick)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
+    # One thread by default: these layers are too small for intra-op parallelism to pay much, and
+    # on a busy machine two threads made a digits run 5-10x slower (60 s instead of 6 s) while one
+    # thread ran the whole demo in 166 s next to other jobs.
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default %(default)s; more helps only on an idle machine)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
