@@ -72,7 +72,7 @@ def test_norm_auto_follows_decorrelation():
 
 def test_train_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    args = parse("--dataset", "digits", "--epochs", "2", "--eval-samples", "32", "--no-progress",
+    args = parse("--dataset", "digits", "--epochs", "2", "--eval-samples", "32", "--no-progress", "--threads", "1",
                  "--lambda-consistency", "1", "--out", str(out))
     assert train.run(args) == 0
     text = capsys.readouterr().out

@@ -146,7 +146,7 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
                                                     torch.Generator())))
                       for n, _, cfg in plan)
     print(f"sdecor demo: {len(datasets)} datasets x {len(CONFIGS)} configurations x {seeds} seed(s) = "
-          f"{len(plan)} training runs on {args.device} ({torch.get_num_threads()} threads)")
+          f"{len(plan)} training runs on {args.device} ({plural(torch.get_num_threads(), 'thread')})")
     for name, ds in datasets.items():
         print(f"  {name}: {ds.description}; train {len(ds.train.y)}, test {len(ds.test.y)}; "
               f"{SETTINGS[name][mode]['epochs']} epochs")
@@ -194,13 +194,17 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
     for line in ablation_lines(summary):
         print(line)
     print()
-    print(f"wall time {wall:.0f} s ({len(plan)} runs, {torch.get_num_threads()} threads)")
+    print(f"wall time {wall:.0f} s ({len(plan)} runs, {plural(torch.get_num_threads(), 'thread')})")
     print(f"wrote {out_dir}/: report.md, results.json" + "".join(f", {f}" for f in figures))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------
 # text
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def cell(stats: dict, fmt: str, spread: bool = True) -> str:
@@ -262,7 +266,7 @@ def ablation_lines(summary: dict) -> list:
 def format_report(meta: dict, datasets: dict, summary: dict, figures: list) -> str:
     out = ["# sdecor demo: SaliencyDecor on embedded data", ""]
     out.append(f"{meta['mode']} run: {len(CONFIGS)} configurations x {meta['seeds']} seed(s) per dataset, "
-               f"tiny CNN, {meta['threads']} CPU threads on {meta['device']} "
+               f"tiny CNN, {plural(meta['threads'], 'CPU thread')} on {meta['device']} "
                f"({meta['processor']}), torch {meta['torch']}; wall time {meta['wall_seconds']:.0f} s.")
     out.append("")
     out.append("Configurations: " + "; ".join(f"`{n}` {label} (lambda_consistency {lc}, lambda_decor {ld}, "
