@@ -10,7 +10,9 @@ import sys
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "info": ("sdecor.cli", "versions, available backends and the native extension's build"),
-    "demo": ("sdecor.demo", "the main job: a short end-to-end run on embedded data"),
+    "demo": ("sdecor.demo", "the main job: SaliencyDecor ablation on embedded data, metrics and figures"),
+    "train": ("sdecor.train", "train a small CNN with the SaliencyDecor objective and report saliency metrics"),
+    "bench": ("sdecor.bench", "microbenchmarks of every op against its baselines (--static: GPU compile report)"),
 }
 
 
