@@ -116,15 +116,16 @@ class Op:
         return Impl("reference", "baseline", lambda inp: Prepared(lambda: _tuple(fn(**inp)), self._leaves(inp)))
 
     def fast_paths(self, e: dict, device) -> list[Impl]:
-        out = []
         fn = self.public(e)
-        if fn is not None:
-            for b in _backend.BACKENDS:
-                run = _forced(fn, b)
-                out.append(Impl(f"sdecor[{b}]", "fast",
-                                (lambda r: lambda inp: Prepared(lambda: _tuple(r(**inp)), self._leaves(inp)))(run),
-                                backend=b))
+        out = [] if fn is None else [self._public_impl(fn, b) for b in _backend.BACKENDS]
         return out + self.extra_fast(e, device)
+
+    def _public_impl(self, fn, backend: str) -> Impl:
+        run = _forced(fn, backend)
+
+        def build(inp):
+            return Prepared(lambda: _tuple(run(**inp)), self._leaves(inp))
+        return Impl(f"sdecor[{backend}]", "fast", build, backend=backend)
 
     def baselines(self, e: dict) -> list[Impl]:
         out = [self.reference_impl(e)]
