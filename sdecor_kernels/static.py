@@ -45,7 +45,7 @@ import sys
 import tempfile
 from typing import Iterable
 
-__all__ = ["compile_report", "compile_spec", "kernel_modules", "specs_of"]
+__all__ = ["compile_report", "compile_spec", "kernel_modules", "report_all", "specs_of"]
 
 ARCHS = (80, 90)
 
@@ -182,6 +182,24 @@ def _subprocess_report(modules: Iterable[str], archs: Iterable[int], ds: Iterabl
     return json.loads(out.stdout)
 
 
+def report_all(modules: Iterable[str] | None = None, archs: Iterable[int] = ARCHS,
+               ds: Iterable[int] = (16, 32, 64)) -> list[dict]:
+    """compile_report rows (plus "module") for every module x arch x d, in one subprocess when the
+    interpreter is on. ``modules`` defaults to every sdecor_kernels module defining STATIC_SPECS."""
+    modules = list(modules) if modules is not None else [m for m in kernel_modules() if specs_of(m)]
+    archs, ds = list(archs), list(ds)
+    if not modules:
+        return []
+    if _interpreter_on():
+        return _subprocess_report(modules, archs, ds)
+    rows = []
+    for mod in modules:
+        for arch in archs:
+            for d in ds:
+                rows.extend(dict(module=mod, **row) for row in compile_report(mod, arch, d))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdecor_kernels.static",
                                      description="Compile sdecor's Triton kernels for a GPU target "
@@ -193,16 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--d", nargs="*", type=int, default=[16, 32, 64])
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     args = parser.parse_args(argv)
-    modules = args.module or [m for m in kernel_modules() if specs_of(m)]
-    if _interpreter_on():
-        rows = _subprocess_report(modules, args.arch, args.d)
-    else:
-        rows = []
-        for mod in modules:
-            for arch in args.arch:
-                for d in args.d:
-                    for row in compile_report(mod, arch, d):
-                        rows.append(dict(module=mod, **row))
+    rows = report_all(args.module or None, args.arch, args.d)
     if args.json:
         print(json.dumps(rows))
     else:

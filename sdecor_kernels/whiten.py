@@ -109,10 +109,10 @@ def _tiled_mm(a_ptr, b_ptr, c_ptr, alpha, beta_eye, TA: tl.constexpr, TB: tl.con
     op(X) = X^T when the flag is set. Ends with a barrier so that C is visible to the whole program.
     """
     r = tl.arange(0, BT)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             acc = tl.zeros((BT, BT), dtype=tl.float32)
-            for k in tl.static_range(BD // BT):
+            for k in range(BD // BT):
                 if TA:
                     a = tl.load(a_ptr + (k * BT + r)[None, :] * BD + (i * BT + r)[:, None])
                 else:
@@ -133,8 +133,8 @@ def _tiled_mm(a_ptr, b_ptr, c_ptr, alpha, beta_eye, TA: tl.constexpr, TB: tl.con
 def _tiled_axpy(x_ptr, y_ptr, out_ptr, a, b, BD: tl.constexpr, BT: tl.constexpr):
     """out = a * X + b * Y elementwise on BD x BD scratch (then a barrier)."""
     r = tl.arange(0, BT)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             off = (i * BT + r)[:, None] * BD + (jb * BT + r)[None, :]
             tl.store(out_ptr + off, a * tl.load(x_ptr + off) + b * tl.load(y_ptr + off))
     tl.debug_barrier()
@@ -145,8 +145,8 @@ def _tiled_dotsum(x_ptr, y_ptr, BD: tl.constexpr, BT: tl.constexpr):
     """sum(X * Y) over BD x BD scratch."""
     r = tl.arange(0, BT)
     total = 0.0
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             off = (i * BT + r)[:, None] * BD + (jb * BT + r)[None, :]
             total += tl.sum(tl.sum(tl.load(x_ptr + off) * tl.load(y_ptr + off), axis=1), axis=0)
     return total
@@ -246,12 +246,12 @@ def _load_se_tiled(cov_ptr, Yp, Zp, d, eps, BD: tl.constexpr, BT: tl.constexpr):
     """Y = Se / tr(Se), Z = I into scratch (zero padded); returns tr(Se)."""
     r = tl.arange(0, BT)
     tr = 0.0
-    for i in tl.static_range(BD // BT):
+    for i in range(BD // BT):
         ri = i * BT + r
         diag = tl.load(cov_ptr + ri * d + ri, mask=ri < d, other=0.0) + eps
         tr += tl.sum(tl.where(ri < d, diag, 0.0), axis=0)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
             m2 = (ri < d)[:, None] & (rj < d)[None, :]
@@ -268,8 +268,8 @@ def _load_se_tiled(cov_ptr, Yp, Zp, d, eps, BD: tl.constexpr, BT: tl.constexpr):
 def _store_tiled(src, dst, scale, d, BD: tl.constexpr, BT: tl.constexpr):
     """dst (d x d, row-major) = scale * src (BD x BD scratch)."""
     r = tl.arange(0, BT)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
             m2 = (ri < d)[:, None] & (rj < d)[None, :]
@@ -376,8 +376,8 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, 
 def _load_padded_tiled(src, dst, d, BD: tl.constexpr, BT: tl.constexpr):
     """dst (BD x BD scratch) = src (d x d) zero padded (then a barrier)."""
     r = tl.arange(0, BT)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
             m2 = (ri < d)[:, None] & (rj < d)[None, :]
@@ -390,8 +390,8 @@ def _load_padded_tiled(src, dst, d, BD: tl.constexpr, BT: tl.constexpr):
 def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constexpr):
     """dst (d x d) = scale * src + diag * I."""
     r = tl.arange(0, BT)
-    for i in tl.static_range(BD // BT):
-        for jb in tl.static_range(BD // BT):
+    for i in range(BD // BT):
+        for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
             m2 = (ri < d)[:, None] & (rj < d)[None, :]
@@ -527,9 +527,10 @@ def config(d: int, on_gpu: bool) -> dict:
         BM, warps = max(16, min(128, 4096 // (BD * BD))), 4
     elif BD <= 16:
         BM, warps = 64, 8
-    elif BD <= 64:
+    elif BD <= 32:
         BM, warps = 32, 8
     else:
+        # at BD = 64, BM = 32 spills in the dx kernel on sm_80 (255 registers)
         BM, warps = 16, 8
     # fp32 products: FMA ("ieee") keeps up with memory below d = 64 (2d flops per 4-byte element);
     # above it, three tf32 tensor-core products give ~fp32 accuracy. The interpreter's dot is
@@ -537,8 +538,20 @@ def config(d: int, on_gpu: bool) -> dict:
     prec = "tf32x3" if (on_gpu and BD >= 64) else "ieee"
     # d x d products of the one-program-per-group kernels: FMA, whose operands take half the
     # registers of tf32x3's (the flops are negligible next to the passes over x)
+    # Newton kernels (one program per group): launch options per BD, spill-free on sm_80 and sm_90
+    # in the static compile sweep (registers for BD <= 32, TILE-sized tiles of scratch above)
+    if BD <= 32:
+        nfwd = dict(BT=TILE, num_warps=4 if BD <= 16 else 8, num_stages=1)
+        nbwd = dict(BT=TILE, num_warps=8, num_stages=2 if BD <= 16 else 1)
+    elif BD <= 64:
+        nfwd = dict(BT=32, num_warps=4, num_stages=3)
+        nbwd = dict(BT=32, num_warps=4, num_stages=3)
+    else:
+        nfwd = dict(BT=32, num_warps=4, num_stages=1)
+        nbwd = dict(BT=16, num_warps=2, num_stages=3)
     return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, SMALL_PREC="ieee", MAT_IN_LOOP=BD > 64,
-                num_warps=warps, SMALL_WARPS=4 if BD <= 16 else 8, num_stages=1)
+                num_warps=warps, SMALL_WARPS=4 if BD <= 16 else 8, num_stages=1,
+                NEWTON_FWD=nfwd, NEWTON_BWD=nbwd)
 
 
 def _splits(n_blocks: int, G: int, device: torch.device) -> tuple[int, int]:
@@ -643,8 +656,8 @@ def newton(cov: torch.Tensor, eps: float, T: int) -> torch.Tensor:
     BD = cfg["BD"]
     w = _f32(G, d, d, device=dev)
     scratch = _f32(G, 4, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
-    _launch(newton_fwd_kernel, (G,), cov, w, scratch, d, float(eps), int(T), BD=BD, BT=TILE,
-            USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], num_warps=cfg["SMALL_WARPS"], num_stages=cfg["num_stages"])
+    _launch(newton_fwd_kernel, (G,), cov, w, scratch, d, float(eps), int(T), BD=BD,
+            USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], **cfg["NEWTON_FWD"])
     return w
 
 
@@ -660,7 +673,7 @@ def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int)
     hist = _f32(G, int(T), 2, BD, BD, device=dev)
     work = _f32(G, 7, BD, BD, device=dev) if BD > REG_BD else _f32(1, device=dev)
     _launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, d, float(eps), int(T), BD=BD,
-            BT=TILE, USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], num_warps=cfg["SMALL_WARPS"], num_stages=cfg["num_stages"])
+            USE_DOT=cfg["USE_DOT"], PREC=cfg["SMALL_PREC"], **cfg["NEWTON_BWD"])
     return gcov
 
 
@@ -749,8 +762,10 @@ def _gpu_cfg(kernel, **fixed):
         if "T" in kernel.arg_names:                      # the d x d kernels
             full["PREC"] = full["SMALL_PREC"]
             full["num_warps"] = full["SMALL_WARPS"]
-        if "BT" in kernel.arg_names:
-            full["BT"] = TILE
+        if kernel is newton_fwd_kernel:
+            full.update(full["NEWTON_FWD"])
+        if kernel is newton_bwd_kernel:
+            full.update(full["NEWTON_BWD"])
         keep = set(kernel.arg_names) | {"num_warps", "num_stages"}
         return {k: v for k, v in full.items() if k in keep}
     return cfg

@@ -1,0 +1,80 @@
+"""Every Triton kernel of sdecor_kernels compiles for sm_80 and sm_90 without a GPU, without spills.
+
+The interpreter checks no shape, layout or resource limit, so this is the guard of GPU validity on a
+machine without a GPU. Kernel modules list what to compile in STATIC_SPECS (see
+sdecor_kernels.static). Spill-free at d = 16, 32, 64; compiling at all for the other sizes of
+d in [2, 128] each module declares (non powers of two included).
+"""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from sdecor_kernels import static  # noqa: E402
+
+# shared memory per block on the targets (opt-in maximum): sm_80 163 KiB, sm_90 227 KiB
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SPILL_FREE_DS = (16, 32, 64)
+OTHER_DS = (2, 3, 48, 128)
+
+MODULES = [m for m in static.kernel_modules() if static.specs_of(m)]
+
+
+def _label(row):
+    return f"{row['module']}:{row['name']} sm_{row['arch']} d={row['d']}"
+
+
+@pytest.fixture(scope="module")
+def spill_free_rows():
+    return static.report_all(MODULES, static.ARCHS, SPILL_FREE_DS)
+
+
+def test_modules_with_specs_exist():
+    assert "sdecor_kernels.whiten" in MODULES
+
+
+def test_every_spec_compiled(spill_free_rows):
+    for mod in MODULES:
+        for spec in static.specs_of(mod):
+            name = spec.get("name", getattr(spec["kernel"], "__name__", "?"))
+            for arch in static.ARCHS:
+                for d in SPILL_FREE_DS:
+                    if d not in spec.get("ds", (d,)):
+                        continue
+                    assert any(r["module"] == mod and r["name"] == name and r["arch"] == arch and r["d"] == d
+                               for r in spill_free_rows), f"{mod}:{name} sm_{arch} d={d} not compiled"
+
+
+def test_no_register_spills(spill_free_rows):
+    spilled = [f"{_label(r)}: {r['n_spills']} bytes spilled ({r['n_regs']} registers)"
+               for r in spill_free_rows if r["n_spills"] > 0]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
+def test_resources_within_limits(spill_free_rows):
+    for r in spill_free_rows:
+        assert 0 < r["n_regs"] <= 255, _label(r)
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{_label(r)}: {r['shared']} bytes of shared memory"
+
+
+def test_whiten_uses_tensor_cores_at_d64(spill_free_rows):
+    """The passes over x use tl.dot on tensor cores (tf32x3) from d = 64 up."""
+    rows = [r for r in spill_free_rows if r["module"] == "sdecor_kernels.whiten" and r["d"] == 64
+            and r["name"].startswith(("group_stats_partial", "whiten_apply", "whiten_bwd"))]
+    assert rows and all(r["tensor_cores"] for r in rows), [_label(r) for r in rows if not r["tensor_cores"]]
+
+
+def test_other_sizes_compile():
+    """d not a power of two and d up to 128 compile on sm_90 (masking; tiled d x d kernels)."""
+    rows = static.report_all(["sdecor_kernels.whiten"], [90], OTHER_DS)
+    for d in OTHER_DS:
+        assert any(r["d"] == d for r in rows), f"no kernel compiled at d={d}"
+    for r in rows:
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{_label(r)}: {r['shared']} bytes of shared memory"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="arch"):
+        static.compile_report("sdecor_kernels.whiten", 75, 16)
+    with pytest.raises(ValueError, match="d must be"):
+        static.compile_report("sdecor_kernels.whiten", 80, 0)
