@@ -11,11 +11,6 @@ Two parts:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
 
 from .ops import OP_SPECS
@@ -40,32 +35,22 @@ def bandwidth_rows(entries, dtypes, modes) -> list[dict]:
 
 
 def kernel_rows(archs=(80, 90), ds=(16, 64), modules=None) -> list[dict]:
-    """Compile every STATIC_SPECS kernel; one row per (module, kernel, arch, d), or an error row.
+    """Compile every STATIC_SPECS kernel; one row per (module, kernel, arch, d), or an error row
+    for a module that fails (the other modules are still compiled).
 
     Raises ImportError when sdecor_kernels.static is missing.
     """
     from sdecor_kernels import static
 
     modules = modules or [m for m in static.kernel_modules() if _has_specs(static, m)]
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # the interpreter replaces triton.jit: compile in a process without it (one for all modules)
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "sdecor_kernels.static", "--json", "--module", *modules,
-               "--arch", *map(str, archs), "--d", *map(str, ds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-            return [dict(module=",".join(modules), name="*", arch=a, d=None, error=tail) for a in archs]
-        return json.loads(out.stdout)
     rows = []
     for mod in modules:
-        for arch in archs:
-            for d in ds:
-                try:
-                    rows += [dict(module=mod, **r) for r in static.compile_report(mod, arch, d)]
-                except Exception as exc:  # one module failing does not hide the others
-                    rows.append(dict(module=mod, name="*", arch=arch, d=d,
-                                     error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]))
+        try:
+            rows += static.report_all([mod], archs, ds)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            rows.append(dict(module=mod, name="*", arch=",".join(map(str, archs)), d=None,
+                             error=f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]))
     return rows
 
 
