@@ -1,24 +1,39 @@
 """sdecor: fused kernels for group-wise ZCA whitening, decorrelation and saliency-guided training.
 
-Public API (see README.md): group_cov, whitening_matrix, group_whiten, topk_mask,
-decorrelation_loss, use_backend, info; pure-PyTorch references in :mod:`sdecor.reference`.
+Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
+progressive_masks, convert_whitening. Modules (also in :mod:`sdecor.nn`): GroupWhitening,
+SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the
+functions live in :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
 
+from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
-from . import reference
-from .masking import topk_mask
-from .objective import decorrelation_loss
+from .convert import ConversionReport, convert_whitening
+from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency, topk_mask
+from .nn import GroupWhitening
+from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
 from .whitening import group_cov, group_whiten, whitening_matrix
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ConversionReport",
+    "GroupWhitening",
+    "ProgressiveMasks",
+    "SaliencyDecor",
+    "SaliencyDecorTerms",
+    "SaliencyMasker",
+    "convert_whitening",
     "decorrelation_loss",
     "group_cov",
     "group_whiten",
     "info",
+    "nn",
+    "progressive_masks",
+    "reference",
+    "saliency",
     "topk_mask",
     "use_backend",
     "whitening_matrix",

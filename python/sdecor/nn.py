@@ -1,4 +1,5 @@
-"""Modules: :class:`GroupWhitening`, a drop-in replacement for BatchNorm that whitens groups of channels."""
+"""Modules: :class:`GroupWhitening`, a drop-in replacement for BatchNorm that whitens groups of channels,
+:class:`SaliencyMasker` (top-k saliency masking) and :class:`SaliencyDecor` (the training objective)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from torch import nn
 
 from . import reference as ref
 from . import whitening
+from .masking import SaliencyMasker
+from .objective import SaliencyDecor
 
-__all__ = ["GroupWhitening"]
+__all__ = ["GroupWhitening", "SaliencyMasker", "SaliencyDecor"]
 
 
 def _group_whiten_train(x, num_channels, method, eps, T, weight, bias):

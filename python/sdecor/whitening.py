@@ -2,9 +2,11 @@
 
 Layers: public function (argument checks, backend choice) -> for ``triton``, a torch.library custom op
 (``torch.ops.sdecor_triton.*``, built with ``triton_op`` + ``wrap_triton``, gradients through
-``register_autograd``; opaque ``custom_op`` under the Triton interpreter) -> launcher in :mod:`sdecor_kernels.whiten` -> kernel. The ``torch`` backend is
-the composition of the reference functions; ``native`` (whitening_matrix, zca) uses the batched Jacobi
-eigensolver ``sdecor._native.eigh_small``.
+``register_autograd``; opaque ``custom_op`` under the Triton interpreter) -> launcher in
+:mod:`sdecor_kernels.whiten` -> kernel. The ``torch`` backend runs the reference functions for
+group_cov and whitening_matrix, and for group_whiten / group_whiten_train the same math in torch ops
+with a hand-written backward (:mod:`sdecor._torch_fused`); ``native`` (whitening_matrix, zca) uses
+the batched Jacobi eigensolver ``sdecor._native.eigh_small``.
 
 Forward of group_whiten_train on ``triton``: stats kernel (one read of x) -> finalize (+ Newton-Schulz,
 one program per group) -> apply kernel (one read of x, one write of y). Backward: one pass over
@@ -23,6 +25,7 @@ import torch
 
 from . import _backend
 from . import reference as ref
+from ._torch_fused import group_whiten_train_torch
 
 __all__ = [
     "SUPPORTS",
@@ -57,7 +60,8 @@ SUPPORTS = {
     "group_whiten_train": _TRITON,
     "group_whiten_eval": _TRITON,
     "whitening_matrix": _TRITON,                                      # method="newton"
-    "whitening_matrix[zca]": {"cuda": _NATIVE + ("triton", "torch"), "cpu": _NATIVE + ("torch",),
+    # On CPU, LAPACK's eigh beats the Jacobi solver at these sizes: native only when forced.
+    "whitening_matrix[zca]": {"cuda": _NATIVE + ("triton", "torch"), "cpu": ("torch",) + _NATIVE,
                               "interpret": ("triton",)},
 }
 
@@ -369,7 +373,7 @@ def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps
     ref.check_training_samples(x)
     if _select("group_whiten", "group_whiten", x) == "triton":
         return _triton_ops().whiten_train(x, num_channels, method, float(eps), T, None, None)[0]
-    return ref.group_whiten(x, num_channels, method, eps, T)
+    return group_whiten_train_torch(x, num_channels, method, eps, T)[0]
 
 
 def group_whiten_train(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
@@ -389,10 +393,7 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str = "newton
     if _select("group_whiten_train", "group_whiten_train", x) == "triton":
         y, mean, wm = _triton_ops().whiten_train(x, num_channels, method, float(eps), T, weight, bias)[:3]
         return y, mean, wm
-    mean, cov = ref.group_cov(x, num_channels)
-    wm = ref.whitening_matrix(cov, method, eps, T)
-    y = _affine(ref.apply_whitening(x, mean, wm), weight, bias)
-    return ref.like_format(y, x), mean.detach(), wm.detach()
+    return group_whiten_train_torch(x, num_channels, method, eps, T, weight, bias)
 
 
 def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor,
