@@ -52,25 +52,38 @@ def _run_train(backend, x, d, method, T, weight, bias):
     xx = x.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_() if weight is not None else None
     b = bias.detach().clone().requires_grad_() if bias is not None else None
-    with sdecor.use_backend(backend):
-        y, mean, wm = wh.group_whiten_train(xx, d, method, 1e-5, T, w, b)
+    if backend == "reference":
+        mean, cov = ref.group_cov(xx, d)
+        wm = ref.whitening_matrix(cov, method, 1e-5, T)
+        y = ref.apply_whitening(xx, mean, wm)
+        shape = (1, -1) + (1,) * (xx.dim() - 2)
+        y = y * (w.view(shape) if w is not None else 1) + (b.view(shape) if b is not None else 0)
+        mean, wm = mean.detach(), wm.detach()
+    else:
+        with sdecor.use_backend(backend):
+            y, mean, wm = wh.group_whiten_train(xx, d, method, 1e-5, T, w, b)
     (y * _grad_out(y)).sum().backward()
     return y, mean, wm, xx.grad, (w.grad if w is not None else None), (b.grad if b is not None else None)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+LAYOUT_CASES = [(case, False) for case in SHAPES] + [(case, True) for case in SHAPES if len(case[0]) >= 4]
+
+
+def _layout_id(item):
+    case, channels_last = item
+    return _id(case) + ("-channels_last" if channels_last else "-nchw")
+
+
 @pytest.mark.parametrize("method", ["newton", "zca"])
-@pytest.mark.parametrize("case", SHAPES, ids=_id)
-def test_train_matches_reference(case, method, channels_last, device, poison):
-    shape, d = case
-    if channels_last and len(shape) < 4:
-        pytest.skip("channels_last needs a 4-D or 5-D input")
+@pytest.mark.parametrize("layout_case", LAYOUT_CASES, ids=_layout_id)
+def test_train_matches_reference(layout_case, method, device, poison):
+    (shape, d), channels_last = layout_case
     C = shape[1]
     x = _input(shape, device, channels_last)
     weight = torch.randn(C, device=device)
     bias = torch.randn(C, device=device)
     got = _run_train("triton", x, d, method, 5, weight, bias)
-    want = _run_train("torch", x, d, method, 5, weight, bias)
+    want = _run_train("reference", x, d, method, 5, weight, bias)
     for name, a, b in zip(["y", "mean", "wm", "grad x", "grad weight", "grad bias"], got, want):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, msg=f"{name} differs from the reference")
@@ -86,22 +99,24 @@ def test_group_whiten_matches_reference(case, method, device, poison):
     shape, d = case
     x = _input(shape, device)
     out = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "reference"):
         xx = x.clone().requires_grad_()
-        with sdecor.use_backend(backend):
-            y = sdecor.group_whiten(xx, d, method=method, T=4)
+        if backend == "reference":
+            y = ref.group_whiten(xx, d, method=method, T=4)
+        else:
+            with sdecor.use_backend(backend):
+                y = sdecor.group_whiten(xx, d, method=method, T=4)
         (y * _grad_out(y)).sum().backward()
         out[backend] = (y, xx.grad)
-    assert_close(out["triton"][0], out["torch"][0])
-    assert_close(out["triton"][1], out["torch"][1])
+    for backend in ("triton", "torch"):
+        assert_close(out[backend][0], out["reference"][0], msg=f"{backend}: y")
+        assert_close(out[backend][1], out["reference"][1], msg=f"{backend}: grad x")
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[2], SHAPES[4]], ids=_id)
-def test_group_cov_and_grad(case, channels_last, device, poison):
-    shape, d = case
-    if channels_last and len(shape) < 4:
-        pytest.skip("channels_last needs a 4-D or 5-D input")
+@pytest.mark.parametrize("layout_case", [item for item in LAYOUT_CASES if item[0] in (SHAPES[0], SHAPES[2], SHAPES[4])],
+                         ids=_layout_id)
+def test_group_cov_and_grad(layout_case, device, poison):
+    (shape, d), channels_last = layout_case
     x = _input(shape, device, channels_last)
     res = {}
     for backend in ("triton", "torch"):
