@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdecor import cli, data, train
+from sdecor import SaliencyDecor, cli, data, train
 from sdecor.models import MODELS, build_model
 
 
@@ -105,17 +105,17 @@ def test_training_runs_the_saliencydecor_objective():
     assert h["consistency"] > 0 and math.isclose(h["total"], h["ce"] + h["consistency"], rel_tol=1e-4)
 
 
-def test_cross_entropy_decor_terms():
+def test_objective_without_consistency_is_ce_plus_decorrelation():
     torch.manual_seed(0)
     model = build_model("tiny", 1, 10, width=16)
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    plain = train.CrossEntropyDecor(model, 0.0).loss(x, y)
+    plain = SaliencyDecor(model, lambda_consistency=0.0, lambda_decor=0.0).loss(x, y)
     torch.testing.assert_close(plain.total, F.cross_entropy(model(x), y))
-    assert plain.consistency == 0 and plain.decorrelation == 0
+    assert plain.consistency == 0 and plain.saliency is None and plain.logits_masked is None
     from sdecor import decorrelation_loss
 
     feats = model.features(x)
-    withd = train.CrossEntropyDecor(model, 0.5, num_channels=16).loss(x, y)
+    withd = SaliencyDecor(model, lambda_consistency=0.0, lambda_decor=0.5, num_channels=16).loss(x, y)
     torch.testing.assert_close(withd.decorrelation, decorrelation_loss(feats, 16))
     torch.testing.assert_close(withd.total, withd.ce + 0.5 * withd.decorrelation)
 

@@ -166,27 +166,39 @@ class SaliencyDecor(nn.Module):
         return total
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> SaliencyDecorTerms:
-        """Total loss and every term for the batch (x, y); see the class docstring."""
-        sal = input_saliency(self.model, x, y)
-        x_masked, mask = topk_mask(x.detach(), sal, ratio=self.mask_ratio, fill=self.fill,
-                                   generator=self.generator)
-        x_masked = x_masked.detach()
+        """Total loss and every term for the batch (x, y); see the class docstring.
+
+        A term whose weight is 0 is not computed and reported as 0: with lambda_consistency = 0 the
+        saliency pass and the masked forward are skipped (they would only cost time and feed masked
+        batches into the norm layers' running statistics; ``saliency``, ``x_masked``, ``mask`` and
+        ``logits_masked`` are then None), with lambda_decor = 0 the decorrelation loss.
+        """
+        masking = self.lambda_consistency > 0
+        if masking:
+            sal = input_saliency(self.model, x, y)
+            x_masked, mask = topk_mask(x.detach(), sal, ratio=self.mask_ratio, fill=self.fill,
+                                       generator=self.generator)
+            x_masked = x_masked.detach()
+        else:
+            sal = x_masked = mask = None
 
         feats: list[tuple[str, torch.Tensor]] = []
         handles = [module.register_forward_pre_hook(
             lambda mod, args, name=name: feats.append((name, args[0])))
-            for name, module in self.decor_layers]
+            for name, module in (self.decor_layers if self.lambda_decor > 0 else ())]
         try:
             logits = self.model(x)
         finally:
             for h in handles:
                 h.remove()
-        logits_masked = self.model(x_masked)
-
         ce = F.cross_entropy(logits, y)
-        # KL(softmax f(x) || softmax f(x~)), batchmean
-        consistency = F.kl_div(F.log_softmax(logits_masked, dim=1), F.log_softmax(logits, dim=1),
-                               reduction="batchmean", log_target=True)
+        if masking:
+            logits_masked = self.model(x_masked)
+            # KL(softmax f(x) || softmax f(x~)), batchmean
+            consistency = F.kl_div(F.log_softmax(logits_masked, dim=1), F.log_softmax(logits, dim=1),
+                                   reduction="batchmean", log_target=True)
+        else:
+            logits_masked, consistency = None, ce.new_zeros(())
         decor = self._decorrelation(feats, ce)
         total = ce + self.lambda_consistency * consistency + self.lambda_decor * decor
         return SaliencyDecorTerms(total, ce, consistency, decor, saliency=sal, x_masked=x_masked,

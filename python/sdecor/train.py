@@ -90,42 +90,8 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class CrossEntropyDecor(torch.nn.Module):
-    """CE + lambda_decor * decorrelation of the input of the model's last nn.Linear, no masking.
-
-    The objective of the configurations with lambda_consistency = 0: :class:`sdecor.SaliencyDecor`
-    would still compute the saliency and run the masked forward in training mode, which costs two
-    extra passes and feeds the masked batch into the norm layers' running statistics. Returns the
-    same :class:`sdecor.objective.SaliencyDecorTerms` (consistency 0).
-    """
-
-    def __init__(self, model: torch.nn.Module, lambda_decor: float = 0.0, num_channels: int = 16):
-        super().__init__()
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise ValueError("model has no nn.Linear whose input could be decorrelated")
-        self.model, self.last_linear = model, linears[-1]
-        self.lambda_decor, self.num_channels = float(lambda_decor), num_channels
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor):
-        from .objective import SaliencyDecorTerms, decorrelation_loss
-
-        feats = []
-        handle = self.last_linear.register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
-        try:
-            logits = self.model(x)
-        finally:
-            handle.remove()
-        ce = F.cross_entropy(logits, y)
-        zero = ce.new_zeros(())
-        decor = decorrelation_loss(feats[0], self.num_channels) if self.lambda_decor > 0 else zero
-        return SaliencyDecorTerms(ce + self.lambda_decor * decor, ce, zero, decor, logits=logits)
-
-
 def make_objective(model: torch.nn.Module, cfg: TrainConfig):
-    """SaliencyDecor when the consistency term is on, else :class:`CrossEntropyDecor`."""
-    if cfg.lambda_consistency == 0:
-        return CrossEntropyDecor(model, cfg.lambda_decor, cfg.num_channels)
+    """The SaliencyDecor objective of the configuration (no masking pass when lambda_consistency = 0)."""
     from .objective import SaliencyDecor
 
     return SaliencyDecor(model, mask_ratio=cfg.mask_ratio, fill=cfg.fill,
