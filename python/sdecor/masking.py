@@ -109,9 +109,12 @@ def _get_triton_op():
                                         wrap=(lambda kernel: kernel) if interpret else wrap_triton)
 
     if not interpret:
-        _triton_op = triton_op("sdecor::topk_mask", topk_mask_op, mutates_args=())
+        op = triton_op("sdecor::topk_mask", topk_mask_op, mutates_args=())
+        op.register_autograd(_topk_mask_backward, setup_context=_topk_mask_setup)
+        _triton_op = op
         return _triton_op
     op = custom_op("sdecor::topk_mask", topk_mask_op, mutates_args=())
+    op.register_autograd(_topk_mask_backward, setup_context=_topk_mask_setup)
 
     @op.register_fake
     def _(x, saliency, k, largest, shared, abs, fill, value, baseline, seed, call):
@@ -121,6 +124,52 @@ def _get_triton_op():
 
     _triton_op = op
     return _triton_op
+
+
+def _topk_mask_setup(ctx, inputs, output):
+    x, _, _, _, shared, _, fill, _, baseline, _, _ = inputs
+    x_masked, mask = output
+    ctx.fill, ctx.shared, ctx.has_baseline = fill, shared, baseline is not None
+    ctx.baseline_dtype = baseline.dtype if baseline is not None else None
+    ctx.save_for_backward(x if fill in ("mean", "uniform") else None,
+                          x_masked if fill == "uniform" else None, mask)
+
+
+def _topk_mask_backward(ctx, grad_out, _grad_mask):
+    """Gradients of x_masked = where(mask, fill, x), the fill differentiated like the reference's.
+
+    x gets grad where it is kept; "mean" adds the per-channel mean of the masked grad; "uniform"
+    (lo + (hi - lo) u, u recovered from the output) sends sum(grad (1 - u)) to the channel's minima
+    and sum(grad u) to its maxima, split evenly among ties as amin / amax do; "baseline" gets grad
+    where it replaced x.
+    """
+    x, x_masked, mask = ctx.saved_tensors
+    where = mask.unsqueeze(1) if ctx.shared else mask
+    grad_x = grad_out.masked_fill(where, 0)
+    grad_masked = grad_out.masked_fill(~where, 0)
+    spatial = tuple(range(2, grad_out.dim()))
+    if ctx.fill == "mean":
+        if spatial:
+            grad_x = grad_x + grad_masked.sum(spatial, keepdim=True) / math.prod(grad_out.shape[2:])
+        else:
+            grad_x = grad_x + grad_masked
+    elif ctx.fill == "uniform":
+        xs = x.to(torch.float32)
+        lo = xs.amin(dim=spatial, keepdim=True) if spatial else xs
+        hi = xs.amax(dim=spatial, keepdim=True) if spatial else xs
+        span = hi - lo
+        u = torch.where(span > 0, (x_masked.to(torch.float32) - lo) / span.clamp_min(1e-30),
+                        torch.zeros_like(span))
+        gm = grad_masked.to(torch.float32)
+        g_lo = (gm * (1 - u)).sum(spatial, keepdim=True) if spatial else gm * (1 - u)
+        g_hi = (gm * u).sum(spatial, keepdim=True) if spatial else gm * u
+        at_lo, at_hi = (xs == lo).to(torch.float32), (xs == hi).to(torch.float32)
+        if spatial:
+            at_lo = at_lo / at_lo.sum(spatial, keepdim=True)
+            at_hi = at_hi / at_hi.sum(spatial, keepdim=True)
+        grad_x = grad_x + (g_lo * at_lo + g_hi * at_hi).to(grad_x.dtype)
+    grad_baseline = grad_masked.to(ctx.baseline_dtype) if ctx.has_baseline else None
+    return grad_x, None, None, None, None, None, None, None, grad_baseline, None, None
 
 
 def philox_seed(generator, device: torch.device) -> tuple[int, int]:
