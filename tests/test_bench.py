@@ -201,7 +201,7 @@ def test_command_line(tmp_path, capsys):
     assert len(list(tmp_path.glob("latest-*.json"))) == 1 and len(list(tmp_path.glob("*.csv"))) == 2
     assert bench.main(["--show", str(next(tmp_path.glob("latest-*.json"))), "--markdown"]) == 0
     shown = capsys.readouterr().out
-    assert "## eigh_small" in shown and "| shape | dtype | mode | path | time |" in shown
+    assert "### eigh_small" in shown and "| shape | dtype | mode | path | time |" in shown
 
 
 def test_python_m_benchmarks_is_the_same_entry():

@@ -124,7 +124,7 @@ def _baselines_of(rs) -> list[str]:
 def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
     """Per op: time, GB/s against the bytes floor, peak memory (GPU) and speed-up over each baseline."""
     lines = [f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, "
-             f"{env['torch_threads']} threads, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
+             f"{env['torch_threads']} thread{'' if env['torch_threads'] == 1 else 's'}, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
              f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
              f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
              f"Speed-up = baseline time / path time, same inputs and run."]
@@ -149,7 +149,7 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
             sp = [_fmt_x(r.get("speedup", {}).get(b)) for b in bases]
             rows.append([r["shape_desc"], _SHORT.get(r["dtype"], r["dtype"]), r["mode"], r["impl"]] + cells + mem + sp + [note])
         lines.append("")
-        lines.append(f"## {op}" if markdown else f"== {op} ==")
+        lines.append(f"### {op}" if markdown else f"== {op} ==")
         if markdown:
             lines.append("")
         lines += _render(head, rows, markdown)
