@@ -128,6 +128,8 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
              f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
              f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
              f"Speed-up = baseline time / path time, same inputs and run."]
+    if markdown:
+        lines.insert(1, "")
     ops = list(dict.fromkeys(r["op"] for r in records))
     show_mem = any(r.get("peak_mem_bytes") is not None for r in records)
     for op in ops:
