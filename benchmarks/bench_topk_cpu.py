@@ -22,24 +22,8 @@ import torch
 
 import sdecor
 from sdecor import reference as ref
+from sdecor.bench.baselines import sgt_mask
 from sdecor.masking import topk_mask
-
-
-def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty_like(x)
-    masks = torch.empty(x.shape, dtype=torch.bool)
-    for i in range(x.shape[0]):
-        sal = saliency[i].abs().flatten()
-        k = int(ratio * sal.numel())
-        idx = torch.topk(sal, k, largest=False).indices
-        mask = torch.zeros_like(sal, dtype=torch.bool)
-        mask[idx] = True
-        xi = x[i]
-        lo, hi = xi.min(), xi.max()
-        noise = torch.rand(xi.shape) * (hi - lo) + lo
-        masks[i] = mask.view(xi.shape)
-        out[i] = torch.where(masks[i], noise, xi)
-    return out, masks
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> dict:
@@ -73,9 +57,11 @@ def main(argv=None) -> int:
                           generator=torch.Generator().manual_seed(0))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "default backend != reference"
 
+    k_all = int(args.ratio * x[0].numel())                           # SGT selects over C*H*W
     g = torch.Generator().manual_seed(0)
     rows = {
-        "sgt_topk_scatter_where": timed(lambda: sgt_mask(x, s, args.ratio), args.repeats),
+        "sgt_topk_scatter_where": timed(lambda: sgt_mask(x, s, k_all, reduce=None, fill="uniform"),
+                                        args.repeats),
         "sdecor_topk_mask_reduce_mean": timed(
             lambda: topk_mask(x, s, ratio=args.ratio, fill="uniform", generator=g), args.repeats),
         "sdecor_topk_mask_reduce_none": timed(

@@ -2,8 +2,8 @@
 
 * :func:`iternorm`: IterNorm (Huang et al., CVPR 2019, Algorithm 1) as a user writes it, from
   ``benchmarks/iternorm_naive.py``; half-precision inputs get float32 statistics, as in sdecor.
-* :func:`sgt_mask`: the masking step of Saliency Guided Training (Ismail et al., NeurIPS 2021): sort
-  each sample's saliency, then replace its k lowest features sample by sample in a Python loop.
+* :func:`sgt_mask`: the masking step of Saliency Guided Training (Ismail et al., NeurIPS 2021): per
+  sample, torch.topk of the k lowest saliencies, scatter into a mask, torch.where with the fill.
 * ``torch.nn.BatchNorm*d`` and ``torch.linalg.eigh`` are used as they are.
 """
 
@@ -48,11 +48,13 @@ SGT_FILLS = ("zero", "constant", "mean", "uniform")
 
 def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, reduce="mean", fill: str = "zero",
              value: float = 0.0, generator=None):
-    """Replace each sample's k least salient features, one sample at a time, as SGT does.
+    """Replace each sample's k least salient features the way Saliency Guided Training does:
+    per sample, torch.topk of the lowest scores, scatter into a mask, torch.where with the fill.
 
-    Scores are |saliency| (averaged over channels for ``reduce="mean"``); a stable ascending sort
-    gives the order (ties by lower index, NaN last). ``fill="uniform"`` draws from U[min, max] of the
-    whole sample, as SGT does. Returns (x_masked, mask) like ``topk_mask``.
+    Scores are |saliency| (averaged over channels for ``reduce="mean"``). ``fill="uniform"`` draws
+    from U[min, max] of the whole sample, as SGT does. torch.topk breaks ties in no defined order,
+    so on tied scores the mask may differ from topk_mask's (lower index first). Returns
+    (x_masked, mask) like ``topk_mask``.
     """
     if fill not in SGT_FILLS:
         raise ValueError(f"fill must be one of {SGT_FILLS} for the SGT baseline; got {fill!r}")
@@ -60,24 +62,20 @@ def sgt_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, reduce="mean", fil
     score = saliency.abs()
     if reduce == "mean":
         score = score.mean(1)
-    order = torch.sort(score.reshape(N, -1), dim=1, stable=True).indices
-    out = x.clone()
+    out = torch.empty_like(x)
     mask = torch.zeros(score.shape, dtype=torch.bool, device=x.device)
     for i in range(N):                      # SGT's loop over the samples of the batch
-        idx = order[i, :k]
-        mask[i].view(-1)[idx] = True
-        rows = out[i].view(C, -1) if reduce == "mean" else out[i].view(1, -1)
-        width = rows.shape[0]
+        flat = score[i].reshape(-1)
+        idx = torch.topk(flat, k, largest=False).indices
+        mask[i] = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True).view(score[i].shape)
+        where = mask[i].unsqueeze(0) if reduce == "mean" else mask[i]
+        xi = x[i]
         if fill == "uniform":
-            lo, hi = x[i].min(), x[i].max()
-            noise = torch.rand((width, idx.numel()), generator=generator, device=x.device)
-            rows[:, idx] = (lo + (hi - lo) * noise).to(x.dtype)
+            lo, hi = xi.min(), xi.max()
+            values = lo + (hi - lo) * torch.rand(xi.shape, generator=generator, device=x.device)
         elif fill == "mean":
-            means = x[i].reshape(C, -1).mean(1, keepdim=True)
-            if reduce == "mean":
-                rows[:, idx] = means.expand(C, idx.numel()).to(x.dtype)
-            else:
-                rows[0, idx] = means.expand(C, x[i][0].numel()).reshape(-1)[idx].to(x.dtype)
+            values = xi.reshape(C, -1).mean(1).view((C,) + (1,) * (xi.dim() - 1))
         else:
-            rows[:, idx] = value if fill == "constant" else 0.0
+            values = torch.tensor(value if fill == "constant" else 0.0, device=x.device)
+        out[i] = torch.where(where, values.to(x.dtype), xi)
     return out, mask

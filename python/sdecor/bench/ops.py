@@ -329,7 +329,7 @@ class TopkMask(Op):
         k = int(math.floor(e["ratio"] * D))
         return [Impl("sgt", "baseline",
                      lambda inp: Prepared(lambda: bl.sgt_mask(inp["x"], inp["saliency"], k, e["reduce"], e["fill"])),
-                     note="Saliency Guided Training masking: sort, then a loop over samples")]
+                     note="Saliency Guided Training masking: per sample topk, scatter, where")]
 
     def bytes(self, e, dtype, mode):
         # read x and saliency, write x_masked and the bool mask
