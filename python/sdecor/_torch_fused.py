@@ -3,7 +3,9 @@
 The fast CPU path of ``group_whiten_train``: same semantics as the reference composition
 ``weight * W (x - mean) + bias`` (W from :func:`sdecor.reference.whitening_matrix`), computed on the
 (N, G, d, L) view of x with batched matrix products (never a transposed copy of x), and a backward
-that touches the large tensors three times instead of autograd's dozen.
+that reads the large tensors twice instead of autograd's dozen. Xc = X - mu is never stored: every
+pass forms it block by block (a few samples at a time) in a cache-sized buffer, right before the
+products that use it, so x is saved for the backward instead of a centred copy.
 
 Forward (per group, X the d x m matrix of the group, m = N * L):
     mu = X 1 / m,  Xc = X - mu,  Sigma = Xc Xc^T / m,  W = f(Sigma + eps I),  A = diag(w) W,
@@ -79,6 +81,18 @@ def _batched(a: torch.Tensor, n: int) -> torch.Tensor:
     return a.unsqueeze(0).expand(n, *a.shape).reshape(n * a.shape[0], *a.shape[1:])
 
 
+# Bytes of x per block of the blocked passes (whole samples, at least one): a block of x, its centred
+# copy and the block of gy or dx stay in cache between the ops that use them. Forward + backward at
+# (32, 256, 28, 28) fp32, d=16, 2-core EPYC (32 MiB L3): 15.5 ms with 1 or 2 MiB blocks, 16.1 ms with
+# 8 MiB, 27.9 ms unblocked (one centred copy of x, as large as x, per pass).
+_BLOCK_BYTES = 2 << 20
+
+
+def _blocks(N: int, sample_bytes: int):
+    step = max(1, min(N, _BLOCK_BYTES // max(1, sample_bytes)))
+    return [(i, min(N, i + step)) for i in range(0, N, step)]
+
+
 class _GroupWhitenTrain(torch.autograd.Function):
 
     @staticmethod
@@ -92,9 +106,16 @@ class _GroupWhitenTrain(torch.autograd.Function):
         xg = ref.grouped(x, d)
         if xg.dtype != sd:
             xg = xg.to(sd)
+        blocks = _blocks(N, xg[0].numel() * xg.element_size())
+        # covariance of the centred data, block by block (x - mean formed in cache, never stored)
         mean = xg.mean(dim=(0, 3))                                   # (G, d)
-        xc = xg - mean[None, :, :, None]                             # (N, G, d, L)
-        cov = torch.matmul(xc, xc.transpose(-1, -2)).sum(0).div_(m)  # Xc Xc^T / m: (G, d, d)
+        mean4 = mean[None, :, :, None]
+        buf = torch.empty((blocks[0][1],) + xg.shape[1:], dtype=sd, device=x.device)
+        cov = torch.zeros(G, d, d, dtype=sd, device=x.device)
+        for i, j in blocks:
+            xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
+            cov += torch.matmul(xc, xc.transpose(-1, -2)).sum(0)
+        cov.div_(m)                                                  # Xc Xc^T / m: (G, d, d)
         se = cov + eps * ref.eye_like(cov)
         if method == "zca":
             evals, evecs = torch.linalg.eigh(se)
@@ -107,20 +128,27 @@ class _GroupWhitenTrain(torch.autograd.Function):
             newton = (*ys, *zs, *ms)
         wg = None if weight is None else weight.to(sd).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # diag(weight) W
-        xc3 = xc.reshape(N * G, d, L)
+        # y = A (x - mean) + b, block by block (x - mean formed in cache, as the reference does).
         # y is allocated with x's shape and written through a view, so that the output is not a view
         # (callers may modify it in place, e.g. ReLU(inplace=True)).
         y = torch.empty(x.shape, dtype=sd, device=x.device)
-        if bias is None:
-            torch.bmm(_batched(a, N), xc3, out=y.view(N * G, d, L))
-        else:
-            shift = bias.to(sd).reshape(G, d, 1)
-            torch.baddbmm(_batched(shift, N), _batched(a, N), xc3, out=y.view(N * G, d, L))
+        yg = y.view(N, G, d, L)
+        n0 = blocks[0][1]
+        a_b = _batched(a, n0)
+        b_b = None if bias is None else _batched(bias.to(sd).reshape(G, d, 1), n0)
+        for i, j in blocks:
+            n = j - i
+            xc = torch.sub(xg[i:j], mean4, out=buf[:n]).view(n * G, d, L)
+            out = yg[i:j].view(n * G, d, L)
+            if b_b is None:
+                torch.bmm(a_b[:n * G], xc, out=out)
+            else:
+                torch.baddbmm(b_b[:n * G], a_b[:n * G], xc, out=out)
         y = ref.like_format(y.to(x.dtype), x)
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype)
-        ctx.save_for_backward(xc, w, a, weight, *small, *newton)
+        ctx.save_for_backward(xg, mean, w, a, weight, *small, *newton)
         ctx.mark_non_differentiable(mean, w)
         return y, mean, w
 
@@ -128,21 +156,35 @@ class _GroupWhitenTrain(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_w):
         method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
-        xc, w, a, weight, *rest = ctx.saved_tensors
+        xg, mean, w, a, weight, *rest = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sd = xc.dtype
+        sd = xg.dtype
         shape = grad_y.shape
+        L = xg.shape[-1]
         gy = ref.grouped(grad_y, d)
         if gy.dtype != sd:
             gy = gy.to(sd)
         gy = gy.contiguous()
-        gsum = gy.sum(dim=(0, 3))                                    # (G, d)
         grad_x = grad_weight = grad_bias = None
+        need_gx = need_x or (has_weight and need_weight)
+        if not need_gx:
+            if has_bias and need_bias:
+                grad_bias = gy.sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
+            return grad_x, grad_weight, grad_bias, None, None, None, None
+        # one blocked pass: sum gy and GX = sum gy Xc^T, Xc formed block by block in cache
+        blocks = _blocks(N, xg[0].numel() * xg.element_size())
+        n0 = blocks[0][1]
+        buf = torch.empty((n0,) + xg.shape[1:], dtype=sd, device=xg.device)
+        mean4 = mean[None, :, :, None]
+        gsum = torch.zeros(G, d, dtype=sd, device=xg.device)
+        gx_t = torch.zeros(G, d, d, dtype=sd, device=xg.device)
+        for i, j in blocks:
+            gb = gy[i:j]
+            xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
+            gsum += gb.sum(dim=(0, 3))
+            gx_t += torch.matmul(gb, xc.transpose(-1, -2)).sum(0)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
-        if not (need_x or (has_weight and need_weight)):
-            return grad_x, grad_weight, grad_bias, None, None, None, None
-        gx_t = torch.matmul(gy, xc.transpose(-1, -2)).sum(0)         # GX = sum gy Xc^T: (G, d, d)
         if has_weight:
             wg = weight.to(sd).reshape(G, d)
             if need_weight:
@@ -162,9 +204,16 @@ class _GroupWhitenTrain(torch.autograd.Function):
         s2 = (grad_se + grad_se.transpose(-1, -2)) / m               # (2/m) sym(dSe)
         a_t = a.transpose(-1, -2)
         shift = -(a_t @ (gsum / m).unsqueeze(-1))                    # -A^T mean(gy): (G, d, 1)
-        L = gy.shape[-1]
-        dx = torch.baddbmm(_batched(shift, N), _batched(a_t, N), gy.reshape(N * G, d, L))
-        dx.baddbmm_(_batched(s2, N), xc.reshape(N * G, d, L))
+        # dx = A^T gy + (2/m) sym(dSe) Xc - A^T mean(gy), block by block
+        dx = torch.empty((N, G, d, L), dtype=sd, device=xg.device)
+        shift_b, a_t_b, s2_b = _batched(shift, n0), _batched(a_t, n0), _batched(s2, n0)
+        for i, j in blocks:
+            n = j - i
+            k = n * G
+            xc = torch.sub(xg[i:j], mean4, out=buf[:n]).view(k, d, L)
+            out = dx[i:j].view(k, d, L)
+            torch.baddbmm(shift_b[:k], a_t_b[:k], gy[i:j].reshape(k, d, L), out=out)
+            out.baddbmm_(s2_b[:k], xc)
         grad_x = dx.reshape(shape).to(grad_y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
