@@ -218,20 +218,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _check_affine(t, name: str, C: int, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
-    if t.shape != (C,):
-        raise ValueError(f"{name} must have shape (C,) = ({C},); got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-
-
-def group_whiten_train(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
+def group_whiten_train_torch(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
                        T: int = 5, weight=None, bias=None):
     """``(y, mean, wm)``: y = weight * W (x - mean) + bias with batch statistics.
 
@@ -243,10 +230,7 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str = "newton
     ref.check_groups(num_channels, x.shape[1])
     ref.check_whitening_args(method, eps, T)
     ref.check_training_samples(x)
-    C = x.shape[1]
-    _check_affine(weight, "weight", C, x)
-    _check_affine(bias, "bias", C, x)
+    ref.check_affine(weight, "weight", x)
+    ref.check_affine(bias, "bias", x)
     return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
 
-
-group_whiten_train_torch = group_whiten_train

@@ -66,6 +66,21 @@ def samples_per_channel(x: torch.Tensor) -> int:
     return x.shape[0] * math.prod(x.shape[2:])
 
 
+def check_affine(t, name: str, x: torch.Tensor) -> None:
+    """An optional per-channel affine parameter (weight or bias): None or a float tensor (C,) on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
+    C = x.shape[1]
+    if t.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},); got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+
+
 def check_training_samples(x: torch.Tensor) -> int:
     m = samples_per_channel(x)
     if m < 2:

@@ -290,20 +290,6 @@ def _define_ops() -> None:
 # argument checks
 
 
-def _check_affine(t, name: str, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
-    C = x.shape[1]
-    if t.shape != (C,):
-        raise ValueError(f"{name} must have shape (C,) = ({C},); got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-
-
 def _check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
     for name, t in (("mean", mean), ("wm", wm)):
         if not isinstance(t, torch.Tensor):
@@ -387,8 +373,8 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str = "newton
     ref.check_input(x)
     ref.check_groups(num_channels, x.shape[1])
     ref.check_whitening_args(method, eps, T)
-    _check_affine(weight, "weight", x)
-    _check_affine(bias, "bias", x)
+    ref.check_affine(weight, "weight", x)
+    ref.check_affine(bias, "bias", x)
     ref.check_training_samples(x)
     if _select("group_whiten_train", "group_whiten_train", x) == "triton":
         y, mean, wm = _triton_ops().whiten_train(x, num_channels, method, float(eps), T, weight, bias)[:3]
@@ -402,8 +388,8 @@ def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor,
     wm (G, d, d)); differentiable w.r.t. x, weight and bias (and mean, wm)."""
     ref.check_input(x)
     G, d = _check_stats(mean, wm, x)
-    _check_affine(weight, "weight", x)
-    _check_affine(bias, "bias", x)
+    ref.check_affine(weight, "weight", x)
+    ref.check_affine(bias, "bias", x)
     mean = mean.reshape(G, d)
     if _select("group_whiten_eval", "group_whiten_eval", x) == "triton":
         return _triton_ops().whiten_apply(x, mean.to(torch.float32), wm.to(torch.float32), weight, bias)
