@@ -37,35 +37,48 @@ FAST_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # order-preserving keys (torch)
 
 
-def order_keys(score: torch.Tensor, largest: bool) -> torch.Tensor:
-    """int64 keys of float scores (N, D), distinct per row, whose ascending order is the selection order.
+def value_keys(score: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int32 keys of float scores whose ascending order is the selection order of the values.
 
-    key = (k32 << 32) | flat index, k32 the score's float32 bits made order-preserving as a signed
-    int32 (negatives: non-sign bits flipped), -0.0 equal to +0.0, every NaN above +inf; negated for
-    largest=True. The index in the low bits breaks ties by lower flat index in both directions.
+    The float32 bits made order-preserving as a signed int32 (negatives: non-sign bits flipped),
+    -0.0 equal to +0.0 (adding +0.0 turns -0.0 into +0.0), every NaN above +inf; bitwise-inverted
+    for largest=True (an order reversal without overflow). Equal keys are ties.
     """
-    s = score.to(torch.float32)
-    s = torch.where(s == 0, torch.zeros((), dtype=s.dtype, device=s.device), s)   # -0.0 -> +0.0
+    s = score.to(torch.float32) + 0.0                                # -0.0 -> +0.0
     bits = s.view(torch.int32)
-    k32 = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    k32 = k32.masked_fill(torch.isnan(s), 2**31 - 1)                               # above +inf
-    if largest:
-        k32 = k32.neg_()
-    index = torch.arange(s.shape[1], device=s.device, dtype=torch.int64)
-    return (k32 << 32) | index
+    keys = bits >> 31                                                # -1 for negatives, else 0
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    keys.masked_fill_(torch.isnan(s), 2**31 - 1)                     # above +inf
+    return keys.bitwise_not_() if largest else keys
+
+
+def order_keys(score: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int64 keys (N, D), distinct per row, whose ascending order is the full selection order:
+    (value key << 32) | flat index, so that ties go to the lower flat index."""
+    index = torch.arange(score.shape[1], device=score.device, dtype=torch.int64)
+    return (value_keys(score, largest).to(torch.int64) << 32) | index
 
 
 def select_mask(score: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Bool (N, D): the k first positions of every row in selection order (reference.rank_order)."""
+    """Bool (N, D): the k first positions of every row in selection order (reference.rank_order).
+
+    The k-th value key per row by torch.kthvalue; then every key below it and, among the keys equal
+    to it, the first (k - count below) in index order.
+    """
     N, D = score.shape
     if k == 0 or D == 0:
         return torch.zeros((N, D), dtype=torch.bool, device=score.device)
     if score.dtype not in FAST_TORCH_DTYPES:
         mask = torch.zeros((N, D), dtype=torch.bool, device=score.device)
         return mask.scatter_(1, ref.rank_order(score, largest)[:, :k], True)
-    keys = order_keys(score, largest)
+    keys = value_keys(score, largest)
     kth = torch.kthvalue(keys, k, dim=1, keepdim=True).values
-    return keys <= kth
+    below = keys < kth
+    tied = keys == kth
+    room = k - below.sum(1, keepdim=True, dtype=torch.int32)         # how many tied ones to take
+    # int32 counts: half the memory traffic of the default int64 (D < 2**31)
+    return below | (tied & (tied.cumsum(1, dtype=torch.int32) <= room))
 
 
 def _topk_mask_torch(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
