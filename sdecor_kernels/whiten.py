@@ -22,7 +22,9 @@ Kernels (one launch each, no host synchronisation, no float atomics):
 Matrix products use ``tl.dot`` when BD >= 16 and a broadcast-and-sum otherwise (tl.dot needs 16).
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
 multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill).
-For BD > 32 the apply / dx kernels reload their d x d matrices inside the loop over samples.
+For BD > 64 the apply / dx kernels reload their d x d matrices inside the loop over samples, RB rows
+at a time (a product of RB output rows per step), and the partial-statistics and bwd-reduce kernels
+keep their d x d accumulators as two halves of BD/2 rows (the whole products spill at BD = 128).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ __all__ = [
 # of a global scratch buffer (at BD = 64 registers spill on sm_80 and sm_90 otherwise).
 REG_BD = 32
 TILE = 32
+# Output rows per product in the apply / dx kernels above BD = 64 (see config).
+RB_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,7 +70,12 @@ def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _tile(g, j0, d, m, L, sn, sc, sl, BD: tl.constexpr, BM: tl.constexpr):
     """Offsets [BD, BM] (int64) and mask of the samples j0 .. j0+BM of group g."""
-    c = tl.arange(0, BD)
+    return _tile_rows(g, tl.arange(0, BD), j0, d, m, L, sn, sc, sl, BM)
+
+
+@triton.jit
+def _tile_rows(g, c, j0, d, m, L, sn, sc, sl, BM: tl.constexpr):
+    """Offsets [len(c), BM] (int64) and mask of the channels c (of group g) of samples j0 .. j0+BM."""
     j = j0 + tl.arange(0, BM).to(tl.int64)
     n = j // L
     l = j - n * L
@@ -159,12 +168,43 @@ def _tiled_dotsum(x_ptr, y_ptr, BD: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blocks, bpp, P,
                                BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr,
-                               PREC: tl.constexpr):
+                               PREC: tl.constexpr, HALVES: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
     # shift = sample j = 0 of each channel
     k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < d, other=0.0).to(tl.float32)
+    base = (g * P + s).to(tl.int64)
+    if HALVES:
+        # the rows of the second moment in two accumulators of BD/2 rows (same sums)
+        h = tl.arange(0, BD // 2)
+        kT = tl.load(x_ptr + (g * d + h).to(tl.int64) * sc, mask=h < d, other=0.0).to(tl.float32)
+        kB = tl.load(x_ptr + (g * d + BD // 2 + h).to(tl.int64) * sc, mask=h + BD // 2 < d,
+                     other=0.0).to(tl.float32)
+        accT = tl.zeros((BD // 2, BD), dtype=tl.float32)
+        accB = tl.zeros((BD // 2, BD), dtype=tl.float32)
+        accST = tl.zeros((BD // 2,), dtype=tl.float32)
+        accSB = tl.zeros((BD // 2,), dtype=tl.float32)
+        b0, b1 = _block_range(s, n_blocks, bpp)
+        for b in range(b0, b1):
+            off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
+            xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            xsT = tl.trans(tl.where(mask, xt - k[:, None], 0.0))             # [BM, BD]
+            offT, maskT = _tile_rows(g, h, b * BM, d, m, L, sn, sc, sl, BM)
+            xT = tl.load(x_ptr + offT, mask=maskT, other=0.0).to(tl.float32)
+            xT = tl.where(maskT, xT - kT[:, None], 0.0)
+            accT += _mm(xT, xsT, USE_DOT, PREC)
+            accST += tl.sum(xT, axis=1)
+            offB, maskB = _tile_rows(g, h + BD // 2, b * BM, d, m, L, sn, sc, sl, BM)
+            xB = tl.load(x_ptr + offB, mask=maskB, other=0.0).to(tl.float32)
+            xB = tl.where(maskB, xB - kB[:, None], 0.0)
+            accB += _mm(xB, xsT, USE_DOT, PREC)
+            accSB += tl.sum(xB, axis=1)
+        tl.store(s1_ptr + base * BD + h, accST)
+        tl.store(s1_ptr + base * BD + BD // 2 + h, accSB)
+        tl.store(s2_ptr + base * BD * BD + h[:, None] * BD + c[None, :], accT)
+        tl.store(s2_ptr + base * BD * BD + (h + BD // 2)[:, None] * BD + c[None, :], accB)
+        return
     acc1 = tl.zeros((BD,), dtype=tl.float32)
     acc2 = tl.zeros((BD, BD), dtype=tl.float32)
     b0, b1 = _block_range(s, n_blocks, bpp)
@@ -174,7 +214,6 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blo
         xs = tl.where(mask, xt - k[:, None], 0.0)                        # [BD, BM]
         acc1 += tl.sum(xs, axis=1)
         acc2 += _mm(xs, tl.trans(xs), USE_DOT, PREC)                      # [BD, BD]
-    base = (g * P + s).to(tl.int64)
     tl.store(s1_ptr + base * BD + c, acc1)
     tl.store(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :], acc2)
 
@@ -406,11 +445,17 @@ def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constex
 
 @triton.jit
 def _apply_matrix(w_ptr, weight_ptr, gd, d, BD: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    return _apply_rows(w_ptr, weight_ptr, gd, d, tl.arange(0, BD), BD, HAS_WEIGHT)
+
+
+@triton.jit
+def _apply_rows(w_ptr, weight_ptr, gd, d, r, BD: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Rows r of diag(weight) W, [len(r), BD], zero outside d x d."""
     c = tl.arange(0, BD)
-    cm = c < d
-    W = tl.load(w_ptr + gd * d + c[:, None] * d + c[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
+    rm = r < d
+    W = tl.load(w_ptr + gd * d + r[:, None] * d + c[None, :], mask=rm[:, None] & (c < d)[None, :], other=0.0)
     if HAS_WEIGHT:
-        W = W * tl.load(weight_ptr + gd + c, mask=cm, other=0.0).to(tl.float32)[:, None]
+        W = W * tl.load(weight_ptr + gd + r, mask=rm, other=0.0).to(tl.float32)[:, None]
     return W
 
 
@@ -418,7 +463,7 @@ def _apply_matrix(w_ptr, weight_ptr, gd, d, BD: tl.constexpr, HAS_WEIGHT: tl.con
 def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, m, L, sn, sc, sl,
                         n_blocks, bpp, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                        MAT_IN_LOOP: tl.constexpr):
+                        MAT_IN_LOOP: tl.constexpr, RB: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
@@ -436,24 +481,61 @@ def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, 
         off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xc = tl.where(mask, xt - mu[:, None], 0.0)                           # [BD, BM]
-        if MAT_IN_LOOP:
-            # d x d too large to stay in registers across the loop: reload it (L1/L2 hits)
-            W = _apply_matrix(w_ptr, weight_ptr, gd, d, BD, HAS_WEIGHT)
-        yt = _mm(W, xc, USE_DOT, PREC) + beta[:, None]
-        tl.store(y_ptr + off, yt.to(y_ptr.dtype.element_ty), mask=mask)
+        if RB < BD:
+            # output rows in blocks of RB: rows of W reloaded per block (L1/L2 hits), xc reused
+            for rb in range(BD // RB):
+                r = rb * RB + tl.arange(0, RB)
+                Wr = _apply_rows(w_ptr, weight_ptr, gd, d, r, BD, HAS_WEIGHT)
+                yr = _mm(Wr, xc, USE_DOT, PREC)
+                if HAS_BIAS:
+                    yr += tl.load(bias_ptr + gd + r, mask=r < d, other=0.0).to(tl.float32)[:, None]
+                offr, maskr = _tile_rows(g, r, b * BM, d, m, L, sn, sc, sl, BM)
+                tl.store(y_ptr + offr, yr.to(y_ptr.dtype.element_ty), mask=maskr)
+        else:
+            if MAT_IN_LOOP:
+                # d x d too large to stay in registers across the loop: reload it (L1/L2 hits)
+                W = _apply_matrix(w_ptr, weight_ptr, gd, d, BD, HAS_WEIGHT)
+            yt = _mm(W, xc, USE_DOT, PREC) + beta[:, None]
+            tl.store(y_ptr + off, yt.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, dp_ptr, sp_ptr, d, m, L, sn, sc, sl, tn, tc, tl_,
                              n_blocks, bpp, P, BD: tl.constexpr, BM: tl.constexpr,
-                             USE_DOT: tl.constexpr, PREC: tl.constexpr):
+                             USE_DOT: tl.constexpr, PREC: tl.constexpr, HALVES: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
     mu = tl.load(mean_ptr + g.to(tl.int64) * d + c, mask=c < d, other=0.0)
+    base = (g * P + s).to(tl.int64)
+    b0, b1 = _block_range(s, n_blocks, bpp)
+    if HALVES:
+        # the rows of D in two accumulators of BD/2 rows, each from its half of dy (same sums)
+        h = tl.arange(0, BD // 2)
+        accT = tl.zeros((BD // 2, BD), dtype=tl.float32)
+        accB = tl.zeros((BD // 2, BD), dtype=tl.float32)
+        accST = tl.zeros((BD // 2,), dtype=tl.float32)
+        accSB = tl.zeros((BD // 2,), dtype=tl.float32)
+        for b in range(b0, b1):
+            j0 = b * BM
+            off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
+            xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            xcT = tl.trans(tl.where(mask, xt - mu[:, None], 0.0))
+            offT, maskT = _tile_rows(g, h, j0, d, m, L, tn, tc, tl_, BM)
+            dyT = tl.load(dy_ptr + offT, mask=maskT, other=0.0).to(tl.float32)
+            accST += tl.sum(dyT, axis=1)
+            accT += _mm(dyT, xcT, USE_DOT, PREC)
+            offB, maskB = _tile_rows(g, h + BD // 2, j0, d, m, L, tn, tc, tl_, BM)
+            dyB = tl.load(dy_ptr + offB, mask=maskB, other=0.0).to(tl.float32)
+            accSB += tl.sum(dyB, axis=1)
+            accB += _mm(dyB, xcT, USE_DOT, PREC)
+        tl.store(sp_ptr + base * BD + h, accST)
+        tl.store(sp_ptr + base * BD + BD // 2 + h, accSB)
+        tl.store(dp_ptr + base * BD * BD + h[:, None] * BD + c[None, :], accT)
+        tl.store(dp_ptr + base * BD * BD + (h + BD // 2)[:, None] * BD + c[None, :], accB)
+        return
     accD = tl.zeros((BD, BD), dtype=tl.float32)
     accS = tl.zeros((BD,), dtype=tl.float32)
-    b0, b1 = _block_range(s, n_blocks, bpp)
     for b in range(b0, b1):
         j0 = b * BM
         off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
@@ -463,7 +545,6 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, dp_ptr, sp_ptr, d, m, L, s
         xc = tl.where(mask, xt - mu[:, None], 0.0)
         accD += _mm(dyt, tl.trans(xc), USE_DOT, PREC)                        # sum dy xc^T
         accS += tl.sum(dyt, axis=1)
-    base = (g * P + s).to(tl.int64)
     tl.store(sp_ptr + base * BD + c, accS)
     tl.store(dp_ptr + base * BD * BD + c[:, None] * BD + c[None, :], accD)
 
@@ -472,7 +553,7 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, dp_ptr, sp_ptr, d, m, L, s
 def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d, m, L, sn, sc, sl,
                          tn, tc, tl_, n_blocks, bpp, HAS_DY: tl.constexpr, BD: tl.constexpr,
                          BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                         MAT_IN_LOOP: tl.constexpr):
+                         MAT_IN_LOOP: tl.constexpr, RB: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
@@ -492,16 +573,33 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d
         off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xc = tl.where(mask, xt - mu[:, None], 0.0)
-        if MAT_IN_LOOP:
-            A = tl.load(a_ptr + mat, mask=m2, other=0.0)
-        out = _mm(A, xc, USE_DOT, PREC) + v[:, None]
-        if HAS_DY:
-            offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
-            dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+        if RB < BD:
+            if HAS_DY:
+                offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+                dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+            # output rows in blocks of RB: rows of A (and B) reloaded per block, xc and dy reused
+            for rb in range(BD // RB):
+                r = rb * RB + tl.arange(0, RB)
+                rm = r < d
+                matr = gd * d + r[:, None] * d + c[None, :]
+                m2r = rm[:, None] & cm[None, :]
+                out = _mm(tl.load(a_ptr + matr, mask=m2r, other=0.0), xc, USE_DOT, PREC)
+                out += tl.load(v_ptr + gd + r, mask=rm, other=0.0)[:, None]
+                if HAS_DY:
+                    out += _mm(tl.load(b_ptr + matr, mask=m2r, other=0.0), dyt, USE_DOT, PREC)
+                offr, maskr = _tile_rows(g, r, j0, d, m, L, sn, sc, sl, BM)
+                tl.store(dx_ptr + offr, out.to(dx_ptr.dtype.element_ty), mask=maskr)
+        else:
             if MAT_IN_LOOP:
-                B = tl.load(b_ptr + mat, mask=m2, other=0.0)
-            out += _mm(B, dyt, USE_DOT, PREC)
-        tl.store(dx_ptr + off, out.to(dx_ptr.dtype.element_ty), mask=mask)
+                A = tl.load(a_ptr + mat, mask=m2, other=0.0)
+            out = _mm(A, xc, USE_DOT, PREC) + v[:, None]
+            if HAS_DY:
+                offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+                dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
+                if MAT_IN_LOOP:
+                    B = tl.load(b_ptr + mat, mask=m2, other=0.0)
+                out += _mm(B, dyt, USE_DOT, PREC)
+            tl.store(dx_ptr + off, out.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -549,7 +647,11 @@ def config(d: int, on_gpu: bool) -> dict:
     else:
         nfwd = dict(BT=32, num_warps=4, num_stages=1)
         nbwd = dict(BT=16, num_warps=2, num_stages=3)
-    return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, SMALL_PREC="ieee", MAT_IN_LOOP=BD > 64,
+    # apply / dx: above BD = 64 the d x d x BM products are formed RB output rows at a time (the
+    # whole product spills at BD = 128 on sm_80 and sm_90)
+    RB = BD if BD <= 64 else RB_ROWS
+    return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, SMALL_PREC="ieee", MAT_IN_LOOP=BD > 64, RB=RB,
+                HALVES=BD > 64,
                 num_warps=warps, SMALL_WARPS=4 if BD <= 16 else 8, num_stages=1,
                 NEWTON_FWD=nfwd, NEWTON_BWD=nbwd)
 
@@ -632,7 +734,8 @@ def group_stats(x: torch.Tensor, d: int, newton: tuple[float, int] | None = None
     s1 = _f32(G, P, BD, device=dev)
     s2 = _f32(G, P, BD, BD, device=dev)
     _launch(group_stats_partial_kernel, (P, G), x, s1, s2, d, m, L, sn, sc, sl, n_blocks, bpp, P,
-            BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], HALVES=cfg["HALVES"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     mean = _f32(G, d, device=dev)
     cov = _f32(G, d, d, device=dev)
     fused = newton is not None and BD <= REG_BD
@@ -696,7 +799,7 @@ def apply(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, weight: torch.Te
             bias.contiguous() if bias is not None else mean,
             d, m, L, sn, sc, sl, n_blocks, bpp, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BD=cfg["BD"], BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
-            MAT_IN_LOOP=cfg["MAT_IN_LOOP"],
+            MAT_IN_LOOP=cfg["MAT_IN_LOOP"], RB=cfg["RB"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
@@ -719,7 +822,8 @@ def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
     sp = _f32(G, P, BD, device=dev)
     _launch(whiten_bwd_reduce_kernel, (P, G), dy, x, mean.to(torch.float32).contiguous(), dp, sp,
             d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, P, BD=BD, BM=BM, USE_DOT=cfg["USE_DOT"],
-            PREC=cfg["PREC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PREC=cfg["PREC"], HALVES=cfg["HALVES"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return dp.sum(1)[:, :d, :d], sp.sum(1)[:, :d]
 
 
@@ -747,7 +851,7 @@ def bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, a: torc
             b.to(torch.float32).contiguous() if b is not None else a, v.to(torch.float32).contiguous(),
             d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, HAS_DY=dy_given, BD=cfg["BD"],
             BM=cfg["BM"], USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"], MAT_IN_LOOP=cfg["MAT_IN_LOOP"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            RB=cfg["RB"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
 
 
