@@ -28,20 +28,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser; only the module of the command named in ``argv`` is imported (all of them when
+    no command is named, e.g. for ``--help``), so ``sdecor info`` does not load the bench harness."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = [a for a in argv if a in COMMANDS][:1]
     parser = argparse.ArgumentParser(prog="sdecor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if not named or name in named:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -377,12 +377,16 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") 
     "decov": 0.5 (||cov||_F^2 - ||diag cov||^2).
     "corr":  ||R - I||_F^2 / (d (d - 1)), R the correlation matrix (variances floored at 1e-12).
     """
+    check_decor_args(num_channels, kind)
+    _, cov = group_cov(x, num_channels)
+    return decorrelation_from_cov(cov, kind)
+
+
+def check_decor_args(num_channels, kind: str) -> None:
     if kind not in DECOR_KINDS:
         raise ValueError(f"kind must be one of {DECOR_KINDS}; got {kind!r}")
     if kind == "corr" and isinstance(num_channels, int) and num_channels < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
-    _, cov = group_cov(x, num_channels)
-    return decorrelation_from_cov(cov, kind)
 
 
 def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
