@@ -149,7 +149,7 @@ def compile_spec(spec: dict, arch: int, d: int) -> dict:
 def compile_report(module_or_specs, arch: int, d: int) -> list[dict]:
     """Compile every STATIC_SPECS entry of a kernel module for sm_<arch> at size d.
 
-    ``module_or_specs``: a module, its dotted name (e.g. "sdecor_kernels.whiten") or a list of
+    ``module_or_specs``: a module, its dotted name (e.g. "sdecor_kernels.stats") or a list of
     STATIC_SPECS entries. Returns one dict per entry: name, arch, d, num_warps, n_regs, n_spills
     (spill stores + loads, bytes), spill_stores, spill_loads, stack_frame, shared (bytes of shared
     memory), tensor_cores (bool). Entries whose ``ds`` exclude d are skipped.

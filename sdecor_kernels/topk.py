@@ -18,10 +18,15 @@ NaN maps to 0xFFFFFFFF, above +inf. largest=True inverts the keys (NaN then come
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import LaunchConfig, launch
+
+__all__ = ["FILL_CODES", "STATIC_SPECS", "TopkConfig", "topk_mask"]
 
 # fill codes (the order of sdecor.reference.FILLS)
 FILL_CODES = {"zero": 0, "constant": 1, "mean": 2, "uniform": 3, "baseline": 4}
@@ -166,19 +171,39 @@ def topk_fill_kernel(x_ptr, mask_ptr, base_ptr, out_ptr, C, S, S_f, value, seed,
         tl.store(out_ptr + row + offs, out, mask=valid)
 
 
-def _plain(kernel):
-    return kernel
+# ---------------------------------------------------------------------------------------------------
+# launch configuration
 
 
-def topk_mask_launch(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: bool, shared: bool,
-                     abs: bool, fill: str, value: float, baseline, seed: int, call: int,
-                     wrap=_plain):
-    """Launch the three kernels. x, saliency (and baseline) contiguous (N, C, *S) of one dtype family.
+@dataclass(frozen=True)
+class TopkConfig(LaunchConfig):
+    """BLOCK and launch options of one top-k kernel. Fixed for every size: each kernel streams its row
+    in steps of BLOCK elements."""
+
+    BLOCK: int
+    num_warps: int = 4
+
+
+SCORE_CONFIG = TopkConfig(BLOCK=SCORE_BLOCK)
+SELECT_CONFIG = TopkConfig(BLOCK=SELECT_BLOCK)
+FILL_CONFIG = TopkConfig(BLOCK=FILL_BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launcher
+
+
+def topk_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: bool, shared: bool, abs: bool,
+              fill: str, value: float, baseline: torch.Tensor | None, seed: int, call: int):
+    """Launch the three kernels on x, saliency (N, C, *S) (and baseline, like x, for fill="baseline").
 
     shared: reduce="mean" (one mask (N, *S) for all channels); else reduce=None (mask like x).
-    ``wrap`` wraps each kernel before launch (torch.library.wrap_triton inside a triton_op).
-    Returns (x_masked, mask) with mask a bool tensor.
+    k: how many positions of each row are masked; seed, call: the Philox key and counter of
+    fill="uniform". Returns (x_masked, mask): x_masked contiguous in x's dtype, mask a bool tensor.
     """
+    x = x.contiguous()
+    saliency = saliency.contiguous()
+    baseline = baseline.to(x.dtype).contiguous() if baseline is not None else None
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     R, D = (C, S) if shared else (1, C * S)
@@ -188,15 +213,14 @@ def topk_mask_launch(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: b
     if N == 0 or D == 0 or C == 0:
         mask = mask_u8.view(torch.bool)
         return out, mask.reshape(((N,) + tuple(x.shape[2:])) if shared else x.shape)
-    wrap(topk_score_kernel)[(N, triton.cdiv(D, SCORE_BLOCK))](
-        saliency, keys, R, D, float(R), ABS=bool(abs), MEAN=bool(shared), LARGEST=bool(largest),
-        BLOCK=SCORE_BLOCK)
-    wrap(topk_select_kernel)[(N,)](keys, mask_u8, D, k, BLOCK=SELECT_BLOCK)
+    launch(topk_score_kernel, (N, triton.cdiv(D, SCORE_CONFIG.BLOCK)), saliency, keys, R, D, float(R),
+           ABS=bool(abs), MEAN=bool(shared), LARGEST=bool(largest), **SCORE_CONFIG.meta())
+    launch(topk_select_kernel, (N,), keys, mask_u8, D, k, **SELECT_CONFIG.meta())
     fill_code = FILL_CODES[fill]
     base = baseline if fill_code == 4 else x
-    wrap(topk_fill_kernel)[(N * C,)](
-        x, mask_u8, base, out, C, S, float(S), float(value), seed, call & 0xFFFFFFFF, (call >> 32) & 0xFFFFFFFF,
-        SHARED_MASK=bool(shared), FILL=fill_code, BLOCK=FILL_BLOCK, num_warps=4)
+    launch(topk_fill_kernel, (N * C,), x, mask_u8, base, out, C, S, float(S), float(value), seed,
+           call & 0xFFFFFFFF, (call >> 32) & 0xFFFFFFFF, SHARED_MASK=bool(shared), FILL=fill_code,
+           **FILL_CONFIG.meta())
     mask = mask_u8.view(torch.bool)
     return out, mask.reshape(((N,) + tuple(x.shape[2:])) if shared else x.shape)
 
@@ -209,8 +233,7 @@ def _score_spec(dtype, mean, largest):
                 kernel=topk_score_kernel,
                 signature={"sal_ptr": f"*{dtype}", "key_ptr": "*i32", "R": "i32", "D": "i32",
                            "R_f": "fp32"},
-                config=lambda d: dict(ABS=True, MEAN=mean, LARGEST=largest, BLOCK=SCORE_BLOCK,
-                                      num_warps=4))
+                config=lambda d: dict(SCORE_CONFIG.meta(), ABS=True, MEAN=mean, LARGEST=largest))
 
 
 def _fill_spec(dtype, fill, shared):
@@ -219,8 +242,7 @@ def _fill_spec(dtype, fill, shared):
                 signature={"x_ptr": f"*{dtype}", "mask_ptr": "*u8", "base_ptr": f"*{dtype}",
                            "out_ptr": f"*{dtype}", "C": "i32", "S": "i32", "S_f": "fp32",
                            "value": "fp32", "seed": "i64", "call_lo": "i64", "call_hi": "i64"},
-                config=lambda d: dict(SHARED_MASK=shared, FILL=FILL_CODES[fill], BLOCK=FILL_BLOCK,
-                                      num_warps=4))
+                config=lambda d: dict(FILL_CONFIG.meta(), SHARED_MASK=shared, FILL=FILL_CODES[fill]))
 
 
 STATIC_SPECS = [
@@ -229,7 +251,7 @@ STATIC_SPECS = [
     _score_spec("bf16", True, False),
     dict(name="topk_select_kernel", kernel=topk_select_kernel,
          signature={"key_ptr": "*i32", "mask_ptr": "*u8", "D": "i32", "k": "i32"},
-         config=lambda d: dict(BLOCK=SELECT_BLOCK, num_warps=4)),
+         config=lambda d: SELECT_CONFIG.meta()),
     *[_fill_spec("fp32", fill, shared) for fill in FILL_CODES for shared in (True, False)],
     _fill_spec("fp16", "uniform", True),
     _fill_spec("bf16", "uniform", True),

@@ -18,6 +18,9 @@ SPILL_FREE_DS = (16, 32, 64)
 OTHER_DS = (2, 3, 48, 128)
 
 MODULES = [m for m in static.kernel_modules() if static.specs_of(m)]
+# the kernel families of group whitening (statistics, Newton-Schulz, apply, backward)
+WHITEN_MODULES = ["sdecor_kernels.stats", "sdecor_kernels.newton", "sdecor_kernels.apply",
+                  "sdecor_kernels.backward"]
 
 
 def _label(row):
@@ -30,7 +33,8 @@ def spill_free_rows():
 
 
 def test_modules_with_specs_exist():
-    assert "sdecor_kernels.whiten" in MODULES
+    for mod in WHITEN_MODULES + ["sdecor_kernels.topk"]:
+        assert mod in MODULES
 
 
 def test_every_spec_compiled(spill_free_rows):
@@ -59,14 +63,14 @@ def test_resources_within_limits(spill_free_rows):
 
 def test_whiten_uses_tensor_cores_at_d64(spill_free_rows):
     """The passes over x use tl.dot on tensor cores (tf32x3) from d = 64 up."""
-    rows = [r for r in spill_free_rows if r["module"] == "sdecor_kernels.whiten" and r["d"] == 64
+    rows = [r for r in spill_free_rows if r["module"] in WHITEN_MODULES and r["d"] == 64
             and r["name"].startswith(("group_stats_partial", "whiten_apply", "whiten_bwd"))]
     assert rows and all(r["tensor_cores"] for r in rows), [_label(r) for r in rows if not r["tensor_cores"]]
 
 
 def test_other_sizes_compile():
     """d not a power of two and d up to 128 compile on sm_90 (masking; tiled d x d kernels)."""
-    rows = static.report_all(["sdecor_kernels.whiten"], [90], OTHER_DS)
+    rows = static.report_all(WHITEN_MODULES, [90], OTHER_DS)
     for d in OTHER_DS:
         assert any(r["d"] == d for r in rows), f"no kernel compiled at d={d}"
     for r in rows:
@@ -75,6 +79,6 @@ def test_other_sizes_compile():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch"):
-        static.compile_report("sdecor_kernels.whiten", 75, 16)
+        static.compile_report("sdecor_kernels.stats", 75, 16)
     with pytest.raises(ValueError, match="d must be"):
-        static.compile_report("sdecor_kernels.whiten", 80, 0)
+        static.compile_report("sdecor_kernels.stats", 80, 0)

@@ -196,9 +196,11 @@ def test_newton_tiled_path(device):
     d = 40
     a = torch.randn(1, d, 3 * d, device=device)
     cov = a @ a.transpose(-1, -2) / (3 * d)
-    from sdecor_kernels import whiten as K
+    from sdecor_kernels import newton as K
 
-    assert K.config(d, False)["BD"] > K.REG_BD
+    assert K.NewtonFwdConfig.for_group(d).BD > K.REG_BD
+    assert not K.NewtonFwdConfig.for_group(d).in_registers
+    assert not K.NewtonBwdConfig.for_group(d).in_registers
     c = cov.clone().requires_grad_()
     with sdecor.use_backend("triton"):
         w = sdecor.whitening_matrix(c, "newton", 1e-5, 3)

@@ -1,0 +1,202 @@
+"""What the kernel families share: jit helpers, block sizes of the passes over x, layout, the launch.
+
+Notation (see DESIGN.md): x (N, C, *S) is read as (N, C, L), L = prod(S), through three strides
+(sn, sc, sl), so contiguous NCHW-style inputs (sl = 1) and channels_last inputs (sc = 1, sl = C) are
+both read in place, without a transposed copy. Sample j in [0, m), m = N * L, is (n, l) = divmod(j, L).
+Group g holds channels [g*d, (g+1)*d); every kernel works on tiles [BD, BM] (channels x samples) with
+BD = next power of two >= d (masked), and accumulates in fp32.
+
+Matrix products use ``tl.dot`` when BD >= 16 and a broadcast-and-sum otherwise (tl.dot needs 16).
+
+Every launcher goes through :func:`launch`, the one place where kernels are wrapped with
+``torch.library.wrap_triton`` (traceable by torch.compile / export inside a ``triton_op``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LaunchConfig", "flat_view", "launch", "pass_blocks", "pow2", "splits"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b in fp32: tl.dot for dims >= 16, else broadcast-and-sum."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _tile(g, j0, d, m, L, sn, sc, sl, BD: tl.constexpr, BM: tl.constexpr):
+    """Offsets [BD, BM] (int64) and mask of the samples j0 .. j0+BM of group g."""
+    return _tile_rows(g, tl.arange(0, BD), j0, d, m, L, sn, sc, sl, BM)
+
+
+@triton.jit
+def _tile_rows(g, c, j0, d, m, L, sn, sc, sl, BM: tl.constexpr):
+    """Offsets [len(c), BM] (int64) and mask of the channels c (of group g) of samples j0 .. j0+BM."""
+    j = j0 + tl.arange(0, BM).to(tl.int64)
+    n = j // L
+    l = j - n * L
+    off = (g * d + c).to(tl.int64)[:, None] * sc + (n * sn + l * sl)[None, :]
+    mask = (c < d)[:, None] & (j < m)[None, :]
+    return off, mask
+
+
+@triton.jit
+def _block_range(s, n_blocks, bpp):
+    b0 = s.to(tl.int64) * bpp
+    b1 = tl.minimum(b0 + bpp, n_blocks)
+    return b0, b1
+
+
+@triton.jit
+def _eye(BD: tl.constexpr, d):
+    r = tl.arange(0, BD)
+    return ((r[:, None] == r[None, :]) & (r < d)[:, None]).to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch configuration
+
+
+class LaunchConfig:
+    """Base of the frozen dataclasses of launch configuration: every field is a constexpr of the
+    kernel or a launch option (num_warps, num_stages), by the name the launch takes."""
+
+    def meta(self) -> dict:
+        """The fields as keyword arguments of the launch (and of a STATIC_SPECS ``config``)."""
+        return dataclasses.asdict(self)
+
+
+# Output rows per product of the apply / dx kernels above BD = 64 (their whole d x d x BM product
+# spills at BD = 128 on sm_80 and sm_90).
+RB_ROWS = 16
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pass_blocks(d: int, on_gpu: bool) -> dict:
+    """BD, BM, USE_DOT, PREC, num_warps, num_stages of the kernels that stream x (statistics
+    partials, apply, the backward passes) for group size d.
+
+    Chosen from the static compile figures (python -m sdecor_kernels.static) for sm_80 and sm_90: no
+    spills, and registers low enough for >= 2 programs of 8 warps per SM up to d = 32.
+    num_stages=1: the loops stream x once, and prefetch stages cost registers and shared memory that
+    occupancy (many programs per SM) makes up for.
+    """
+    BD = max(2, pow2(d))
+    use_dot = BD >= 16
+    if not use_dot:
+        # the broadcast product [BD, BM, BD] kept at <= 4096 elements
+        BM, warps = max(16, min(128, 4096 // (BD * BD))), 4
+    elif BD <= 16:
+        BM, warps = 64, 8
+    elif BD <= 32:
+        BM, warps = 32, 8
+    else:
+        # at BD = 64, BM = 32 spills in the dx kernel on sm_80 (255 registers)
+        BM, warps = 16, 8
+    # fp32 products: FMA ("ieee") keeps up with memory below d = 64 (2d flops per 4-byte element);
+    # above it, three tf32 tensor-core products give ~fp32 accuracy. The interpreter's dot is
+    # exact fp32 whatever is asked.
+    prec = "tf32x3" if (on_gpu and BD >= 64) else "ieee"
+    return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, num_warps=warps, num_stages=1)
+
+
+def splits(n_blocks: int, G: int, device: torch.device) -> tuple[int, int]:
+    """(P, blocks per program): enough programs to fill the device even when G is small."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    P = max(1, min(n_blocks, -(-target // G)))
+    bpp = -(-n_blocks // P)
+    return -(-n_blocks // bpp), bpp
+
+
+# ---------------------------------------------------------------------------------------------------
+# layout and launch
+
+
+def flat_view(t: torch.Tensor, output_layout: bool = False):
+    """(t', sn, sc, sl, L): t (N, C, *S) addressed as (N, C, L) by three strides.
+
+    Any layout whose trailing dims merge into one stride is read in place (contiguous, channels_last,
+    expanded gradients); others are copied. With ``output_layout`` t' is also dense (contiguous or
+    channels_last), so that ``torch.empty_like(t')`` has the same strides.
+    """
+    if output_layout and not (t.is_contiguous() or _channels_last(t)):
+        t = t.contiguous()
+    spatial = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    if any(spatial[i][1] != spatial[i + 1][1] * spatial[i + 1][0] for i in range(len(spatial) - 1)):
+        t = t.contiguous()
+        spatial = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    sl = spatial[-1][1] if spatial else 1
+    return t, t.stride(0), t.stride(1), sl, math.prod(t.shape[2:])
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel[grid](*args, **meta)`` through torch.library.wrap_triton (traceable by
+    torch.compile / export inside a triton_op).
+
+    Under the interpreter with fake tensors (shape propagation), no kernel runs.
+    """
+    if _interpreted(kernel):
+        from torch._subclasses.fake_tensor import is_fake
+
+        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def f32(*shape, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (see sdecor_kernels.static)
+
+# group sizes compiled by the static report: powers of two, odd sizes, and both sides of the limits
+SPEC_DS = (2, 3, 4, 8, 16, 32, 48, 64, 128)
+# the half-precision variant of the passes over x: the tensors of the input's dtype in bf16
+BF16 = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "weight_ptr": "*bf16",
+        "bias_ptr": "*bf16"}
+# the arguments of a pass over x: layout of x (and of dy), sample blocks of each program
+X_ARGS = "d m L sn sc sl n_blocks bpp"
+XT_ARGS = "d m L sn sc sl tn tc tl_ n_blocks bpp"
+
+
+def signature(names: str, types: dict | None = None) -> dict:
+    """Signature: *_ptr arguments are fp32 pointers, the rest i32 unless ``types`` says otherwise."""
+    types = types or {}
+    return {a: types.get(a, "*fp32" if a.endswith("_ptr") else "i32") for a in names.split()}
