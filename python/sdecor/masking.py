@@ -107,7 +107,7 @@ def _get_triton_op():
     global _triton_op
     if _triton_op is not None:
         return _triton_op
-    from torch.library import custom_op, triton_op, wrap_triton
+    from torch.library import custom_op, triton_op
 
     from sdecor_kernels import topk as kernels
 
@@ -116,10 +116,7 @@ def _get_triton_op():
     def topk_mask_op(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: bool, shared: bool,
                      abs: bool, fill: str, value: float, baseline: Optional[torch.Tensor], seed: int,
                      call: int) -> tuple[torch.Tensor, torch.Tensor]:
-        base = baseline.to(x.dtype).contiguous() if baseline is not None else None
-        return kernels.topk_mask_launch(x.contiguous(), saliency.contiguous(), k, largest, shared,
-                                        abs, fill, value, base, seed, call,
-                                        wrap=(lambda kernel: kernel) if interpret else wrap_triton)
+        return kernels.topk_mask(x, saliency, k, largest, shared, abs, fill, value, baseline, seed, call)
 
     if not interpret:
         op = triton_op("sdecor::topk_mask", topk_mask_op, mutates_args=())

@@ -3,10 +3,10 @@
 Layers: public function (argument checks, backend choice) -> for ``triton``, a torch.library custom op
 (``torch.ops.sdecor_triton.*``, built with ``triton_op`` + ``wrap_triton``, gradients through
 ``register_autograd``; opaque ``custom_op`` under the Triton interpreter) -> launcher in
-:mod:`sdecor_kernels.whiten` -> kernel. The ``torch`` backend runs the reference functions for
-group_cov and whitening_matrix, and for group_whiten / group_whiten_train the same math in torch ops
-with a hand-written backward (:mod:`sdecor._torch_fused`); ``native`` (whitening_matrix, zca) uses
-the batched Jacobi eigensolver ``sdecor._native.eigh_small``.
+:mod:`sdecor_kernels` (``stats``, ``newton``, ``apply``, ``backward``) -> kernel. The ``torch``
+backend runs the reference functions for group_cov and whitening_matrix, and for group_whiten /
+group_whiten_train the same math in torch ops with a hand-written backward (:mod:`sdecor._torch_fused`);
+``native`` (whitening_matrix, zca) uses the batched Jacobi eigensolver ``sdecor._native.eigh_small``.
 
 Forward of group_whiten_train on ``triton``: stats kernel (one read of x) -> finalize (+ Newton-Schulz,
 one program per group) -> apply kernel (one read of x, one write of y). Backward: one pass over
@@ -103,9 +103,13 @@ _kernels = None
 
 
 def _K():
+    """The kernel family modules of sdecor_kernels, as attributes stats, newton, apply, backward."""
     global _kernels
     if _kernels is None:
-        _kernels = importlib.import_module("sdecor_kernels.whiten")
+        import types
+
+        _kernels = types.SimpleNamespace(**{name: importlib.import_module(f"sdecor_kernels.{name}")
+                                            for name in ("stats", "newton", "apply", "backward")})
     return _kernels
 
 
@@ -146,12 +150,12 @@ def _define_ops() -> None:
     # -- group_cov ----------------------------------------------------------------------------------
     @_op("group_cov", "(Tensor x, int d) -> (Tensor, Tensor)")
     def group_cov_op(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
-        return K.group_stats(x, d)
+        return K.stats.group_stats(x, d)
 
     @_op("group_cov_backward", "(Tensor x, Tensor mean, Tensor a, Tensor v) -> Tensor")
     def group_cov_backward_op(x: Tensor, mean: Tensor, a: Tensor, v: Tensor) -> Tensor:
         """dx_j = A (x_j - mean) + v."""
-        return K.bwd_dx(None, x, mean, a, None, v)
+        return K.backward.whiten_bwd_dx(None, x, mean, a, None, v)
 
     def group_cov_setup(ctx, inputs, output):
         x, _ = inputs
@@ -171,11 +175,11 @@ def _define_ops() -> None:
     # -- newton ------------------------------------------------------------------------------------
     @_op("newton", "(Tensor cov, float eps, int T) -> Tensor")
     def newton_op(cov: Tensor, eps: float, T: int) -> Tensor:
-        return K.newton(cov, eps, T)
+        return K.newton.newton_forward(cov, eps, T)
 
     @_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T) -> Tensor")
     def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int) -> Tensor:
-        return K.newton_backward(cov, grad_w, eps, T)
+        return K.newton.newton_backward(cov, grad_w, eps, T)
 
     def newton_setup(ctx, inputs, output):
         cov, eps, T = inputs
@@ -192,12 +196,12 @@ def _define_ops() -> None:
     @_op("whiten_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)")
     def bwd_reduce_op(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         """D = sum_j dy_j (x_j - mean)^T (G, d, d), s = sum_j dy_j (G, d)."""
-        return K.bwd_reduce(dy, x, mean)
+        return K.backward.whiten_bwd_reduce(dy, x, mean)
 
     @_op("whiten_bwd_dx", "(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v) -> Tensor")
     def bwd_dx_op(dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
         """dx_j = B dy_j + A (x_j - mean) + v."""
-        return K.bwd_dx(dy, x, mean, a, b, v)
+        return K.backward.whiten_bwd_dx(dy, x, mean, a, b, v)
 
     # -- group whitening, training (batch statistics) ------------------------------------------------
     @_op("whiten_train", "(Tensor x, int d, str method, float eps, int T, Tensor? weight, Tensor? bias)"
@@ -206,15 +210,15 @@ def _define_ops() -> None:
                         bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(y, mean, W, cov, evals, evecs); evals/evecs (zca) are empty for newton."""
         if method == "newton":
-            mean, cov, w = K.group_stats(x, d, newton=(eps, T))
+            mean, cov, w = K.stats.group_stats_newton(x, d, eps, T)
             evals = cov.new_empty((0,))
             evecs = cov.new_empty((0,))
         else:
-            mean, cov = K.group_stats(x, d)
+            mean, cov = K.stats.group_stats(x, d)
             se = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
             evals, evecs = _eigh_for(x.device)(se)
             w = ref.zca_from_eigh(evals, evecs, eps)
-        y = K.apply(x, mean, w, weight, bias)
+        y = K.apply.whiten_apply(x, mean, w, weight, bias)
         return y, mean, w, cov, evals, evecs
 
     def whiten_train_setup(ctx, inputs, output):
@@ -254,7 +258,7 @@ def _define_ops() -> None:
     @_op("whiten_apply", "(Tensor x, Tensor mean, Tensor wm, Tensor? weight, Tensor? bias) -> Tensor")
     def whiten_apply_op(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None,
                         bias: Tensor | None) -> Tensor:
-        return K.apply(x, mean, wm, weight, bias)
+        return K.apply.whiten_apply(x, mean, wm, weight, bias)
 
     def whiten_apply_setup(ctx, inputs, output):
         x, mean, wm, weight, bias = inputs
