@@ -5,7 +5,7 @@ import torch
 
 import sdecor
 from sdecor import reference as ref
-from sdecor import whitening
+from sdecor.ops import whiten
 from sdecor.nn import GroupWhitening
 from sdecor.testing import assert_close, tol
 
@@ -119,7 +119,7 @@ def test_input_validation_leaves_state_alone():
 
 def test_module_calls_the_dispatch(monkeypatch):
     calls = []
-    real_train, real_eval = whitening.group_whiten_train, whitening.group_whiten_eval
+    real_train, real_eval = whiten.run_train, whiten.run_eval
 
     def spy_train(*args, **kwargs):
         calls.append("train")
@@ -129,8 +129,8 @@ def test_module_calls_the_dispatch(monkeypatch):
         calls.append("eval")
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(whitening, "group_whiten_train", spy_train)
-    monkeypatch.setattr(whitening, "group_whiten_eval", spy_eval)
+    monkeypatch.setattr(whiten, "run_train", spy_train)
+    monkeypatch.setattr(whiten, "run_eval", spy_eval)
     gw = GroupWhitening(8, 4)
     x = torch.randn(5, 8, 3)
     gw(x)
@@ -379,61 +379,6 @@ def test_module_on_triton_backend(method, device):
         ye_ref = twin(x)
     assert_close(ye, ye_ref)
     assert tol(torch.float32)  # the float32 tolerance applies (interpreter: exact fp32 dot)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the torch training path with the hand-written backward (sdecor._torch_fused)
-
-
-FUSED_CASES = [  # (shape, d, method, T)
-    ((3, 48, 7, 7), 16, "newton", 5),
-    ((3, 48, 7, 7), 16, "zca", 5),
-    ((3, 48, 7, 7), 16, "newton", 60),
-    ((5, 12), 4, "newton", 5),
-    ((5, 12), 4, "zca", 5),
-    ((2, 24, 3, 2, 3), 8, "newton", 3),
-    ((2, 24, 3, 2, 3), 8, "zca", 3),
-    ((4, 6, 9), 1, "newton", 5),
-    ((4, 6, 9), 1, "zca", 5),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shape, d, method, T", FUSED_CASES,
-                         ids=[f"{len(c[0])}d-C{c[0][1]}-d{c[1]}-{c[2]}{c[3]}" for c in FUSED_CASES])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_torch_fused_matches_reference(shape, d, method, T, dtype, affine):
-    from sdecor._torch_fused import group_whiten_train_torch
-    C = shape[1]
-    x = (torch.randn(shape, dtype=dtype) * 1.5 + 0.7).requires_grad_()
-    weight = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None
-    bias = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None
-    y, mean, wm = group_whiten_train_torch(x, d, method, 1e-4, T, weight, bias)
-    r_mean, r_cov = ref.group_cov(x.detach(), d)
-    assert_close(mean, r_mean)
-    assert_close(wm, ref.whitening_matrix(r_cov, method, 1e-4, T))
-    assert not mean.requires_grad and not wm.requires_grad
-    y_ref = ref.group_whiten(x, d, method, 1e-4, T)
-    if affine:
-        y_ref = y_ref * weight.reshape(affine_shape(x)) + bias.reshape(affine_shape(x))
-    assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    inputs = (x, weight, bias) if affine else (x,)
-    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
-        assert_close(got, want)
-
-
-def test_torch_fused_argument_checks():
-    from sdecor._torch_fused import group_whiten_train_torch
-    x = torch.randn(4, 8, 3)
-    with pytest.raises(ValueError, match="weight must have shape"):
-        group_whiten_train_torch(x, 4, weight=torch.ones(1, 8, 1))
-    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
-        group_whiten_train_torch(x, 4, bias=[0.0] * 8)
-    with pytest.raises(ValueError, match="valid group sizes"):
-        group_whiten_train_torch(x, 3)
-    with pytest.raises(ValueError, match="method"):
-        group_whiten_train_torch(x, 4, method="cholesky")
 
 
 def test_output_can_be_modified_in_place():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdecor import reference as ref
+from sdecor._common import sym
 
 SHAPES = {
     "2d-N5-C8": (5, 8),
@@ -163,14 +164,14 @@ def test_zca_backward_equals_eigh_autograd_for_distinct_eigenvalues():
     lam, U = torch.linalg.eigh(cov)
     (((U * lam.rsqrt().unsqueeze(-2)) @ U.transpose(-1, -2)) * G).sum().backward()
     # eigh's gradient is the symmetric one up to the symmetric part.
-    torch.testing.assert_close(ours, ref.sym(cov.grad), atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(ours, sym(cov.grad), atol=1e-9, rtol=1e-8)
 
 
 @pytest.mark.parametrize("method", ["zca", "newton"])
 def test_whitening_matrix_gradcheck(method):
     cov = random_cov(2, 5, cond=5.0).requires_grad_(True)
     # gradcheck perturbs one entry at a time, breaking symmetry: feed a symmetrised input.
-    fn = lambda c: ref.whitening_matrix(ref.sym(c), method, eps=1e-3, T=6)  # noqa: E731
+    fn = lambda c: ref.whitening_matrix(sym(c), method, eps=1e-3, T=6)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (cov,), eps=1e-6, atol=1e-6)
 
 

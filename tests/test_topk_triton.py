@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import sdecor
-from sdecor import masking
 from sdecor import reference as ref
+from sdecor.ops import topk
 from sdecor.testing import assert_close
 
-from test_topk_reference_extra import _scores_with_ties
+from test_topk_torch import _scores_with_ties
 
 FILLS = ("zero", "constant", "mean", "uniform", "baseline")
 # small shapes (the interpreter is slow): odd sizes, 2 to 5 dims, one row of a few thousand
@@ -112,7 +112,7 @@ def test_forced_triton_rejects_float64():
 def test_opcheck(device):
     from torch.library import opcheck
 
-    masking._get_triton_op()
+    topk.topk_mask_op.op                         # registered on first use
     op = torch.ops.sdecor.topk_mask.default
     x = torch.randn(2, 3, 5, 7, device=device)
     s = torch.randn_like(x)

@@ -6,7 +6,7 @@ import torch
 
 import sdecor
 from sdecor import reference as ref
-from sdecor import whitening as wh
+from sdecor.ops import whiten as wh
 from sdecor.testing import assert_close
 
 

@@ -10,10 +10,10 @@ from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
 from .convert import ConversionReport, convert_whitening
-from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency, topk_mask
+from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
-from .whitening import group_cov, group_whiten, whitening_matrix
+from .ops import group_cov, group_whiten, topk_mask, whitening_matrix
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import contextlib
 import importlib.util
 import os
 import threading
-from typing import Iterable, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ from . import _ext
 
 BACKENDS = ("torch", "triton", "native")
 ENV_VAR = "SDECOR_BACKEND"
+
+# dtypes the Triton kernels take (statistics in fp32, outputs in the input's dtype)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -123,25 +126,33 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if reason(b, device) is None]
 
 
-def _device_of(tensors: Iterable) -> torch.device:
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
-
-
-def select(op: str, tensors: Sequence, supports: dict[str, Sequence[str]]) -> str:
-    """Pick the backend for ``op``.
+def select(op: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+           supports: Mapping[str, Sequence[str]]) -> str:
+    """Pick the backend for ``op`` on ``tensors`` (argument name -> tensor, or a sequence of tensors;
+    the first one gives the device).
 
     ``supports`` maps a device type to the backends that implement ``op`` there, in order of
     preference, e.g. ``{"cuda": ("triton", "torch"), "cpu": ("native", "torch"),
     "interpret": ("triton",)}``. ``"interpret"`` lists backends that can be forced on CPU tensors
-    through the Triton interpreter but are never picked automatically.
+    through the Triton interpreter but are never picked automatically. Triton runs only when every
+    tensor has one of :data:`TRITON_DTYPES`: otherwise it is skipped, or, when forced, an error.
     """
-    device = _device_of(tensors)
+    if not isinstance(tensors, Mapping):
+        tensors = {f"input {i}": t for i, t in enumerate(tensors)}
+    device = next(iter(tensors.values())).device
     dev_type = device.type
-    preferred = tuple(supports.get(dev_type, ())) + (("torch",) if "torch" not in supports.get(dev_type, ()) else ())
+    triton_ok = all(t.dtype in TRITON_DTYPES for t in tensors.values())
     want = forced()
+    if want == "triton" and not triton_ok:
+        got = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+        raise BackendUnavailableError(
+            f"sdecor.{op}: the 'triton' backend takes {', '.join(str(d) for d in TRITON_DTYPES)} "
+            f"tensors; got {got} (use the 'torch' backend for it)")
+    if not triton_ok:
+        supports = {k: tuple(b for b in v if b != "triton") for k, v in supports.items()}
+    preferred = tuple(supports.get(dev_type, ()))
+    if "torch" not in preferred:
+        preferred += ("torch",)
     if want is not None:
         implemented = set(preferred)
         if dev_type == "cpu":

@@ -8,7 +8,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from . import reference as ref
+from . import _checks
 from .nn import GroupWhitening
 
 __all__ = ["convert_whitening", "ConversionReport"]
@@ -114,7 +114,7 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
     if unknown:
         raise TypeError(f"convert_whitening got unexpected keyword argument(s) {unknown}; "
                         f"accepted: {list(_OPTIONS)}")
-    ref.check_whitening_args(method, kw.get("eps", 1e-5), kw.get("T", 5))
+    _checks.check_whitening_args(method, kw.get("eps", 1e-5), kw.get("T", 5))
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
     # Validate the remaining options once, on a layer the size of a group.
@@ -143,7 +143,7 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
         C = module.num_features
         if C % num_channels != 0:
             report.skipped.append((name, f"{C} channels are not divisible by num_channels={num_channels} "
-                                         f"(valid group sizes: {ref.divisors(C)})"))
+                                         f"(valid group sizes: {_checks.divisors(C)})"))
             continue
         if id(module) not in built:
             built[id(module)] = _replacement(module, num_channels, method, kw)

@@ -6,21 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference as ref
-from . import whitening
+from . import _checks
 from .masking import SaliencyMasker
 from .objective import SaliencyDecor
+from .ops import whiten
 
 __all__ = ["GroupWhitening", "SaliencyMasker", "SaliencyDecor"]
-
-
-def _group_whiten_train(x, num_channels, method, eps, T, weight, bias):
-    return whitening.group_whiten_train(x, num_channels, method=method, eps=eps, T=T,
-                                        weight=weight, bias=bias)
-
-
-def _group_whiten_eval(x, mean, wm, weight, bias):
-    return whitening.group_whiten_eval(x, mean, wm, weight=weight, bias=bias)
 
 
 class GroupWhitening(nn.Module):
@@ -56,10 +47,9 @@ class GroupWhitening(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")
-        G = ref.check_groups(num_channels, num_features)
-        ref.check_whitening_args(method, eps, T)
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0.0 <= momentum <= 1.0):
+        G = _checks.check_groups(num_channels, num_features)
+        _checks.check_whitening_args(method, eps, T)
+        if momentum is not None and (not _checks.is_number(momentum) or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); "
                              f"got {momentum!r}")
         for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
@@ -112,28 +102,17 @@ class GroupWhitening(nn.Module):
                 f"T={self.T}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
 
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor; got {type(x).__name__}")
-        if not 2 <= x.dim() <= 5:
-            raise ValueError(f"expected a 2D to 5D input (N, C, *S) to {type(self).__name__}; "
-                             f"got a {x.dim()}D input of shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels (dim 1 of the input, num_features) "
-                             f"for {type(self).__name__}; got input of shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor; got dtype {x.dtype}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        # The options were checked in __init__; the input is checked here, once.
+        _checks.check_module_input(x, self.num_features, type(self).__name__)
         if self.training or not self.track_running_stats:
-            y, mean, wm = _group_whiten_train(x, self.num_channels, self.method, self.eps, self.T,
-                                              self.weight, self.bias)
+            _checks.check_training_samples(x)
+            y, mean, wm = whiten.run_train(x, self.num_channels, self.method, self.eps, self.T,
+                                           self.weight, self.bias)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, wm)
             return y
-        return _group_whiten_eval(x, self.running_mean.squeeze(-1), self.running_wm,
-                                  self.weight, self.bias)
+        return whiten.run_eval(x, self.running_mean, self.running_wm, self.weight, self.bias)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, wm: torch.Tensor) -> None:

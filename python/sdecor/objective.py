@@ -1,6 +1,6 @@
 """Decorrelation loss and the SaliencyDecor objective.
 
-``decorrelation_loss`` goes through :func:`sdecor.whitening.group_cov`, so it runs on whichever
+``decorrelation_loss`` goes through group_cov (:mod:`sdecor.ops.cov`), so it runs on whichever
 backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors).
 
 ``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
@@ -19,17 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference as ref
+from . import _checks
+from ._common import decorrelation_from_cov
 from .masking import saliency as input_saliency
-from .masking import topk_mask
-from .whitening import group_cov
+from .ops.cov import run_group_cov
+from .ops.topk import topk_mask
 
 
 def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
     """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov)."""
-    ref.check_decor_args(num_channels, kind)
-    _, cov = group_cov(x, num_channels)
-    return ref.decorrelation_from_cov(cov, kind)
+    _checks.check_decor_args(num_channels, kind)
+    _checks.check_input(x)
+    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_training_samples(x)
+    _, cov = run_group_cov(x, num_channels)
+    return decorrelation_from_cov(cov, kind)
 
 
 class _Terms(NamedTuple):
@@ -53,10 +57,6 @@ class SaliencyDecorTerms(_Terms):
         self.saliency, self.x_masked, self.mask = saliency, x_masked, mask
         self.logits, self.logits_masked = logits, logits_masked
         return self
-
-
-def _is_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float))
 
 
 # lambda_decor default: decov sums squared off-diagonal covariances, which for unnormalized
@@ -88,22 +88,18 @@ class SaliencyDecor(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if not _is_number(mask_ratio) or not 0.0 <= mask_ratio <= 1.0:
+        if not _checks.is_number(mask_ratio) or not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
-        fills = tuple(f for f in ref.FILLS if f != "baseline")
+        fills = tuple(f for f in _checks.FILLS if f != "baseline")
         if fill not in fills:
             raise ValueError(f"fill must be one of {fills}; got {fill!r}")
         for name, v in (("lambda_consistency", lambda_consistency), ("lambda_decor", lambda_decor)):
-            if not _is_number(v) or not v >= 0:
+            if not _checks.is_number(v) or not v >= 0:
                 raise ValueError(f"{name} must be a non-negative number; got {v!r}")
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int; got {num_channels!r}")
-        if kind not in ref.DECOR_KINDS:
-            raise ValueError(f"kind must be one of {ref.DECOR_KINDS}; got {kind!r}")
-        if kind == "corr" and num_channels < 2:
-            raise ValueError(f"kind='corr' needs num_channels >= 2; got {num_channels}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        _checks.check_decor_args(num_channels, kind)
+        _checks.check_generator(generator)
         self.model = model
         self.mask_ratio, self.fill = float(mask_ratio), fill
         self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)
@@ -114,7 +110,7 @@ class SaliencyDecor(nn.Module):
             if C % num_channels:
                 raise ValueError(
                     f"the input of the last nn.Linear ({self.decor_layers[0][0]!r}) has C={C} features, "
-                    f"not divisible by num_channels={num_channels}; valid group sizes are {ref.divisors(C)}")
+                    f"not divisible by num_channels={num_channels}; valid group sizes are {_checks.divisors(C)}")
 
     @staticmethod
     def _resolve_layers(model: nn.Module, decor_layers) -> list[tuple[str, nn.Module]]:
@@ -157,7 +153,7 @@ class SaliencyDecor(nn.Module):
                 raise ValueError(
                     f"decor layer {name!r}: input features of shape {tuple(f.shape)} have C="
                     f"{f.shape[1] if f.dim() >= 2 else None} channels, not divisible by num_channels="
-                    f"{self.num_channels}" + (f"; valid group sizes are {ref.divisors(f.shape[1])}"
+                    f"{self.num_channels}" + (f"; valid group sizes are {_checks.divisors(f.shape[1])}"
                                               if f.dim() >= 2 else ""))
             total = total + decorrelation_loss(f, self.num_channels, self.kind).to(total.dtype)
         return total

@@ -17,7 +17,7 @@ torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
     multi_processor_count=132, name="fake H100", major=9, minor=0, total_memory=80 << 30)
 
 import sdecor  # noqa: E402
-from sdecor import whitening  # noqa: E402
+from sdecor.ops import whiten  # noqa: E402
 
 
 def describe(t):
@@ -46,10 +46,10 @@ with FakeTensorMode(), sdecor.use_backend("triton"):
             C = shape[1]
             w = torch.empty(C, device="cuda")
             case(f"group_whiten_train-affine-{tag}",
-                 lambda: whitening.group_whiten_train(x, d, weight=w, bias=w))
+                 lambda: whiten.group_whiten_train(x, d, weight=w, bias=w))
             G = C // d
             case(f"group_whiten_eval-{tag}",
-                 lambda: whitening.group_whiten_eval(x, torch.empty(G, d, device="cuda"),
+                 lambda: whiten.group_whiten_eval(x, torch.empty(G, d, device="cuda"),
                                                      torch.empty(G, d, d, device="cuda"), w, w))
         xcl = torch.empty(4, 32, 6, 5, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
         case(f"group_whiten-channels_last-{str(dtype)[6:]}", lambda: sdecor.group_whiten(xcl, 16))

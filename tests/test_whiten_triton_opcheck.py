@@ -1,15 +1,19 @@
-"""torch.library.opcheck on every custom op of the triton whitening backend (torch.ops.sdecor_triton)."""
+"""torch.library.opcheck on every custom op of the triton whitening backend (torch.ops.sdecor)."""
 
 import pytest
 import torch
 
 from sdecor import reference as ref
-from sdecor import whitening as wh
+from sdecor.ops import cov, whiten
 
 
 @pytest.fixture(scope="module")
 def ops():
-    return wh._triton_ops()
+    for op in (cov.group_cov_op, cov.group_cov_backward_op, whiten.newton_op, whiten.newton_backward_op,
+               whiten.whiten_bwd_reduce_op, whiten.whiten_bwd_dx_op, whiten.whiten_train_op,
+               whiten.whiten_apply_op):
+        op.op                                    # registered on first use
+    return torch.ops.sdecor
 
 
 def _x(device, shape=(3, 8, 5, 5), channels_last=False):

@@ -1,6 +1,7 @@
-"""Group whitening with batch statistics in plain torch ops and a hand-written backward.
+"""The ``torch`` backend of group whitening with batch statistics: torch ops, hand-written backward.
 
-The fast CPU path of ``group_whiten_train``: same semantics as the reference composition
+What :func:`sdecor.ops.whiten.group_whiten` and ``GroupWhitening`` run on the torch backend (the
+default on CPU): same semantics as the reference composition
 ``weight * W (x - mean) + bias`` (W from :func:`sdecor.reference.whitening_matrix`), computed on the
 (N, G, d, L) view of x with batched matrix products (never a transposed copy of x), and a backward
 that reads the large tensors twice instead of autograd's dozen. Xc = X - mu is never stored: every
@@ -22,9 +23,10 @@ import math
 
 import torch
 
-from . import reference as ref
+from .. import reference as ref
+from .._common import eye_like, grouped, like_format, stats_dtype, zca_backward, zca_from_eigh
 
-__all__ = ["group_whiten_train_torch", "newton_forward", "newton_backward"]
+__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -34,11 +36,11 @@ __all__ = ["group_whiten_train_torch", "newton_forward", "newton_backward"]
 def newton_forward(se: torch.Tensor, T: int):
     """IterNorm's W = P_T / sqrt(tr Se) by the coupled iteration of the reference.
 
-    Returns (W, trace, ys, zs, ms) where ys[k], zs[k], ms[k] are Y_k, Z_k and M_k of step k, kept
-    for :func:`newton_backward`.
+    Returns (W, trace, Z_T, ys, zs, ms) where ys[k], zs[k], ms[k] are Y_k, Z_k and M_k of step k,
+    kept for :func:`newton_backward`.
     """
     trace = se.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]   # tr(Se): (G, 1, 1)
-    eye = ref.eye_like(se)
+    eye = eye_like(se)
     y = se / trace                                                   # Y_0 = Sn
     z = eye.expand_as(se)                                            # Z_0 = I
     ys, zs, ms = [], [], []
@@ -69,7 +71,7 @@ def newton_backward(grad_w: torch.Tensor, se: torch.Tensor, trace: torch.Tensor,
         gy = gy_new - 0.5 * (z.transpose(-1, -2) @ gm)
     # Y_0 = Se / tr(Se)
     g_tr = g_tr - (gy * se).sum((-2, -1), keepdim=True) / (trace * trace)
-    return gy / trace + g_tr * ref.eye_like(se)
+    return gy / trace + g_tr * eye_like(se)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,13 +99,13 @@ class _GroupWhitenTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_channels, method, eps, T):
-        sd = ref.stats_dtype(x.dtype)
+        sd = stats_dtype(x.dtype)
         N, C = x.shape[:2]
         d = num_channels
         G = C // d
         L = math.prod(x.shape[2:])
         m = N * L
-        xg = ref.grouped(x, d)
+        xg = grouped(x, d)
         if xg.dtype != sd:
             xg = xg.to(sd)
         blocks = _blocks(N, xg[0].numel() * xg.element_size())
@@ -116,16 +118,16 @@ class _GroupWhitenTrain(torch.autograd.Function):
             xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
             cov += torch.matmul(xc, xc.transpose(-1, -2)).sum(0)
         cov.div_(m)                                                  # Xc Xc^T / m: (G, d, d)
-        se = cov + eps * ref.eye_like(cov)
+        se = cov + eps * eye_like(cov)
         if method == "zca":
             evals, evecs = torch.linalg.eigh(se)
-            w = ref.zca_from_eigh(evals, evecs, eps)
+            w = zca_from_eigh(evals, evecs, eps)
             small = (evals, evecs)
-            newton = ()
+            history = ()
         else:
             w, trace, z_last, ys, zs, ms = newton_forward(se, T)
             small = (se, trace, z_last)
-            newton = (*ys, *zs, *ms)
+            history = (*ys, *zs, *ms)
         wg = None if weight is None else weight.to(sd).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # diag(weight) W
         # y = A (x - mean) + b, block by block (x - mean formed in cache, as the reference does).
@@ -144,11 +146,11 @@ class _GroupWhitenTrain(torch.autograd.Function):
                 torch.bmm(a_b[:n * G], xc, out=out)
             else:
                 torch.baddbmm(b_b[:n * G], a_b[:n * G], xc, out=out)
-        y = ref.like_format(y.to(x.dtype), x)
+        y = like_format(y.to(x.dtype), x)
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype)
-        ctx.save_for_backward(xg, mean, w, a, weight, *small, *newton)
+        ctx.save_for_backward(xg, mean, w, a, weight, *small, *history)
         ctx.mark_non_differentiable(mean, w)
         return y, mean, w
 
@@ -161,7 +163,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
         sd = xg.dtype
         shape = grad_y.shape
         L = xg.shape[-1]
-        gy = ref.grouped(grad_y, d)
+        gy = grouped(grad_y, d)
         if gy.dtype != sd:
             gy = gy.to(sd)
         gy = gy.contiguous()
@@ -196,7 +198,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
             return grad_x, grad_weight, grad_bias, None, None, None, None
         if method == "zca":
             evals, evecs = rest
-            grad_se = ref.zca_backward(grad_w, evals, evecs, eps)
+            grad_se = zca_backward(grad_w, evals, evecs, eps)
         else:
             se, trace, z_last = rest[:3]
             hist = rest[3:]
@@ -218,19 +220,25 @@ class _GroupWhitenTrain(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def group_whiten_train_torch(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
-                       T: int = 5, weight=None, bias=None):
-    """``(y, mean, wm)``: y = weight * W (x - mean) + bias with batch statistics.
+def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: float, T: int,
+                       weight=None, bias=None):
+    """``(y, mean, wm)``: y = weight * W (x - mean) + bias with batch statistics (arguments checked
+    by the caller).
 
-    Same semantics as ``sdecor.whitening.group_whiten_train``: y has x's shape, dtype and memory
-    format and is differentiable w.r.t. x, weight and bias; mean (G, d) and wm (G, d, d) are the
-    batch statistics (float32, float64 for float64 input), detached.
+    y has x's shape, dtype and memory format and is differentiable w.r.t. x, weight and bias; mean
+    (G, d) and wm (G, d, d) are the batch statistics (float32, float64 for float64 input), detached.
     """
-    ref.check_input(x)
-    ref.check_groups(num_channels, x.shape[1])
-    ref.check_whitening_args(method, eps, T)
-    ref.check_training_samples(x)
-    ref.check_affine(weight, "weight", x)
-    ref.check_affine(bias, "bias", x)
     return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
 
+
+def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
+    """y = weight * wm (x - mean) + bias with given statistics mean (G, d) and wm (G, d, d), through
+    autograd (arguments checked by the caller)."""
+    sd = stats_dtype(x.dtype)
+    y = ref.apply_whitening(x, mean.to(sd), wm.to(sd))
+    shape = (1, y.shape[1]) + (1,) * (y.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape).to(y.dtype)
+    if bias is not None:
+        y = y + bias.reshape(shape).to(y.dtype)
+    return like_format(y, x)

@@ -1,0 +1,228 @@
+"""Argument checks of every public function and module, in one place.
+
+Each public call runs its checks once, before any work, and raises TypeError / ValueError naming the
+argument and what was expected (DESIGN.md). The reference, the op modules (:mod:`sdecor.ops`) and the
+modules (:mod:`sdecor.nn`) all call these; nothing below them checks again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DECOR_KINDS",
+    "FILLS",
+    "MAX_NEWTON_STEPS",
+    "METHODS",
+    "REDUCES",
+    "check_affine",
+    "check_cov",
+    "check_decor_args",
+    "check_generator",
+    "check_groups",
+    "check_input",
+    "check_mask_args",
+    "check_mask_options",
+    "check_module_input",
+    "check_stats",
+    "check_training_samples",
+    "check_whitening_args",
+    "divisors",
+    "is_number",
+    "resolve_k",
+]
+
+METHODS = ("zca", "newton")
+FILLS = ("zero", "constant", "mean", "uniform", "baseline")
+REDUCES = ("mean", None)
+DECOR_KINDS = ("decov", "corr")
+MAX_NEWTON_STEPS = 100
+
+
+def is_number(v) -> bool:
+    """A Python int or float (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensors
+
+
+def check_input(x, name: str = "x", min_dim: int = 2, max_dim: int = 5) -> None:
+    """A floating-point tensor (N, C, *S) with min_dim to max_dim dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not (min_dim <= x.dim() <= max_dim):
+        raise ValueError(
+            f"{name} must have shape (N, C, *S) with 0 to {max_dim - 2} trailing dims "
+            f"({min_dim} to {max_dim} dims); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+
+
+def check_module_input(x, num_features: int, module: str) -> None:
+    """The input of a whitening module: a 2D to 5D float tensor with ``num_features`` channels."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor; got {type(x).__name__}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"expected a 2D to 5D input (N, C, *S) to {module}; "
+                         f"got a {x.dim()}D input of shape {tuple(x.shape)}")
+    if x.shape[1] != num_features:
+        raise ValueError(f"expected {num_features} channels (dim 1 of the input, num_features) "
+                         f"for {module}; got input of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor; got dtype {x.dtype}")
+
+
+def check_groups(num_channels: int, C: int) -> int:
+    """Validate the group size d against C channels and return G = C // d."""
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int):
+        raise TypeError(f"num_channels must be an int; got {type(num_channels).__name__}")
+    if num_channels < 1 or C % num_channels != 0:
+        raise ValueError(
+            f"num_channels (group size d={num_channels}) must divide the channel count C={C}; "
+            f"valid group sizes for C={C} are {divisors(C)}")
+    return C // num_channels
+
+
+def check_training_samples(x: torch.Tensor) -> int:
+    """m = N * prod(S) >= 2 values per channel (as BatchNorm); returns m."""
+    m = x.shape[0] * math.prod(x.shape[2:])
+    if m < 2:
+        raise ValueError(
+            f"training statistics need more than 1 value per channel (m = N * prod(S) >= 2); "
+            f"got x of shape {tuple(x.shape)} (m={m})")
+    return m
+
+
+def check_affine(t, name: str, x: torch.Tensor) -> None:
+    """An optional per-channel affine parameter (weight or bias): None or a float tensor (C,) on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
+    C = x.shape[1]
+    if t.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},); got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+
+
+def check_cov(cov) -> None:
+    if not isinstance(cov, torch.Tensor):
+        raise TypeError(f"cov must be a torch.Tensor; got {type(cov).__name__}")
+    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"cov must have shape (..., d, d); got {tuple(cov.shape)}")
+    if not cov.is_floating_point():
+        raise TypeError(f"cov must be a floating-point tensor; got dtype {cov.dtype}")
+
+
+def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
+    """Given statistics of group whitening: wm (G, d, d) and mean (G, d) or (G, d, 1), G*d = C.
+    Returns (G, d)."""
+    for name, t in (("mean", mean), ("wm", wm)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    if wm.dim() != 3 or wm.shape[-1] != wm.shape[-2]:
+        raise ValueError(f"wm must have shape (G, d, d); got {tuple(wm.shape)}")
+    G, d = wm.shape[0], wm.shape[-1]
+    if G * d != x.shape[1]:
+        raise ValueError(f"wm of shape {tuple(wm.shape)} gives G*d = {G * d} channels; x has C={x.shape[1]}")
+    if mean.shape not in ((G, d), (G, d, 1)):
+        raise ValueError(f"mean must have shape (G, d) = ({G}, {d}) (or (G, d, 1)); got {tuple(mean.shape)}")
+    return G, d
+
+
+# ---------------------------------------------------------------------------------------------------
+# options
+
+
+def check_whitening_args(method: str, eps: float, T: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not is_number(eps) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float; got {eps!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_NEWTON_STEPS:
+        raise ValueError(f"T (Newton-Schulz steps) must be an int in [1, {MAX_NEWTON_STEPS}]; got {T!r}")
+
+
+def check_decor_args(num_channels, kind: str) -> None:
+    if kind not in DECOR_KINDS:
+        raise ValueError(f"kind must be one of {DECOR_KINDS}; got {kind!r}")
+    if kind == "corr" and isinstance(num_channels, int) and num_channels < 2:
+        raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
+
+
+def resolve_k(D: int | None, ratio, k) -> int | None:
+    """k = floor(ratio * D) or k itself; exactly one of them, within [0, D].
+
+    With D None (options checked before any input is seen) only the ranges that do not depend on D
+    are checked, and None is returned.
+    """
+    if (ratio is None) == (k is None):
+        raise ValueError(f"give exactly one of ratio and k; got ratio={ratio!r}, k={k!r}")
+    if ratio is not None:
+        if not is_number(ratio) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1]; got {ratio!r}")
+        return None if D is None else int(math.floor(ratio * D))
+    if D is None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative int; got {k!r}")
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= D:
+        raise ValueError(f"k must be an int in [0, D={D}] (D = scores per sample); got {k!r}")
+    return k
+
+
+def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> None:
+    """reduce, fill and the constant ``value`` (checked for fill='constant', or always)."""
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be 'mean' or None; got {reduce!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}; got {fill!r}")
+    if (value_always or fill == "constant") and not is_number(value):
+        raise ValueError(f"value must be a number" + ("" if value_always else " for fill='constant'")
+                         + f"; got {value!r}")
+
+
+def check_mask_args(x, saliency, reduce, fill, value, baseline) -> None:
+    """Every argument of topk_mask but ratio/k (see :func:`resolve_k`) and the generator."""
+    check_input(x, "x", min_dim=2, max_dim=5)
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be a torch.Tensor; got {type(saliency).__name__}")
+    if saliency.shape != x.shape:
+        raise ValueError(f"saliency must have the shape of x {tuple(x.shape)}; got {tuple(saliency.shape)}")
+    if saliency.device != x.device:
+        raise ValueError(f"saliency must be on x's device {x.device}; got {saliency.device}")
+    check_mask_options(reduce, fill, value)
+    if fill == "baseline":
+        if not isinstance(baseline, torch.Tensor) or baseline.shape != x.shape:
+            got = tuple(baseline.shape) if isinstance(baseline, torch.Tensor) else type(baseline).__name__
+            raise ValueError(f"fill='baseline' needs baseline, a tensor shaped like x {tuple(x.shape)}; got {got}")
+        if baseline.device != x.device:
+            raise ValueError(f"baseline must be on x's device {x.device}; got {baseline.device}")
+    elif baseline is not None:
+        raise ValueError(f"baseline is only used with fill='baseline'; got fill={fill!r}")
+
+
+def check_generator(generator, device: torch.device | None = None) -> None:
+    """None or a torch.Generator (on ``device``'s type when a device is given)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if device is not None and generator.device.type != device.type:
+        raise ValueError(f"generator must be on x's device type {device.type!r}; got a generator on "
+                         f"{generator.device.type!r}")

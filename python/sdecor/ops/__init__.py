@@ -1,0 +1,18 @@
+"""The ops, one module per family: public functions (arguments checked once, backend picked from the
+module's ``SUPPORTS`` table), the torch.library custom ops of the ``triton`` backend with their
+autograd, and the torch backends beside them.
+
+- :mod:`sdecor.ops.cov`: group_cov
+- :mod:`sdecor.ops.whiten`: whitening_matrix, group_whiten, group_whiten_train / group_whiten_eval
+  (the GroupWhitening paths); torch backend :mod:`sdecor.ops.whiten_torch`
+- :mod:`sdecor.ops.topk`: topk_mask; torch backend :mod:`sdecor.ops.topk_torch`
+
+Every custom op is ``torch.ops.sdecor.<name>``, registered through :mod:`sdecor.ops._library`.
+"""
+
+from .cov import group_cov
+from .topk import topk_mask
+from .whiten import group_whiten, group_whiten_eval, group_whiten_train, whitening_matrix
+
+__all__ = ["group_cov", "group_whiten", "group_whiten_eval", "group_whiten_train", "topk_mask",
+           "whitening_matrix"]

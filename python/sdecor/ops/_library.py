@@ -1,0 +1,89 @@
+"""Registration of sdecor's Python-defined custom ops: one namespace, one helper for every op family.
+
+Every op lives in the ``sdecor`` namespace (``torch.ops.sdecor.<name>``), beside the C++ ops of
+``sdecor._C`` (``eigh_small``). An op module writes the body of a Triton-backed op as a plain function
+and decorates it::
+
+    @triton_custom_op("group_cov", "(Tensor x, int d) -> (Tensor, Tensor)")
+    def group_cov_op(x, d):
+        return stats.group_stats(x, d)          # launcher in sdecor_kernels (tensors in, tensors out)
+
+    group_cov_op.register_autograd(backward, setup_context=setup)
+
+and calls ``group_cov_op(x, d)``. The op is registered with torch.library on its first call, so that
+``import sdecor`` stays cheap and Triton is imported only when a Triton op first runs (by the body's
+launcher module). On a GPU it is a ``triton_op``: torch.compile sees the kernels, which the launchers
+launch through ``wrap_triton``. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests)
+interpreted kernels cannot be traced, so it is an opaque ``custom_op`` whose fake implementation is the
+body itself (the launchers skip kernels on fake tensors).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from .. import _backend
+
+__all__ = ["NAMESPACE", "TritonCustomOp", "triton_custom_op"]
+
+NAMESPACE = "sdecor"
+
+_lock = threading.Lock()
+
+
+class TritonCustomOp:
+    """``sdecor::<name>`` with body ``fn``, registered on first use (see the module docstring)."""
+
+    def __init__(self, name: str, fn: Callable, schema: str | None = None):
+        self.name = name
+        self.qualname = f"{NAMESPACE}::{name}"
+        self.fn = fn
+        self.schema = schema
+        self._autograd = None
+        self._op = None
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """Gradients of the op (``torch.library.register_autograd``), attached when it is registered."""
+        if self._op is not None:
+            raise RuntimeError(f"{self.qualname}: register_autograd after the op was registered")
+        self._autograd = (backward, setup_context)
+
+    @property
+    def op(self):
+        """The registered op (``torch.ops.sdecor.<name>``'s definition); registers it on first access."""
+        if self._op is None:
+            with _lock:
+                if self._op is None:
+                    self._op = self._register()
+        return self._op
+
+    def _register(self):
+        lib = torch.library
+        if _backend.interpreter_on():
+            op = lib.custom_op(self.qualname, self.fn, mutates_args=(), schema=self.schema)
+            op.register_fake(self.fn)
+        else:
+            op = lib.triton_op(self.qualname, self.fn, mutates_args=(), schema=self.schema)
+        if self._autograd is not None:
+            backward, setup = self._autograd
+            op.register_autograd(backward, setup_context=setup)
+        return op
+
+    def __call__(self, *args):
+        return self.op(*args)
+
+    def __repr__(self) -> str:
+        state = "registered" if self._op is not None else "registered on first call"
+        return f"<sdecor op {self.qualname} ({state})>"
+
+
+def triton_custom_op(name: str, schema: str | None = None) -> Callable[[Callable], TritonCustomOp]:
+    """Decorator: the function becomes the body of the op ``sdecor::<name>`` (see the module docstring)."""
+    def wrap(fn: Callable) -> TritonCustomOp:
+        return TritonCustomOp(name, fn, schema)
+    return wrap

@@ -1,0 +1,298 @@
+"""Whitening: whitening_matrix, group_whiten, and the training / eval paths of GroupWhitening.
+
+Public functions check their arguments once and pick the backend (``SUPPORTS``); ``run_train`` and
+``run_eval`` are the same dispatch without checks, for ``GroupWhitening`` (which checks its input
+itself). Backends:
+
+- ``triton`` (CUDA tensors of float32/float16/bfloat16; CPU tensors only when forced under
+  TRITON_INTERPRET=1): the ops below, each a launcher of :mod:`sdecor_kernels`. Forward of
+  ``whiten_train``: statistics (one read of x; for d <= 32 the Newton-Schulz steps run in the same
+  finalize program) -> W -> apply (one read of x, one write of y). Backward: one pass over (dy, x) for
+  D = sum dy (x - mean)^T and sum dy, the d x d math (Newton backward kernel, or the stable ZCA
+  backward in torch), one pass over (dy, x) that writes dx. Nothing synchronises with the host
+  (except torch.linalg.eigh on CUDA for zca without the native extension).
+- ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
+  backward), the reference for whitening_matrix.
+- ``native`` (whitening_matrix, zca): the batched Jacobi eigensolver :func:`sdecor._native.eigh_small`
+  with the stable ZCA backward; on CUDA also the eigensolver of the triton zca path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, _native
+from .. import reference as ref
+from .._common import ZCAWhitening, eye_like, samples_per_channel, stats_dtype, zca_backward, zca_from_eigh
+from . import whiten_torch
+from ._library import triton_custom_op
+
+__all__ = [
+    "SUPPORTS",
+    "whitening_matrix",
+    "group_whiten",
+    "group_whiten_train",
+    "group_whiten_eval",
+    "run_train",
+    "run_eval",
+]
+
+_TRITON = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
+
+# Backends of each op per device type, in order of preference ("interpret": forced only, on CPU
+# tensors under TRITON_INTERPRET=1).
+SUPPORTS = {
+    "group_whiten": _TRITON,
+    "group_whiten_train": _TRITON,
+    "group_whiten_eval": _TRITON,
+    "whitening_matrix": _TRITON,                                      # method="newton"
+    # On CPU, LAPACK's eigh beats the Jacobi solver at these sizes: native only when forced.
+    "whitening_matrix[zca]": {"cuda": ("native", "triton", "torch"), "cpu": ("torch", "native"),
+                              "interpret": ("triton",)},
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# public functions
+
+
+def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: int = 5) -> Tensor:
+    """Whitening matrices of ``cov + eps I`` (..., d, d): exact ZCA or T Newton-Schulz steps."""
+    _checks.check_cov(cov)
+    _checks.check_whitening_args(method, eps, T)
+    key = "whitening_matrix[zca]" if method == "zca" else "whitening_matrix"
+    backend = _backend.select("whitening_matrix", {"cov": cov}, SUPPORTS[key])
+    if backend == "native":
+        sd = stats_dtype(cov.dtype)
+        se = cov.to(sd) + eps * eye_like(cov).to(sd)
+        return ZCAWhitening.apply(se, float(eps), _native_eigh)
+    if backend == "triton" and method == "newton" and math.prod(cov.shape[:-2]) > 0:
+        d = cov.shape[-1]
+        flat = cov.to(torch.float32).reshape(-1, d, d).contiguous()
+        return newton_op(flat, float(eps), T).reshape(cov.shape)
+    # torch; triton for zca (torch.linalg.eigh with the stable backward) and for an empty batch
+    return ref._whitening_matrix(cov, method, eps, T)
+
+
+def group_whiten(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
+                 T: int = 5) -> Tensor:
+    """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x."""
+    _checks.check_input(x)
+    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_whitening_args(method, eps, T)
+    _checks.check_training_samples(x)
+    return run_train(x, num_channels, method, eps, T, None, None, op="group_whiten")[0]
+
+
+def group_whiten_train(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
+                       T: int = 5, weight: Tensor | None = None, bias: Tensor | None = None):
+    """Training-mode group whitening with batch statistics, for the GroupWhitening module.
+
+    Returns (y, mean, wm): y = weight * W (x - mean) + bias (weight, bias shaped (C,), optional),
+    differentiable w.r.t. x, weight and bias; mean (G, d) and wm (G, d, d) fp32 (fp64 for fp64 x on
+    the torch backend), detached, computed in the same pass as y (for running statistics).
+    """
+    _checks.check_input(x)
+    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_whitening_args(method, eps, T)
+    _checks.check_affine(weight, "weight", x)
+    _checks.check_affine(bias, "bias", x)
+    _checks.check_training_samples(x)
+    return run_train(x, num_channels, method, eps, T, weight, bias)
+
+
+def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None = None,
+                      bias: Tensor | None = None) -> Tensor:
+    """y = weight * wm (x - mean) + bias per group with given statistics (mean (G, d) or (G, d, 1),
+    wm (G, d, d)); differentiable w.r.t. x, weight and bias (and mean, wm)."""
+    _checks.check_input(x)
+    _checks.check_stats(mean, wm, x)
+    _checks.check_affine(weight, "weight", x)
+    _checks.check_affine(bias, "bias", x)
+    return run_eval(x, mean, wm, weight, bias)
+
+
+def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight: Tensor | None,
+              bias: Tensor | None, op: str = "group_whiten_train"):
+    """(y, mean, wm) of :func:`group_whiten_train` on the selected backend; no argument checks."""
+    if _backend.select(op, {"x": x}, SUPPORTS[op]) == "triton":
+        y, mean, w = whiten_train_op(x, num_channels, method, float(eps), T, weight, bias)[:3]
+        return y, mean, w
+    return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias)
+
+
+def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """:func:`group_whiten_eval` on the selected backend; no argument checks."""
+    G, d = wm.shape[0], wm.shape[-1]
+    mean = mean.reshape(G, d)
+    if _backend.select("group_whiten_eval", {"x": x}, SUPPORTS["group_whiten_eval"]) == "triton":
+        return whiten_apply_op(x, mean.to(torch.float32), wm.to(torch.float32), weight, bias)
+    return whiten_torch.group_whiten_eval(x, mean, wm, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eigensolvers for zca
+
+
+def _native_eigh(a: Tensor):
+    """sdecor's batched Jacobi solver, unchecked (the backend was selected for a's device)."""
+    return _native.eigh_small(a, check=False)
+
+
+def _eigh_for(device: torch.device):
+    """The eigensolver of the triton zca path: eigh_small where the native backend runs on
+    ``device``, else torch.linalg.eigh."""
+    return _native_eigh if _backend.reason("native", device) is None else torch.linalg.eigh
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton backend: the ops and their autograd
+
+
+@triton_custom_op("newton", "(Tensor cov, float eps, int T) -> Tensor")
+def newton_op(cov: Tensor, eps: float, T: int) -> Tensor:
+    """W (G, d, d) of cov + eps I by T Newton-Schulz steps."""
+    from sdecor_kernels import newton
+
+    return newton.newton_forward(cov, eps, T)
+
+
+@triton_custom_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T) -> Tensor")
+def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int) -> Tensor:
+    """dL/dcov from dL/dW for W = newton(cov, eps, T)."""
+    from sdecor_kernels import newton
+
+    return newton.newton_backward(cov, grad_w, eps, T)
+
+
+def _newton_setup(ctx, inputs, output):
+    cov, eps, T = inputs
+    ctx.eps, ctx.T = eps, T
+    ctx.save_for_backward(cov)
+
+
+def _newton_backward(ctx, grad_w):
+    (cov,) = ctx.saved_tensors
+    return newton_backward_op(cov, grad_w, ctx.eps, ctx.T), None, None
+
+
+newton_op.register_autograd(_newton_backward, setup_context=_newton_setup)
+
+
+@triton_custom_op("whiten_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)")
+def whiten_bwd_reduce_op(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """D = sum_j dy_j (x_j - mean)^T (G, d, d), s = sum_j dy_j (G, d)."""
+    from sdecor_kernels import backward
+
+    return backward.whiten_bwd_reduce(dy, x, mean)
+
+
+@triton_custom_op("whiten_bwd_dx", "(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v) -> Tensor")
+def whiten_bwd_dx_op(dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+    """dx_j = B dy_j + A (x_j - mean) + v."""
+    from sdecor_kernels import backward
+
+    return backward.whiten_bwd_dx(dy, x, mean, a, b, v)
+
+
+# -- group whitening, training (batch statistics) ----------------------------------------------------
+
+
+@triton_custom_op("whiten_train", "(Tensor x, int d, str method, float eps, int T, Tensor? weight, "
+                                  "Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: Tensor | None,
+                    bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, W, cov, evals, evecs); evals/evecs (zca) are empty for newton."""
+    from sdecor_kernels import apply, stats
+
+    if method == "newton":
+        mean, cov, w = stats.group_stats_newton(x, d, eps, T)
+        evals = cov.new_empty((0,))
+        evecs = cov.new_empty((0,))
+    else:
+        mean, cov = stats.group_stats(x, d)
+        se = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        evals, evecs = _eigh_for(x.device)(se)
+        w = zca_from_eigh(evals, evecs, eps)
+    y = apply.whiten_apply(x, mean, w, weight, bias)
+    return y, mean, w, cov, evals, evecs
+
+
+def _whiten_train_setup(ctx, inputs, output):
+    x, d, method, eps, T, weight, bias = inputs
+    y, mean, w, cov, evals, evecs = output
+    ctx.method, ctx.eps, ctx.T = method, eps, T
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, mean, w, cov, evals, evecs, weight)
+    ctx.mark_non_differentiable(mean, w, cov, evals, evecs)
+
+
+def _whiten_train_backward(ctx, dy, *_):
+    x, mean, w, cov, evals, evecs, weight = ctx.saved_tensors
+    G, d = mean.shape
+    m = samples_per_channel(x)
+    D, s = whiten_bwd_reduce_op(dy, x, mean)
+    gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
+    grad_w = gamma.unsqueeze(-1) * D                                # dL/dW = diag(gamma) D
+    if ctx.method == "newton":
+        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T)
+    else:
+        grad_se = zca_backward(grad_w, evals, evecs, ctx.eps)
+    a = (grad_se + grad_se.transpose(-1, -2)) / m                   # through cov = Xc Xc^T / m
+    b = w.transpose(-1, -2) * gamma.unsqueeze(-2)                   # W^T diag(gamma)
+    v = -(b @ s.unsqueeze(-1)).squeeze(-1) / m                      # through the mean
+    dx = whiten_bwd_dx_op(dy, x, mean, a, b, v)
+    grad_weight = grad_bias = None
+    if ctx.has_weight:
+        grad_weight = (D * w).sum(-1).reshape(-1).to(weight.dtype)  # sum_j dy * W (x - mean)
+    if ctx.has_bias:
+        grad_bias = s.reshape(-1).to(dy.dtype)
+    return dx, None, None, None, None, grad_weight, grad_bias
+
+
+whiten_train_op.register_autograd(_whiten_train_backward, setup_context=_whiten_train_setup)
+
+
+# -- group whitening with given statistics (eval) ----------------------------------------------------
+
+
+@triton_custom_op("whiten_apply", "(Tensor x, Tensor mean, Tensor wm, Tensor? weight, Tensor? bias) -> Tensor")
+def whiten_apply_op(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None,
+                    bias: Tensor | None) -> Tensor:
+    from sdecor_kernels import apply
+
+    return apply.whiten_apply(x, mean, wm, weight, bias)
+
+
+def _whiten_apply_setup(ctx, inputs, output):
+    x, mean, wm, weight, bias = inputs
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, mean, wm, weight)
+
+
+def _whiten_apply_backward(ctx, dy):
+    x, mean, wm, weight = ctx.saved_tensors
+    G, d = mean.shape
+    gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
+    b = wm.to(torch.float32).transpose(-1, -2) * gamma.unsqueeze(-2)
+    zeros = torch.zeros_like(b)
+    need = ctx.needs_input_grad
+    dx = whiten_bwd_dx_op(dy, x, mean, zeros, b, torch.zeros_like(mean)) if need[0] else None
+    grad_mean = grad_wm = grad_weight = grad_bias = None
+    if any(need[1:]):
+        D, s = whiten_bwd_reduce_op(dy, x, mean)
+        if need[1]:
+            grad_mean = -(b @ s.unsqueeze(-1)).squeeze(-1).to(mean.dtype)
+        if need[2]:
+            grad_wm = (gamma.unsqueeze(-1) * D).to(wm.dtype)
+        if need[3] and ctx.has_weight:
+            grad_weight = (D * wm).sum(-1).reshape(-1).to(weight.dtype)
+        if need[4] and ctx.has_bias:
+            grad_bias = s.reshape(-1).to(dy.dtype)
+    return dx, grad_mean, grad_wm, grad_weight, grad_bias
+
+
+whiten_apply_op.register_autograd(_whiten_apply_backward, setup_context=_whiten_apply_setup)
