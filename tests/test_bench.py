@@ -6,6 +6,8 @@ Runs on tiny shapes through the harness API (the real shapes are for `sdecor ben
 import csv
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -309,6 +311,39 @@ def test_python_m_sdecor_bench_is_the_one_entry():
     assert out.returncode == 0, out.stderr
     assert "group_whiten" in out.stdout and "eigh_small" in out.stdout
     assert not (ROOT / "benchmarks" / "__main__.py").exists()
+
+
+def _no_gpu_env(tmp_path) -> dict:
+    """An environment whose PATH has bash and find but no nvidia-smi."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "find"):
+        (bindir / tool).symlink_to(shutil.which(tool))
+    return {"PATH": str(bindir), "HOME": str(tmp_path)}
+
+
+def test_gpu_check_without_a_gpu_prints_one_line(tmp_path):
+    env = _no_gpu_env(tmp_path)
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    for extra in ({}, {"PATH": os.environ.get("PATH", ""), "CUDA_VISIBLE_DEVICES": ""}):
+        out = subprocess.run([shutil.which("bash"), str(script)], env={**env, **extra}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert len(out.stdout.splitlines()) == 1 and "no CUDA GPU" in out.stdout
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_gpu_check_without_a_gpu_prints_one_line(tmp_path):
+    env = _no_gpu_env(tmp_path)
+    stamp = tmp_path / "installed"          # stands for the install stamp: up to date, nothing built
+    stamp.touch()
+    before = _snapshot(RESULTS)
+    out = subprocess.run([shutil.which("make"), "gpu-check", f"STAMP={stamp}"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == ["make gpu-check: no CUDA GPU here (nvidia-smi finds none); nothing to run"]
+    assert _snapshot(RESULTS) == before
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sdecor_kernels.static") is None,
