@@ -14,7 +14,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,8 +33,20 @@ test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Writes ./sdecor-bench-output/ (git-ignored); `python -m sdecor bench --save-results` writes the
+# curated files that the README quotes into benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m sdecor bench --quick
+
+# On a machine with a CUDA GPU: the GPU tests (pytest -m gpu), the full benchmark and the static
+# report, every output in benchmarks/results/<device>/ (or $(OUT)/<device>/ when OUT is set), ready
+# to commit; see benchmarks/gpu_check.sh. Without a GPU: one line, exit status 0. BENCH_ARGS go to
+# `sdecor bench` (default: torch.compile measured on the smallest shape of each op, whose compile
+# time would otherwise dominate the run).
+OUT ?=
+BENCH_ARGS ?= --compile smallest
+gpu-check: $(STAMP)
+	@PY="$(PY)" OUT="$(OUT)" BENCH_ARGS="$(BENCH_ARGS)" PYTEST_ARGS="$(PYTEST_ARGS)" bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info python/*.egg-info python/sdecor/_C*.so .pytest_cache

@@ -63,3 +63,16 @@ def poison(monkeypatch):
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as ``gpu`` every test that runs on the GPU when there is one: those taking the ``device``
+    fixture and those parametrized with a CUDA device, beside the ones marked by hand. ``pytest -m
+    gpu`` (``make gpu-check``) then selects every test a GPU machine has to confirm."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_cuda = params is not None and any(
+            (isinstance(v, str) and v == "cuda") or (isinstance(v, torch.device) and v.type == "cuda")
+            for v in params.params.values())
+        if "device" in getattr(item, "fixturenames", ()) or on_cuda:
+            item.add_marker(pytest.mark.gpu)

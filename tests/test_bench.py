@@ -6,6 +6,8 @@ Runs on tiny shapes through the harness API (the real shapes are for `sdecor ben
 import csv
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,16 @@ from sdecor.bench.ops import Impl, Prepared
 from sdecor.bench.plot import plot_op
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# a real shape that runs in milliseconds on a CPU: 4 covariances of 16 x 16, the torch backend only
+CHEAP = ["--ops", "eigh_small", "--shapes", "resnet18-cifar-stage1-d16", "--backends", "torch",
+         "--min-time", "0.001", "--reps", "1"]
+
+
+def _snapshot(folder: Path) -> dict:
+    """name -> (size, mtime) of every file under folder: any write shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 TINY = [
     dict(op="group_cov", name="tiny-d4", N=4, C=8, S=(3, 3), d=4, tags=()),
@@ -151,9 +163,10 @@ def test_results_files_have_the_fields(tiny_run, tmp_path):
     env = report.environment(torch.device("cpu"), "test timer")
     paths = report.write_results(tiny_run, env, {"quick": False}, tmp_path)
     name = env["device_slug"]
-    assert paths["latest_json"] == tmp_path / f"latest-{name}.json"
-    assert paths["run_json"].name.startswith(name + "-") and paths["run_json"].exists()
-    doc = json.loads(paths["run_json"].read_text())
+    # one name per device, no timestamped copies
+    assert paths["json"] == tmp_path / f"{name}.json" and paths["json"].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.csv", f"{name}.json"]
+    doc = json.loads(paths["json"].read_text())
     for key in ("device", "device_name", "torch", "triton", "sdecor", "revision", "timestamp", "timer", "cpu_count"):
         assert key in doc["environment"], key
     assert doc["environment"]["device"] == "cpu"
@@ -161,7 +174,7 @@ def test_results_files_have_the_fields(tiny_run, tmp_path):
     for key in ("op", "shape", "dtype", "mode", "impl", "kind", "status", "time_ms", "gbps", "bytes",
                 "speedup", "max_abs_err", "err_ratio", "reason", "peak_mem_bytes"):
         assert key in doc["results"][0], key
-    with open(paths["latest_csv"]) as f:
+    with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(tiny_run)
     assert set(report.CSV_FIELDS) <= set(rows[0])
@@ -169,7 +182,19 @@ def test_results_files_have_the_fields(tiny_run, tmp_path):
     assert ok and float(ok[0]["speedup_vs_reference"]) > 0 and ok[0]["device_name"] == env["device_name"]
     png = plot_op(tiny_run, "group_whiten", env, tmp_path / "gw.png")
     assert png.exists() and png.stat().st_size < 150_000
+    # a later run replaces the files; curated sets have no CSV
+    again = report.write_results(tiny_run[:3], env, {}, tmp_path, with_csv=False)
+    assert set(again) == {"json"} and len(json.loads(again["json"].read_text())["results"]) == 3
 
+
+def test_baselines_live_in_the_package(tiny_run):
+    # the naive IterNorm ran (tiny_run checks it against the reference) without the source tree
+    assert _by(tiny_run, impl="iternorm", status="ok")
+    assert not [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]
+    from sdecor.bench.baselines import iternorm_train
+
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(iternorm_train(x, 4, 5, 1e-5), ref.group_whiten(x, 4, "newton", 1e-5, 5))
 
 def test_quick_selection_and_filters():
     s = bench.settings_from_args(_parse(["--quick"]))
@@ -180,6 +205,29 @@ def test_quick_selection_and_filters():
     entries = harness.select_entries(s)
     assert entries and all(e["op"] == "topk_mask" and "imagenet" in e["name"] for e in entries)
     assert s.dtypes == ("bfloat16", "float16")
+
+
+def test_suites_are_selections_of_the_one_harness():
+    # the focused comparisons: GroupWhitening vs BatchNorm and the naive IterNorm on CPU, topk_mask
+    # vs SGT on an ImageNet batch, eigh_small vs torch.linalg.eigh on the batches of the solver paths
+    s = bench.settings_from_args(_parse(["--suite", "groupwhitening-cpu,topk-cpu,eigh"]))
+    assert s.dtypes == ("float32",) and s.min_time == 0.5
+    entries = harness.select_entries(s)
+    gw = [e for e in entries if e["op"] == "GroupWhitening"]
+    assert sorted(e["d"] for e in gw) == [16, 64]
+    assert all((e["N"], e["C"], e["S"], e["method"], e["T"]) == (32, 256, (28, 28), "newton", 5) for e in gw)
+    topk = [e for e in entries if e["op"] == "topk_mask"]
+    assert {e["reduce"] for e in topk} == {"mean", None}
+    assert all((e["N"], e["C"], e["S"], e["ratio"], e["fill"]) == (64, 3, (224, 224), 0.5, "uniform") for e in topk)
+    eigh = [e for e in entries if e["op"] == "eigh_small"]
+    assert sorted((e["G"], e["d"]) for e in eigh) == [(64, 128), (256, 64), (1024, 16), (1024, 32)]
+    assert len(entries) == len(gw) + len(topk) + len(eigh)
+    # --quick and a suite: the union
+    quick = harness.select_entries(bench.settings_from_args(_parse(["--quick"])))
+    both = harness.select_entries(bench.settings_from_args(_parse(["--quick", "--suite", "eigh"])))
+    key = lambda es: {(e["op"], e["name"]) for e in es}  # noqa: E731
+    assert key(both) == key(quick) | key(eigh) and len(both) == len(quick) + len(eigh)
+    assert bench.main(["--suite", "nope"]) == 2
 
 
 def _parse(argv):
@@ -194,21 +242,108 @@ def test_command_line(tmp_path, capsys):
     assert bench.main(["--ops", "nope"]) == 2
     assert "unknown op 'nope'" in capsys.readouterr().err
     assert bench.main(["--dtypes", "fp8"]) == 2
-    rc = bench.main(["--ops", "eigh_small", "--shapes", "resnet18-cifar-stage1-d16", "--backends", "torch",
-                     "--min-time", "0.001", "--reps", "1", "--out", str(tmp_path), "--no-plot"])
+    before = _snapshot(RESULTS)
+    rc = bench.main(CHEAP + ["--out", str(tmp_path), "--no-plot"])
     out = capsys.readouterr().out
     assert rc == 0 and "== eigh_small ==" in out and "4x16x16" in out
-    assert len(list(tmp_path.glob("latest-*.json"))) == 1 and len(list(tmp_path.glob("*.csv"))) == 2
-    assert bench.main(["--show", str(next(tmp_path.glob("latest-*.json"))), "--markdown"]) == 0
+    assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.csv"))) == 1
+    assert bench.main(["--show", str(next(tmp_path.glob("*.json"))), "--markdown"]) == 0
     shown = capsys.readouterr().out
     assert "### eigh_small" in shown and "| shape | dtype | mode | path | time |" in shown
+    assert _snapshot(RESULTS) == before
+    with pytest.raises(SystemExit):            # one destination: --out, --save-results or --no-save
+        bench.main(CHEAP + ["--out", str(tmp_path), "--save-results"])
 
 
-def test_python_m_benchmarks_is_the_same_entry():
-    out = subprocess.run([sys.executable, "-m", "benchmarks", "--list", "--quick"], cwd=ROOT,
+def test_a_run_writes_to_the_working_directory_not_the_source_tree(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(RESULTS)
+    assert bench.main(CHEAP) == 0
+    slug = report.device_slug(torch.device("cpu"))
+    out = tmp_path / "sdecor-bench-output"
+    assert sorted(p.name for p in out.iterdir()) == [f"{slug}-eigh_small.png", f"{slug}.csv", f"{slug}.json"]
+    assert _snapshot(RESULTS) == before
+    assert "sdecor-bench-output/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_save_results_writes_the_curated_set_into_the_source_tree(tmp_path, monkeypatch, capsys):
+    # a stand-in source tree: the real benchmarks/results is only written by hand
+    tree = tmp_path / "tree"
+    (tree / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(report, "source_root", lambda: tree)
+    slug = report.device_slug(torch.device("cpu"))
+    stale = tree / "benchmarks" / "results" / f"{slug}-group_cov.png"
+    stale.write_bytes(b"an earlier run's plot")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(CHEAP + ["--save-results"]) == 0
+    results = tree / "benchmarks" / "results"
+    assert sorted(p.name for p in results.iterdir()) == [f"{slug}-eigh_small.png", f"{slug}.json"]
+    doc = json.loads((results / f"{slug}.json").read_text())
+    assert {r["op"] for r in doc["results"]} == {"eigh_small"}
+    assert not (tmp_path / "sdecor-bench-output").exists()
+    # outside a source checkout: a clear error, before anything runs
+    monkeypatch.setattr(report, "source_root", lambda: None)
+    capsys.readouterr()
+    assert bench.main(CHEAP + ["--save-results"]) == 2
+    err = capsys.readouterr().err
+    assert "--save-results" in err and "source checkout" in err and "--out" in err
+    assert "== eigh_small ==" not in capsys.readouterr().out
+
+
+def test_this_checkout_is_a_source_tree():
+    assert report.source_root() == ROOT
+    assert report.results_dir() == RESULTS
+    assert report.static_name((80, 90)) == "static-sm80-sm90.json"
+
+
+def test_plots_without_matplotlib_name_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib fails
+    assert bench.main(CHEAP + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sdecor[bench]" in err and "matplotlib" in err
+    assert not list(tmp_path.iterdir())                         # refused before the run
+    assert bench.main(CHEAP + ["--out", str(tmp_path), "--no-plot"]) == 0
+
+
+def test_python_m_sdecor_bench_is_the_one_entry():
+    out = subprocess.run([sys.executable, "-m", "sdecor", "bench", "--list", "--quick"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "group_whiten" in out.stdout and "eigh_small" in out.stdout
+    assert not (ROOT / "benchmarks" / "__main__.py").exists()
+
+
+def _no_gpu_env(tmp_path) -> dict:
+    """An environment whose PATH has bash and find but no nvidia-smi."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "find"):
+        (bindir / tool).symlink_to(shutil.which(tool))
+    return {"PATH": str(bindir), "HOME": str(tmp_path)}
+
+
+def test_gpu_check_without_a_gpu_prints_one_line(tmp_path):
+    env = _no_gpu_env(tmp_path)
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    for extra in ({}, {"PATH": os.environ.get("PATH", ""), "CUDA_VISIBLE_DEVICES": ""}):
+        out = subprocess.run([shutil.which("bash"), str(script)], env={**env, **extra}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert len(out.stdout.splitlines()) == 1 and "no CUDA GPU" in out.stdout
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_gpu_check_without_a_gpu_prints_one_line(tmp_path):
+    env = _no_gpu_env(tmp_path)
+    stamp = tmp_path / "installed"          # stands for the install stamp: up to date, nothing built
+    stamp.touch()
+    before = _snapshot(RESULTS)
+    out = subprocess.run([shutil.which("make"), "gpu-check", f"STAMP={stamp}"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == ["make gpu-check: no CUDA GPU here (nvidia-smi finds none); nothing to run"]
+    assert _snapshot(RESULTS) == before
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sdecor_kernels.static") is None,
@@ -218,7 +353,8 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
                      "--shapes", "resnet50-imagenet-stage1-d16", "--dtypes", "fp32", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    doc = json.loads((tmp_path / "latest-static.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["static-sm80.json"]      # one name, no timestamp
+    doc = json.loads((tmp_path / "static-sm80.json").read_text())
     assert doc["kernels"] and all(k["arch"] == 80 and "error" not in k for k in doc["kernels"])
     for k in doc["kernels"]:
         assert k["n_regs"] > 0 and k["n_spills"] >= 0 and k["shared"] >= 0 and isinstance(k["tensor_cores"], bool)

@@ -5,9 +5,14 @@ topk_mask, decorrelation_loss and eigh_small on every backend that can run here,
 reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Saliency Guided
 Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
-Shapes: :mod:`sdecor.bench.shapes`. Results: benchmarks/results/<device>-<time>.json/.csv and
-latest-<device>.json/.csv, plus a PNG per op. ``--static`` compiles the Triton kernels for sm_80 and
-sm_90 without a GPU and estimates H100 bandwidth-bound times.
+Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.bench.shapes`.
+
+Results: <device>.json/.csv and a PNG per op, <device>-<op>.png, in ./sdecor-bench-output/ (``--out
+DIR`` elsewhere); a later run of the same device replaces them. A run never writes into the source
+tree unless asked: ``--save-results`` writes the curated set that the README quotes, <device>.json
+and the PNGs, into benchmarks/results/ of the source checkout. ``--static`` compiles the Triton
+kernels for sm_80 and sm_90 without a GPU and estimates H100 bandwidth-bound times
+(static-sm80-sm90.json).
 
 Importing this module costs little beyond ``import sdecor``: the harness, matplotlib and Triton are
 imported when a run starts.
@@ -20,7 +25,8 @@ import sys
 
 from .._backend import BACKENDS
 from .ops import BASELINES, MODES
-from .shapes import DTYPES, OPS
+from .shapes import DTYPES, OPS, SUITES
+
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", **{d: d for d in DTYPES}}
 
@@ -33,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--ops", default=None, help=f"ops to run: {','.join(OPS)} (default: all)")
     sel.add_argument("--shapes", default=None,
                      help="shape names to run: substrings or globs, e.g. 'resnet50,cifar10-*' (see --list)")
+    sel.add_argument("--suite", default=None,
+                     help=f"focused comparisons to run, by name: {','.join(SUITES)} (see "
+                          "sdecor/bench/shapes.py); with --quick, the union of both selections")
     sel.add_argument("--dtypes", default=None,
-                     help="fp32,fp16,bf16 (default: all three; float32 with --quick); ops whose inputs "
-                          "are float32 statistics run float32 only")
+                     help="fp32,fp16,bf16 (default: all three; float32 with --quick or --suite); ops whose "
+                          "inputs are float32 statistics run float32 only")
     sel.add_argument("--modes", default=None, help=f"{','.join(MODES)} (default: all)")
     sel.add_argument("--backends", default=None, help=f"sdecor backends to measure: {','.join(BACKENDS)} "
                                                      "(default: every one that can run here)")
@@ -58,12 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "--quick, whose times stay steady when other work shares a small CPU)")
     tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default=None, help="results folder (default: benchmarks/results of the source tree)")
-    out.add_argument("--no-save", action="store_true", help="print the table only; write no files")
+    where = out.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, metavar="DIR",
+                       help="results folder (default: ./sdecor-bench-output): <device>.json/.csv and "
+                            "<device>-<op>.png, replacing the same device's earlier run")
+    where.add_argument("--save-results", action="store_true",
+                       help="write the curated results into benchmarks/results/ of the source checkout: "
+                            "<device>.json and <device>-<op>.png (static-sm80-sm90.json with --static)")
+    where.add_argument("--no-save", action="store_true", help="print the table only; write no files")
     out.add_argument("--no-plot", action="store_true", help="write no PNG plots")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     out.add_argument("--show", metavar="JSON", default=None,
-                     help="print the table of a saved results file (e.g. benchmarks/results/latest-<device>.json) "
+                     help="print the table of a saved results file (e.g. benchmarks/results/<device>.json) "
                           "instead of running; --ops filters it")
     st = parser.add_argument_group("static report")
     st.add_argument("--static", action="store_true",
@@ -107,6 +122,7 @@ def settings_from_args(args: argparse.Namespace):
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     baselines = ("reference",) if (args.baselines or "").strip().lower() == "none" else \
         _split(args.baselines, BASELINES, "baselines")
+    suites = _split(args.suite, SUITES, "suite") or ()
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.5)
     reps = args.reps if args.reps is not None else (3 if args.quick else 5)
     if args.threads is not None and args.threads < 1:
@@ -117,12 +133,14 @@ def settings_from_args(args: argparse.Namespace):
         device=device,
         ops=_split(args.ops, OPS, "ops") or OPS,
         shapes=_split(args.shapes, None, "shapes") or (),
-        dtypes=_split(args.dtypes, DTYPES, "dtypes", _DTYPE_ALIASES) or (("float32",) if args.quick else DTYPES),
+        dtypes=_split(args.dtypes, DTYPES, "dtypes", _DTYPE_ALIASES) or
+        (("float32",) if args.quick or suites else DTYPES),
         modes=_split(args.modes, MODES, "modes") or MODES,
         backends=_split(args.backends, BACKENDS, "backends") or BACKENDS,
         baselines=baselines or BASELINES,
         compile=args.compile or ("tagged" if args.quick else "all"),
         quick=args.quick,
+        suites=suites,
         min_time=min_time,
         min_reps=reps,
         seed=args.seed,
@@ -131,15 +149,35 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or the static report); 1 when a fast path disagrees with the reference or fails."""
+    from .._optional import MissingDependencyError
+    from .report import NotASourceTree
+
     if args.show:
         return _show(args)
     try:
         settings = settings_from_args(args)
         if args.static:
             return _run_static(args, settings)
-    except UsageError as exc:
+        return _run_selected(args, settings)
+    except (UsageError, NotASourceTree, MissingDependencyError) as exc:
         print(f"sdecor bench: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _out_dir(args):
+    """(folder, curated) the results go to, or (None, False) with --no-save; checked before a run."""
+    from pathlib import Path
+
+    from . import report
+
+    if args.no_save:
+        return None, False
+    if args.save_results:
+        return report.results_dir(), True
+    return (Path(args.out) if args.out else report.default_out_dir()), False
+
+
+def _run_selected(args, settings) -> int:
     from .harness import select_entries
     from .shapes import describe
 
@@ -151,12 +189,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args, settings) -> int:
-    from pathlib import Path
-
     import torch
 
     from . import harness, report
 
+    out_dir, curated = _out_dir(args)            # before the run: a wrong flag fails in a second
+    if out_dir is not None and not args.no_plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     device = torch.device(settings.device)
     threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
@@ -172,17 +213,21 @@ def _run_bench(args, settings) -> int:
         print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
         return 2
     print(report.format_table(records, env, markdown=args.markdown))
-    if not args.no_save:
-        out_dir = Path(args.out) if args.out else report.default_out_dir()
-        paths = report.write_results(records, env, _settings_dict(settings), out_dir)
-        written = [paths["run_json"], paths["run_csv"], paths["latest_json"], paths["latest_csv"]]
+    if out_dir is not None:
+        # the curated set is the JSON and the plots; the CSV (the same numbers) stays in run folders
+        paths = report.write_results(records, env, _settings_dict(settings), out_dir, with_csv=not curated)
+        written = list(paths.values())
+        plotted = set()
         if not args.no_plot:
             from .plot import plot_op
 
             for op in dict.fromkeys(r["op"] for r in records):
-                png = plot_op(records, op, env, out_dir / f"latest-{env['device_slug']}-{op}.png")
+                png = plot_op(records, op, env, out_dir / f"{env['device_slug']}-{op}.png")
                 if png is not None:
                     written.append(png)
+                    plotted.add(op)
+        for op in set(OPS) - plotted:             # an earlier run's plot would not match the new JSON
+            (out_dir / f"{env['device_slug']}-{op}.png").unlink(missing_ok=True)
         print("\nwrote " + ", ".join(str(p) for p in written))
     bad = [r for r in records if r["kind"] == "fast" and r["status"] in ("MISMATCH", "error")]
     if bad:
@@ -217,7 +262,6 @@ def _settings_dict(settings) -> dict:
 def _run_static(args, settings) -> int:
     import datetime as _dt
     import json
-    from pathlib import Path
 
     from . import report, static_report
     from .harness import select_entries
@@ -231,6 +275,7 @@ def _run_static(args, settings) -> int:
     if args.kernels:
         modules = [m if m.startswith("sdecor_kernels.") else f"sdecor_kernels.{m}"
                    for m in _split(args.kernels, None, "kernels")]
+    out_dir, _ = _out_dir(args)                  # before compiling: a wrong flag fails at once
     bandwidth = static_report.bandwidth_rows(select_entries(settings), settings.dtypes, settings.modes)
     kernels, kernel_error = [], None
     try:
@@ -238,8 +283,7 @@ def _run_static(args, settings) -> int:
     except ImportError as exc:
         kernel_error = f"sdecor_kernels.static is not available ({exc})"
     print(static_report.format_static(kernels, bandwidth, kernel_error))
-    if not args.no_save:
-        out_dir = Path(args.out) if args.out else report.default_out_dir()
+    if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         doc = dict(environment=dict(report.git_revision(), timestamp=stamp, archs=list(archs), ds=list(ds),
@@ -251,12 +295,9 @@ def _run_static(args, settings) -> int:
             f"{json.dumps(k)}: " + (json.dumps(v) if not isinstance(v, list) else
                                     "[\n" + ",\n".join(json.dumps(r) for r in v) + "\n]")
             for k, v in doc.items()) + "\n}\n"
-        written = []
-        for name in (f"static-{stamp}", "latest-static"):
-            path = out_dir / f"{name}.json"
-            path.write_text(text)
-            written.append(path)
-        print("\nwrote " + ", ".join(str(p) for p in written))
+        path = out_dir / report.static_name(archs)
+        path.write_text(text)
+        print(f"\nwrote {path}")
     failed = [r for r in kernels if r.get("error")]
     return 1 if failed or kernel_error else 0
 

@@ -1,17 +1,13 @@
 """Baselines the benchmark measures sdecor against (besides the reference and torch.compile of it).
 
-* :func:`iternorm`: IterNorm (Huang et al., CVPR 2019, Algorithm 1) as a user writes it, from
-  ``benchmarks/iternorm_naive.py``; half-precision inputs get float32 statistics, as in sdecor.
+* :func:`iternorm`: IterNorm (Huang et al., CVPR 2019, Algorithm 1) as a user writes it
+  (:func:`iternorm_train`); half-precision inputs get float32 statistics, as in sdecor.
 * :func:`sgt_mask`: the masking step of Saliency Guided Training (Ismail et al., NeurIPS 2021): per
   sample, torch.topk of the k lowest saliencies, scatter into a mask, torch.where with the fill.
 * ``torch.nn.BatchNorm*d`` and ``torch.linalg.eigh`` are used as they are.
 """
 
 from __future__ import annotations
-
-import importlib
-import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -20,27 +16,42 @@ class Unavailable(RuntimeError):
     """A baseline cannot run here (reported as skipped, with this message)."""
 
 
-def source_tree_module(name: str):
-    """Import ``benchmarks/<name>.py`` of the source tree (benchmarks/ is not installed)."""
-    try:
-        return importlib.import_module(f"benchmarks.{name}")
-    except ImportError:
-        pass
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise Unavailable(f"benchmarks/{name}.py not found: run from a source checkout of sdecor")
-    spec = importlib.util.spec_from_file_location(f"_sdecor_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def iternorm_train(x: torch.Tensor, num_channels: int, T: int = 5, eps: float = 1e-5,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """IterNorm with batch statistics on x (N, C, *S); groups of ``num_channels`` channels.
+
+    The paper's Algorithm 1 as a user would write it in PyTorch: move the channels to the front,
+    centre, form the covariance, normalise it by its trace, run T Newton iterations, whiten, and move
+    the channels back; autograd supplies the backward pass. Running statistics are left out (the
+    benchmark times training-mode forward and backward only).
+    """
+    N, C = x.shape[:2]
+    d = num_channels
+    G = C // d
+    xt = x.transpose(0, 1).reshape(G, d, -1)                       # (G, d, m): channels first
+    m = xt.shape[-1]
+    xc = xt - xt.mean(dim=-1, keepdim=True)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device).expand(G, d, d)
+    sigma = eps * eye + xc @ xc.transpose(1, 2) / m                # eps I + Xc Xc^T / m
+    tr = sigma.diagonal(dim1=1, dim2=2).sum(-1).reshape(G, 1, 1)
+    sigma_n = sigma / tr                                           # trace-normalised
+    p = eye
+    for _ in range(T):                                             # P <- 1.5 P - 0.5 P^3 Sn
+        p = 1.5 * p - 0.5 * torch.matrix_power(p, 3) @ sigma_n
+    wm = p / tr.sqrt()
+    y = (wm @ xc).reshape(C, N, *x.shape[2:]).transpose(0, 1)     # back to (N, C, *S)
+    if weight is not None:
+        y = y * weight.reshape(1, C, *([1] * (x.dim() - 2)))
+    if bias is not None:
+        y = y + bias.reshape(1, C, *([1] * (x.dim() - 2)))
+    return y
 
 
 def iternorm(x: torch.Tensor, num_channels: int, T: int, eps: float, weight=None, bias=None) -> torch.Tensor:
-    """IterNorm's training forward (benchmarks/iternorm_naive.py), statistics in float32 as in sdecor."""
-    fn = source_tree_module("iternorm_naive").iternorm_train
+    """IterNorm's training forward (:func:`iternorm_train`), statistics in float32 as in sdecor."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return fn(x.float(), num_channels, T, eps, weight, bias).to(x.dtype)
-    return fn(x, num_channels, T, eps, weight, bias)
+        return iternorm_train(x.float(), num_channels, T, eps, weight, bias).to(x.dtype)
+    return iternorm_train(x, num_channels, T, eps, weight, bias)
 
 
 SGT_FILLS = ("zero", "constant", "mean", "uniform")

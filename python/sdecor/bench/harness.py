@@ -44,6 +44,7 @@ class Settings:
     baselines: tuple = BASELINES
     compile: str = "all"               # "all", "smallest" (per op), "tagged" (shapes tagged compile), "off"
     quick: bool = False
+    suites: tuple = ()                 # shape tags of focused comparisons (shapes.SUITES)
     min_time: float = 0.5              # CPU: seconds of timed calls per measurement (at least min_reps)
     min_reps: int = 5
     seed: int = 0
@@ -59,12 +60,17 @@ def _matches(name: str, patterns) -> bool:
 
 
 def select_entries(settings: Settings, shapes=None) -> list[dict]:
-    """The shape entries to run: by op, name pattern and (with --quick) the ``quick`` tag."""
+    """The shape entries to run: by op, name pattern and tag.
+
+    With --quick and/or --suite an entry runs when it carries one of the tags asked for ("quick",
+    or a suite's name): ``--quick --suite topk-cpu`` is the union of the two sets.
+    """
+    tags = set(settings.suites) | ({"quick"} if settings.quick else set())
     entries = []
     for e in (SHAPES if shapes is None else shapes):
         if e["op"] not in settings.ops or not _matches(e["name"], settings.shapes):
             continue
-        if settings.quick and "quick" not in e.get("tags", ()):
+        if tags and not tags & set(e.get("tags", ())):
             continue
         entries.append(e)
     return entries

@@ -64,9 +64,9 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _spd(G: int, d: int, device, gen) -> torch.Tensor:
-    """G covariance matrices of correlated data (m = 8 d samples), float32."""
-    m = 8 * d
+def _spd(G: int, d: int, device, gen, m: int | None = None) -> torch.Tensor:
+    """G covariance matrices of correlated data (m samples, default 8 d), float32."""
+    m = m or 8 * d
     mix = torch.eye(d, dtype=torch.float64) + 0.5 * torch.randn(G, d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
     z = mix @ torch.randn(G, d, m, generator=gen, dtype=torch.float64)
     zc = z - z.mean(-1, keepdim=True)
@@ -290,7 +290,6 @@ class GroupWhiteningModule(GroupWhiten):
                     note="torch.nn.BatchNorm (per-channel standardisation, not whitening)")]
         if e["method"] == "newton":
             def iternorm(inp):
-                bl.source_tree_module("iternorm_naive")        # Unavailable (skipped) outside a checkout
                 x, w, b = inp["x"], inp["weight"], inp["bias"]
                 return Prepared(lambda: (bl.iternorm(x, e["d"], e["T"], 1e-5, w, b),), [x, w, b])
             out.append(Impl("iternorm", "baseline", iternorm, note="IterNorm as published (naive), with affine"))
@@ -374,7 +373,7 @@ class EighSmall(Op):
     dtypes = ("float32",)
 
     def inputs(self, e, dtype, device, gen):
-        return {"a": _spd(e["G"], e["d"], device, gen).to(dtype)}
+        return {"a": _spd(e["G"], e["d"], device, gen, e.get("m")).to(dtype)}
 
     def reference(self, e):
         return lambda a: torch.linalg.eigh(a)

@@ -1,16 +1,28 @@
-"""One PNG per op: median time of every measured path, per shape, dtype and mode (log scale)."""
+"""One PNG per op: median time of every measured path, per shape, dtype and mode (log scale).
+
+matplotlib comes with the ``bench`` extra (``pip install 'sdecor[bench]'``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .._optional import require
+
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def plot_op(records: list[dict], op: str, env: dict, path: Path) -> Path | None:
-    """Grouped horizontal bars; returns the path written, or None when nothing was timed."""
-    import matplotlib
+def require_matplotlib():
+    """matplotlib, or MissingDependencyError naming the ``bench`` extra."""
+    return require("matplotlib", "bench", "sdecor bench's plots")
 
+
+def plot_op(records: list[dict], op: str, env: dict, path: Path) -> Path | None:
+    """Grouped horizontal bars; returns the path written, or None when nothing was timed.
+
+    Raises MissingDependencyError, naming the extra, when matplotlib is not installed.
+    """
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -16,7 +16,7 @@ import torch
 
 from .ops import BASELINES
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_OUT = "sdecor-bench-output"         # under the working directory, like sdecor-demo-output
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -47,9 +47,43 @@ def device_slug(device: torch.device) -> str:
     return slug(f"cpu {_cpu_name()} {os.cpu_count()}c")
 
 
-def git_revision(root: Path = REPO_ROOT) -> dict:
+def source_root() -> Path | None:
+    """The source checkout this sdecor runs from, or None for an installed copy.
+
+    In a checkout the package is python/sdecor beside setup.py and benchmarks/ (an editable install
+    runs from there too); an installed copy lives in site-packages, with neither.
+    """
+    pkg = Path(__file__).resolve().parent.parent          # .../sdecor
+    root = pkg.parent.parent
+    if pkg.parent.name == "python" and (root / "setup.py").is_file() and (root / "benchmarks").is_dir():
+        return root
+    return None
+
+
+class NotASourceTree(RuntimeError):
+    """--save-results outside a source checkout: there is no benchmarks/results to write to."""
+
+
+def results_dir() -> Path:
+    """benchmarks/results of the source checkout: where ``--save-results`` writes the curated files."""
+    root = source_root()
+    if root is None:
+        raise NotASourceTree(
+            "--save-results writes the curated results into benchmarks/results/ of a source checkout of "
+            f"sdecor, but this sdecor runs from {Path(__file__).resolve().parent.parent}, which is not in "
+            "one; run it from a checkout (pip install -e .) or write elsewhere with --out DIR")
+    return root / "benchmarks" / "results"
+
+
+def default_out_dir() -> Path:
+    """Where a run writes without --out or --save-results: ./sdecor-bench-output (git-ignored)."""
+    return Path.cwd() / DEFAULT_OUT
+
+
+def git_revision(root: Path | None = None) -> dict:
     """{'revision': sha or None, 'dirty': bool or None} of the source tree the package runs from."""
-    if not (root / ".git").exists() or shutil.which("git") is None:
+    root = root or source_root()
+    if root is None or not (root / ".git").exists() or shutil.which("git") is None:
         return dict(revision=None, dirty=None)
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -198,26 +232,27 @@ CSV_FIELDS = ["device", "device_name", "op", "shape", "shape_desc", "dtype", "mo
              ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"]
 
 
-def default_out_dir() -> Path:
-    """benchmarks/results of the source tree the package runs from, else of the working directory."""
-    root = REPO_ROOT if (REPO_ROOT / "benchmarks").is_dir() else Path.cwd()
-    return root / "benchmarks" / "results"
+def static_name(archs) -> str:
+    """File name of the static report: static-sm80-sm90.json for --arch 80,90."""
+    return "static-" + "-".join(f"sm{a}" for a in archs) + ".json"
 
 
-def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path) -> dict:
-    """Write <device>-<time>.json/.csv and latest-<device>.json/.csv; return their paths."""
+def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path, with_csv: bool = True) -> dict:
+    """Write <device>.json (and <device>.csv) into out_dir, replacing an earlier run's; return the paths.
+
+    One name per device: a folder holds the latest run of each device, never timestamped copies.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = env["timestamp"].replace("-", "").replace(":", "")
-    stem = f"{env['device_slug']}-{stamp}"
+    name = env["device_slug"]
     doc = dict(environment=env, settings=settings, results=records)
-    paths = dict(stem=stem)
-    for key, name in (("run", stem), ("latest", f"latest-{env['device_slug']}")):
-        jp, cp = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-        with open(jp, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-            f.write("\n")
-        with open(cp, "w", newline="") as f:
+    paths = dict(json=out_dir / f"{name}.json")
+    with open(paths["json"], "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+    if with_csv:
+        paths["csv"] = out_dir / f"{name}.csv"
+        with open(paths["csv"], "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
             for r in records:
@@ -228,5 +263,4 @@ def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path)
                 for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"):
                     row[k] = env.get(k)
                 w.writerow(row)
-        paths[f"{key}_json"], paths[f"{key}_csv"] = jp, cp
     return paths

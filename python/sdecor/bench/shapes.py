@@ -19,6 +19,15 @@ Entries tagged ``quick`` form ``--quick``: one small real shape per op, sized fo
 Entries tagged ``compile`` get the torch.compile baseline under ``--compile tagged`` (the default of
 ``--quick``, where compiling every op would take most of the 2-minute budget on a small CPU): the
 quick shapes of the two ops whose speed-up over a compiler matters most, group_whiten and topk_mask.
+
+Suites (``--suite NAME``) are tags too: focused comparisons that run as a set.
+
+* ``groupwhitening-cpu``: GroupWhitening training steps on a 32x256x28x28 activation, d = 16 and 64,
+  newton T=5, against BatchNorm2d and the naive IterNorm (the CPU yardstick of DESIGN.md);
+* ``topk-cpu``: topk_mask on an ImageNet batch (64x3x224x224), ratio 0.5, uniform fill, shared
+  (reduce="mean") and per-element masks, against Saliency Guided Training's per-sample masking;
+* ``eigh``: eigh_small against torch.linalg.eigh on the batches where torch's solver paths differ
+  (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ OPS = (
 )
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh")
 
 # (network, stage, N, C, spatial)
 _R18_CIFAR = [
@@ -94,9 +105,28 @@ def _mask_entries() -> list[dict]:
                 name = f"{data}-{label}-r{ratio}"
                 quick = data == "cifar10" and reduce == "mean" and ratio == 0.5
                 # SGT fills with uniform noise; the shared (SaliencyDecor) masks here fill zeros
+                suite = data == "imagenet" and reduce is None and ratio == 0.5
                 out.append(dict(op="topk_mask", name=name, N=N, C=C, S=S, ratio=ratio, reduce=reduce,
-                                fill="zero" if reduce == "mean" else "uniform", tags=("quick",) if quick else ()))
+                                fill="zero" if reduce == "mean" else "uniform",
+                                tags=("quick",) if quick else ("topk-cpu",) if suite else ()))
+    # the shared mask with SGT's uniform fill: the same fill as the per-element entries
+    out.append(dict(op="topk_mask", name="imagenet-shared-r0.5-uniform", N=64, C=3, S=(224, 224), ratio=0.5,
+                    reduce="mean", fill="uniform", tags=("topk-cpu",)))
     return out
+
+
+def _groupwhitening_cpu_entries() -> list[dict]:
+    # batch 32 of a 256-channel 28x28 activation: 6.4 M elements, a training step of tens of ms on
+    # a 2-core CPU, where BatchNorm2d is the yardstick
+    return [dict(op="GroupWhitening", name=f"cpu-32x256x28x28-d{d}", N=32, C=256, S=(28, 28), d=d,
+                 method="newton", T=5, tags=("groupwhitening-cpu",)) for d in (16, 64)]
+
+
+def _eigh_batch_entries() -> list[dict]:
+    # torch.linalg.eigh runs one batched Jacobi call up to d = 32 and one solver call per matrix
+    # above; m = 3d + 1 samples give less well conditioned covariances than the layer entries
+    return [dict(op="eigh_small", name=f"batch{G}-d{d}", G=G, d=d, m=3 * d + 1, tags=("eigh",))
+            for G, d in ((1024, 16), (1024, 32), (256, 64), (64, 128))]
 
 
 def _decorrelation_entries() -> list[dict]:
@@ -129,9 +159,11 @@ SHAPES: list[dict] = _tag_compile(
     + _activation_entries("group_whiten", dict(method="newton", T=5), groups=(16, 64))
     + [e for e in _activation_entries("group_whiten", dict(method="zca", T=5)) if e["N"] == 128]
     + _activation_entries("GroupWhitening", dict(method="newton", T=5))
+    + _groupwhitening_cpu_entries()
     + _mask_entries()
     + _decorrelation_entries()
     + _matrix_entries("eigh_small", {})
+    + _eigh_batch_entries()
 )
 
 
