@@ -1,4 +1,4 @@
-"""What setup.py packages: every package under python/ and sdecor_kernels, and the extras."""
+"""What setup.py packages: every package under python/ and sdecor_kernels, the extras, the build's torch."""
 
 import re
 import runpy
@@ -55,3 +55,14 @@ def test_extras(setup_kwargs):
     assert extras["test"] == extras["all"] | {"pytest"}
     assert set(setup_kwargs["install_requires"]) == {"torch>=2.4", "numpy"}
 
+
+def test_build_torch_is_the_tested_torch():
+    # an isolated build compiles the extension against build-system.requires' torch; it must be the
+    # one requirements.txt installs and the tests run (see README, "Build against the torch you run")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    requires = re.search(r"^\[build-system\][^\[]*?^requires\s*=\s*\[([^\]]*)\]", pyproject, re.M | re.S)
+    assert requires, "no build-system.requires in pyproject.toml"
+    build_torch = [r for r in re.findall(r'"([^"]+)"', requires.group(1)) if re.match(r"torch\b", r)]
+    pinned = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if re.match(r"torch\s*==", line)]
+    assert len(pinned) == 1 and build_torch == [pinned[0].replace(" ", "")], (build_torch, pinned)
