@@ -1,7 +1,7 @@
 """Build and package sdecor.
 
-Packages ``sdecor`` (from ``python/``) and ``sdecor_kernels``, and builds the optional extension
-``sdecor._C`` from ``csrc/``:
+Packages ``sdecor`` with all its subpackages (found under ``python/``) and ``sdecor_kernels``, and
+builds the optional extension ``sdecor._C`` from ``csrc/``:
 
 * the C++ part whenever a C++ compiler is present (``USE_CPP=0`` turns all native code off);
 * the CUDA part when ``torch.version.cuda`` is set and a CUDA toolkit is found (``CUDA_HOME``, else
@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -85,7 +85,6 @@ def _extensions():
         cpp_extension.CUDA_HOME = cuda_home
         sources += cuda_sources
         define_macros.append(("SDECOR_WITH_CUDA", "1"))
-        define_macros.append(("SDECOR_CUDA_ARCH_LIST", f'"{arch_list}"'))
         extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
         _log(f"building C++ and CUDA parts (CUDA_HOME={cuda_home}, arch list {arch_list})")
@@ -106,6 +105,32 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+def _packages():
+    """(packages, package_dir): every package under python/ (sdecor and its subpackages) and
+    sdecor_kernels at the top. Found, not listed, so a new subpackage cannot be left out of the
+    wheel; a folder of modules without an __init__.py is not a package (tests/test_packaging.py
+    checks that there is none)."""
+    packages = find_packages(where=os.path.join(ROOT, "python"), include=["sdecor", "sdecor.*"])
+    kernels = find_packages(where=ROOT, include=["sdecor_kernels", "sdecor_kernels.*"])
+    package_dir = {"": "python"}
+    package_dir.update({name: name.replace(".", "/") for name in kernels})
+    return packages + kernels, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+# Optional dependencies, by what needs them; a command whose extra is missing names it
+# (sdecor._optional.require). The core (the ops, the nn modules, `sdecor info`) needs only torch and numpy.
+EXTRAS = {
+    # `sdecor demo` / `sdecor train`: scikit-learn's digits, progress bars, figures; the
+    # torchvision datasets of `sdecor train` (mnist, fashion-mnist, cifar10)
+    "demo": ["torchvision", "scikit-learn", "matplotlib", "tqdm"],
+    # `sdecor bench`: the per-op plots
+    "bench": ["matplotlib"],
+}
+EXTRAS["all"] = sorted(set(EXTRAS["demo"]) | set(EXTRAS["bench"]))
+EXTRAS["test"] = ["pytest"] + EXTRAS["all"]
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -116,13 +141,10 @@ setup(
     if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    package_dir={"sdecor": "python/sdecor", "sdecor_kernels": "sdecor_kernels"},
-    packages=["sdecor", "sdecor_kernels"],
+    package_dir=PACKAGE_DIR,
+    packages=PACKAGES,
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "demo": ["torchvision", "scikit-learn", "matplotlib", "tqdm"],
-        "test": ["pytest", "torchvision", "scikit-learn", "matplotlib", "tqdm"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["sdecor = sdecor.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

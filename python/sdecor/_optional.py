@@ -12,6 +12,9 @@ from types import ModuleType
 
 __all__ = ["MissingDependencyError", "require"]
 
+# import name -> the name pip installs it under, where the two differ
+PIP_NAMES = {"sklearn": "scikit-learn"}
+
 
 class MissingDependencyError(ImportError):
     """An optional package that a command needs is not installed."""
@@ -30,4 +33,4 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
             raise                                      # the package is there but broken inside
         raise MissingDependencyError(
             f"{purpose} needs the package {top!r}, which is not installed; install it with "
-            f"pip install 'sdecor[{extra}]' (or pip install {top})") from err
+            f"pip install 'sdecor[{extra}]' (or pip install {PIP_NAMES.get(top, top)})") from err

@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from ._optional import MissingDependencyError
+
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "info": ("sdecor.cli", "versions, available backends and the native extension's build"),
@@ -48,7 +50,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except MissingDependencyError as err:
+        # an optional package of an extra is missing: the message names the extra, no traceback
+        print(f"sdecor {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

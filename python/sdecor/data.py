@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from ._optional import require
+
 __all__ = [
     "Dataset",
     "Split",
@@ -90,9 +92,8 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (bundled with scikit-learn), pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    digits = sk_digits()
+    sk_datasets = require("sklearn.datasets", "demo", "the digits dataset (bundled with scikit-learn)")
+    digits = sk_datasets.load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)   # (1797, 1, 8, 8)
     y = torch.from_numpy(digits.target.astype(np.int64))
     tr, te = split_indices(len(y), test_fraction, seed)
@@ -228,8 +229,7 @@ def load_torchvision(name: str, root: str) -> Dataset:
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path; got {type(root).__name__}")
     root = os.fspath(root)
-    import torchvision
-
+    torchvision = require("torchvision", "demo", f"the {name} dataset (read with torchvision)")
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
     try:

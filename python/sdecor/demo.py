@@ -29,6 +29,7 @@ from dataclasses import asdict
 import torch
 
 from . import data as data_mod
+from ._optional import require
 from .train import TrainConfig, batches, evaluate, train_model
 
 CONFIGS = (
@@ -124,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace, names: list) -> int:
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "demo", "sdecor demo's progress bar").tqdm
+    if not args.no_figures:
+        # checked now rather than after minutes of training; write_figures imports it
+        require("matplotlib", "demo", "sdecor demo's figures (--no-figures skips them)")
 
     start = time.perf_counter()
     mode = "quick" if args.quick else "full"
@@ -309,8 +313,7 @@ def format_report(meta: dict, datasets: dict, summary: dict, figures: list) -> s
 
 
 def write_figures(out_dir: str, datasets: dict, results: dict, examples: dict) -> list:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "demo", "sdecor demo's figures (--no-figures skips them)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

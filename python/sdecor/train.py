@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import metrics
+from ._optional import require
 from .models import MODELS, NORMS, build_model
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "evaluate", "accuracy", "add_arguments", "run"]
@@ -280,8 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "demo", "sdecor train's progress bar").tqdm
     print(f"dataset {dataset.name}: {dataset.description}; train {len(dataset.train.y)}, "
           f"test {len(dataset.test.y)}")
     print(f"model {cfg.model} ({cfg.resolved_norm()} norm, group size {cfg.num_channels}); "
