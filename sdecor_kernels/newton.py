@@ -8,7 +8,9 @@ Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z; W = Z
   iteration, iterates kept in a global scratch buffer).
 
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
-multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill).
+multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill). The
+iteration (``_ns_forward``, also run by group_stats_finalize_kernel) and its reverse mode
+(``_ns_backward``) are written once for both storages, through the ``_mat_*`` operations.
 """
 
 from __future__ import annotations
@@ -30,20 +32,7 @@ TILE = 32
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers
-
-
-@triton.jit
-def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    """Coupled Newton-Schulz on Se (registers): Y0 = Se/tr, Z0 = I, M = (3I - ZY)/2, Y = YM, Z = MZ."""
-    tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
-    Y = S / tr
-    Z = eye
-    for _ in range(T):
-        M = 1.5 * eye - 0.5 * _mm(Z, Y, USE_DOT, PREC)
-        Y = _mm(Y, M, USE_DOT, PREC)
-        Z = _mm(M, Z, USE_DOT, PREC)
-    return Z / tl.sqrt(tr)
+# products and sums on BD x BD scratch, in BT x BT tiles
 
 
 @triton.jit
@@ -98,38 +87,189 @@ def _tiled_dotsum(x_ptr, y_ptr, BD: tl.constexpr, BT: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------
-# kernels
+# matrices in registers or in tiles of scratch
+#
+# A d x d matrix of the Newton kernels is either a [BD, BD] register tensor (REGS: BD <= BT) or a
+# BD x BD row-major scratch buffer (zero padded) multiplied in BT x BT tiles. The _mat_* operations
+# take and return either: in scratch they write the result to ``out`` (then a barrier) and return
+# it, so the iteration and its backward below are written once for both. Their scalar coefficients
+# are literals (constexprs in the callee). In registers a combination with a negative coefficient
+# is formed as P - c Q, c > 0: P + (-c) Q gives other instructions, 1 to 5 more registers in
+# newton_bwd_kernel at d = 16 on sm_80 / sm_90 (the PTX of the forward is unchanged either way).
 
 
 @triton.jit
-def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, d, eps, T, BD: tl.constexpr, BT: tl.constexpr,
-                      USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    g = tl.program_id(0)
-    gd = g.to(tl.int64) * d
-    if BD <= BT:
-        c = tl.arange(0, BD)
-        m2 = (c < d)[:, None] & (c < d)[None, :]
-        eye = _eye(BD, d)
-        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
-        W = _newton_regs(S, eye, T, USE_DOT, PREC)
-        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
+def _mat_mm(a, b, out, alpha, beta_eye, TA: tl.constexpr, TB: tl.constexpr, eye, BD: tl.constexpr,
+            BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr, REGS: tl.constexpr):
+    """alpha * op(a) @ op(b) + beta_eye * I, op(X) = X^T when the flag is set."""
+    if REGS:
+        if TA:
+            a = tl.trans(a)
+        if TB:
+            b = tl.trans(b)
+        res = _mm(a, b, USE_DOT, PREC)
+        if beta_eye != 0.0:
+            res = beta_eye * eye - (-alpha) * res
+        elif alpha != 1.0:
+            res = alpha * res
     else:
-        # scratch per group: Y, Z, M, tmp, each BD x BD (padded, zero outside d x d)
-        sz = BD * BD
-        Yp = scratch_ptr + g.to(tl.int64) * 4 * sz
-        Zp = Yp + sz
-        Mp = Zp + sz
-        Xp = Mp + sz
-        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, eps, BD, BT)
-        for _ in range(T):
-            _tiled_mm(Zp, Yp, Mp, -0.5, 1.5, False, False, BD, BT, PREC)    # M = 1.5 I - 0.5 Z Y
-            _tiled_mm(Yp, Mp, Xp, 1.0, 0.0, False, False, BD, BT, PREC)     # tmp = Y M
-            _tiled_mm(Mp, Zp, Yp, 1.0, 0.0, False, False, BD, BT, PREC)     # Y <- M Z (new Z)
-            t = Yp                                                            # swap roles
-            Yp = Xp
-            Xp = Zp
-            Zp = t
-        _store_tiled(Zp, w_ptr + gd * d, 1.0 / tl.sqrt(tr), d, BD, BT)
+        _tiled_mm(a, b, out, alpha, beta_eye, TA, TB, BD, BT, PREC)
+        res = out
+    return res
+
+
+@triton.jit
+def _mat_mm2(a, b, c, e, out, t1, t2, s, TA: tl.constexpr, TB: tl.constexpr, TC: tl.constexpr,
+             TE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr,
+             PREC: tl.constexpr, REGS: tl.constexpr):
+    """op(a) @ op(b) + s * op(c) @ op(e); t1, t2: scratch for the two products."""
+    if REGS:
+        if TA:
+            a = tl.trans(a)
+        if TB:
+            b = tl.trans(b)
+        if TC:
+            c = tl.trans(c)
+        if TE:
+            e = tl.trans(e)
+        if s == 1.0:
+            res = _mm(a, b, USE_DOT, PREC) + _mm(c, e, USE_DOT, PREC)
+        else:
+            res = _mm(a, b, USE_DOT, PREC) - (-s) * _mm(c, e, USE_DOT, PREC)
+    else:
+        _tiled_mm(a, b, t1, 1.0, 0.0, TA, TB, BD, BT, PREC)
+        _tiled_mm(c, e, t2, 1.0, 0.0, TC, TE, BD, BT, PREC)
+        _tiled_axpy(t1, t2, out, 1.0, s, BD, BT)
+        res = out
+    return res
+
+
+@triton.jit
+def _mat_scale(x, out, s, BD: tl.constexpr, BT: tl.constexpr, REGS: tl.constexpr):
+    """s * x."""
+    if REGS:
+        res = x * s
+    else:
+        _tiled_axpy(x, x, out, s, 0.0, BD, BT)
+        res = out
+    return res
+
+
+@triton.jit
+def _mat_zero(like, out, BD: tl.constexpr, BT: tl.constexpr, REGS: tl.constexpr):
+    """The zero matrix (in scratch: 0 * like)."""
+    if REGS:
+        res = tl.zeros((BD, BD), dtype=tl.float32)
+    else:
+        _tiled_axpy(like, like, out, 0.0, 0.0, BD, BT)
+        res = out
+    return res
+
+
+@triton.jit
+def _mat_dot(x, y, BD: tl.constexpr, BT: tl.constexpr, REGS: tl.constexpr):
+    """sum(x * y)."""
+    if REGS:
+        res = tl.sum(tl.sum(x * y, axis=1), axis=0)
+    else:
+        res = _tiled_dotsum(x, y, BD, BT)
+    return res
+
+
+@triton.jit
+def _hist_slot(hist, k, BD: tl.constexpr, REGS: tl.constexpr):
+    """(Y_k, Z_k) kept by _ns_forward: loaded (REGS) or their scratch buffers."""
+    sz = BD * BD
+    if REGS:
+        c = tl.arange(0, BD)
+        off = c[:, None] * BD + c[None, :]
+        Yk = tl.load(hist + (2 * k) * sz + off)
+        Zk = tl.load(hist + (2 * k + 1) * sz + off)
+    else:
+        Yk = hist + (2 * k) * sz
+        Zk = Yk + sz
+    return Yk, Zk
+
+
+# ---------------------------------------------------------------------------------------------------
+# the coupled Newton-Schulz iteration and its reverse mode (written once for both storages)
+
+
+@triton.jit
+def _ns_forward(Y, Z, Mb, Fa, Fb, hist, T, eye, BD: tl.constexpr, BT: tl.constexpr,
+                USE_DOT: tl.constexpr, PREC: tl.constexpr, REGS: tl.constexpr, HIST: tl.constexpr):
+    """T steps M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z from (Y, Z) = (Y0, Z0); returns Z_T.
+
+    HIST: the iterates (Y_k, Z_k), k < T, are kept in hist (slots 2k, 2k+1) for the backward.
+    Scratch (not REGS): M goes to Mb. Without HIST the new Y goes to the free buffer Fa, the new Z
+    over the old Y (dead once Y M is formed) and the old Z becomes free; with HIST Y0, Z0 are given
+    in hist slots 0, 1, each iterate goes to the next slots and the last one to (Fa, Fb).
+    """
+    sz = BD * BD
+    for k in range(T):
+        if REGS:
+            if HIST:
+                c = tl.arange(0, BD)
+                off = c[:, None] * BD + c[None, :]
+                tl.store(hist + (2 * k) * sz + off, Y)
+                tl.store(hist + (2 * k + 1) * sz + off, Z)
+            Yn = Y
+            Zn = Z
+        elif HIST:
+            Y, Z = _hist_slot(hist, k, BD, REGS)
+            if k + 1 < T:
+                Yn = Y + 2 * sz
+                Zn = Yn + sz
+            else:
+                Yn = Fa
+                Zn = Fb
+        else:
+            Yn = Fa
+            Zn = Y
+            Fa = Z
+        M = _mat_mm(Z, Y, Mb, -0.5, 1.5, False, False, eye, BD, BT, USE_DOT, PREC, REGS)
+        Yn = _mat_mm(Y, M, Yn, 1.0, 0.0, False, False, eye, BD, BT, USE_DOT, PREC, REGS)
+        Zn = _mat_mm(M, Z, Zn, 1.0, 0.0, False, False, eye, BD, BT, USE_DOT, PREC, REGS)
+        Y = Yn
+        Z = Zn
+    if REGS and HIST:
+        tl.debug_barrier()
+    return Z
+
+
+@triton.jit
+def _ns_backward(gW, Z, S, tr, hist, T, eye, Mb, gYb, gZb, gMb, t1, t2, BD: tl.constexpr,
+                 BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr, REGS: tl.constexpr):
+    """(gY0, g_tr) from gW = dL/dW, W = Z_T / sqrt(tr), Y0 = Se / tr: dL/dSe = gY0 / tr + g_tr I.
+
+    Reverse mode of step k (iterates from hist): gM = Y^T gY' + gZ' Z^T, gY = gY' M^T - 0.5 Z^T gM,
+    gZ = M^T gZ' - 0.5 gM Y^T. Z: Z_T; S: Se. Scratch (not REGS): gW in gZb (scaled in place).
+    """
+    rs = 1.0 / tl.sqrt(tr)
+    g_tr = -0.5 * rs / tr * _mat_dot(gW, Z, BD, BT, REGS)
+    gZ = _mat_scale(gW, gZb, rs, BD, BT, REGS)
+    gY = _mat_zero(gZ, gYb, BD, BT, REGS)
+    for i in range(T):
+        k = T - 1 - i
+        Yk, Zk = _hist_slot(hist, k, BD, REGS)
+        M = _mat_mm(Zk, Yk, Mb, -0.5, 1.5, False, False, eye, BD, BT, USE_DOT, PREC, REGS)
+        gM = _mat_mm2(Yk, gY, gZ, Zk, gMb, t1, t2, 1.0, True, False, False, True, BD, BT, USE_DOT, PREC,
+                      REGS)
+        gY = _mat_mm2(gY, M, Zk, gM, gYb, t1, t2, -0.5, False, True, True, False, BD, BT, USE_DOT, PREC,
+                      REGS)
+        gZ = _mat_mm2(M, gZ, gM, Yk, gZb, t1, t2, -0.5, True, False, False, True, BD, BT, USE_DOT, PREC,
+                      REGS)
+    g_tr += -_mat_dot(gY, S, BD, BT, REGS) / (tr * tr)
+    return gY, g_tr
+
+
+@triton.jit
+def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """W of Se = S in registers ([BD, BD], zero padded): Y0 = Se / tr, Z0 = I, W = Z_T / sqrt(tr)."""
+    tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
+    Z = _ns_forward(S / tr, eye, None, None, None, None, T, eye, S.shape[0], S.shape[0], USE_DOT, PREC,
+                    True, False)
+    return Z / tl.sqrt(tr)
 
 
 @triton.jit
@@ -168,15 +308,39 @@ def _store_tiled(src, dst, scale, d, BD: tl.constexpr, BT: tl.constexpr):
             tl.store(dst + ri[:, None] * d + rj[None, :], scale * v, mask=m2)
 
 
+# ---------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, d, eps, T, BD: tl.constexpr, BT: tl.constexpr,
+                      USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    g = tl.program_id(0)
+    gd = g.to(tl.int64) * d
+    if BD <= BT:
+        c = tl.arange(0, BD)
+        m2 = (c < d)[:, None] & (c < d)[None, :]
+        eye = _eye(BD, d)
+        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
+        W = _newton_regs(S, eye, T, USE_DOT, PREC)
+        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
+    else:
+        # scratch per group: Y, Z, M, tmp, each BD x BD (padded, zero outside d x d)
+        sz = BD * BD
+        Yp = scratch_ptr + g.to(tl.int64) * 4 * sz
+        Zp = Yp + sz
+        Mp = Zp + sz
+        Xp = Mp + sz
+        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, eps, BD, BT)
+        Z = _ns_forward(Yp, Zp, Mp, Xp, None, None, T, None, BD, BT, USE_DOT, PREC, False, False)
+        _store_tiled(Z, w_ptr + gd * d, 1.0 / tl.sqrt(tr), d, BD, BT)
+
+
 @triton.jit
 def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, BD: tl.constexpr,
                       BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    """dL/dcov of W = Newton-Schulz(cov + eps I, T): reverse mode through the coupled iteration.
-
-    Step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z. With gY', gZ' given:
-    gM = Y^T gY' + gZ' Z^T, gY = gY' M^T - 0.5 Z^T gM, gZ = M^T gZ' - 0.5 gM Y^T.
-    The iterates (Y_k, Z_k), k < T, go to hist (G, T, 2, BD, BD) on the way forward.
-    """
+    """dL/dcov of W = Newton-Schulz(cov + eps I, T): reverse mode through the coupled iteration
+    (_ns_forward with its iterates kept in hist (G, T, 2, BD, BD), then _ns_backward)."""
     g = tl.program_id(0)
     gd = g.to(tl.int64) * d
     sz = BD * BD
@@ -184,34 +348,13 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, 
     if BD <= BT:
         c = tl.arange(0, BD)
         m2 = (c < d)[:, None] & (c < d)[None, :]
-        off = c[:, None] * BD + c[None, :]
         eye = _eye(BD, d)
         S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
         tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
-        Y = S / tr
-        Z = eye
-        for k in range(T):
-            tl.store(hist + (2 * k) * sz + off, Y)
-            tl.store(hist + (2 * k + 1) * sz + off, Z)
-            M = 1.5 * eye - 0.5 * _mm(Z, Y, USE_DOT, PREC)
-            Y = _mm(Y, M, USE_DOT, PREC)
-            Z = _mm(M, Z, USE_DOT, PREC)
-        tl.debug_barrier()
-        rs = 1.0 / tl.sqrt(tr)
+        Z = _ns_forward(S / tr, eye, None, None, None, hist, T, eye, BD, BT, USE_DOT, PREC, True, True)
         gW = tl.load(gw_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0)
-        gZ = gW * rs
-        g_tr = -0.5 * rs / tr * tl.sum(tl.sum(gW * Z, axis=1), axis=0)
-        gY = tl.zeros((BD, BD), dtype=tl.float32)
-        for i in range(T):
-            k = T - 1 - i
-            Yk = tl.load(hist + (2 * k) * sz + off)
-            Zk = tl.load(hist + (2 * k + 1) * sz + off)
-            M = 1.5 * eye - 0.5 * _mm(Zk, Yk, USE_DOT, PREC)
-            gM = _mm(tl.trans(Yk), gY, USE_DOT, PREC) + _mm(gZ, tl.trans(Zk), USE_DOT, PREC)
-            gY = _mm(gY, tl.trans(M), USE_DOT, PREC) - 0.5 * _mm(tl.trans(Zk), gM, USE_DOT, PREC)
-            gZ = _mm(tl.trans(M), gZ, USE_DOT, PREC) - 0.5 * _mm(gM, tl.trans(Yk), USE_DOT, PREC)
-        # Y0 = Se / tr
-        g_tr += -tl.sum(tl.sum(gY * S, axis=1), axis=0) / (tr * tr)
+        gY, g_tr = _ns_backward(gW, Z, S, tr, hist, T, eye, None, None, None, None, None, None, BD, BT,
+                                USE_DOT, PREC, True)
         gS = gY / tr + g_tr * eye
         tl.store(gcov_ptr + gd * d + c[:, None] * d + c[None, :], gS, mask=m2)
     else:
@@ -224,43 +367,14 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, 
         gMp = wk + 4 * sz
         t1 = wk + 5 * sz
         t2 = wk + 6 * sz
-        # forward: Y, Z live in hist slots k (read), next iterate written to slot k+1 or t1/t2
+        # Y0, Z0 in hist slots 0, 1; Z_T ends in t2
         tr = _load_se_tiled(cov_ptr + gd * d, hist, hist + sz, d, eps, BD, BT)
         _tiled_axpy(hist, hist, Sp, tr, 0.0, BD, BT)                     # S = Y0 * tr
-        for k in range(T):
-            Yk = hist + (2 * k) * sz
-            Zk = Yk + sz
-            if k + 1 < T:
-                Yn = Yk + 2 * sz
-                Zn = Yn + sz
-            else:
-                Yn = t1
-                Zn = t2
-            _tiled_mm(Zk, Yk, Mp, -0.5, 1.5, False, False, BD, BT, PREC)
-            _tiled_mm(Yk, Mp, Yn, 1.0, 0.0, False, False, BD, BT, PREC)
-            _tiled_mm(Mp, Zk, Zn, 1.0, 0.0, False, False, BD, BT, PREC)
-        # t2 = Z_T; gZ = gW / sqrt(tr); gY = 0
-        rs = 1.0 / tl.sqrt(tr)
+        Z = _ns_forward(hist, hist + sz, Mp, t1, t2, hist, T, None, BD, BT, USE_DOT, PREC, False, True)
         _load_padded_tiled(gw_ptr + gd * d, gZp, d, BD, BT)
-        g_tr = -0.5 * rs / tr * _tiled_dotsum(gZp, t2, BD, BT)
-        _tiled_axpy(gZp, gZp, gZp, rs, 0.0, BD, BT)
-        _tiled_axpy(gZp, gZp, gYp, 0.0, 0.0, BD, BT)
-        for i in range(T):
-            k = T - 1 - i
-            Yk = hist + (2 * k) * sz
-            Zk = Yk + sz
-            _tiled_mm(Zk, Yk, Mp, -0.5, 1.5, False, False, BD, BT, PREC)        # M
-            _tiled_mm(Yk, gYp, t1, 1.0, 0.0, True, False, BD, BT, PREC)         # Y^T gY
-            _tiled_mm(gZp, Zk, t2, 1.0, 0.0, False, True, BD, BT, PREC)         # gZ Z^T
-            _tiled_axpy(t1, t2, gMp, 1.0, 1.0, BD, BT)                          # gM
-            _tiled_mm(gYp, Mp, t1, 1.0, 0.0, False, True, BD, BT, PREC)         # gY M^T
-            _tiled_mm(Zk, gMp, t2, 1.0, 0.0, True, False, BD, BT, PREC)         # Z^T gM
-            _tiled_axpy(t1, t2, gYp, 1.0, -0.5, BD, BT)                         # gY
-            _tiled_mm(Mp, gZp, t1, 1.0, 0.0, True, False, BD, BT, PREC)         # M^T gZ
-            _tiled_mm(gMp, Yk, t2, 1.0, 0.0, False, True, BD, BT, PREC)         # gM Y^T
-            _tiled_axpy(t1, t2, gZp, 1.0, -0.5, BD, BT)                         # gZ
-        g_tr += -_tiled_dotsum(gYp, Sp, BD, BT) / (tr * tr)
-        _store_grad_tiled(gYp, gcov_ptr + gd * d, 1.0 / tr, g_tr, d, BD, BT)
+        gY, g_tr = _ns_backward(gZp, Z, Sp, tr, hist, T, None, Mp, gYp, gZp, gMp, t1, t2, BD, BT,
+                                USE_DOT, PREC, False)
+        _store_grad_tiled(gY, gcov_ptr + gd * d, 1.0 / tr, g_tr, d, BD, BT)
 
 
 @triton.jit
