@@ -21,9 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LaunchConfig", "flat_view", "launch", "pass_blocks", "pow2", "splits"]
-
-
 # ---------------------------------------------------------------------------------------------------
 # jit helpers
 
