@@ -31,7 +31,7 @@ FUSED_CASES = [  # (shape, d, method, T)
 @pytest.mark.parametrize("shape, d, method, T", FUSED_CASES,
                          ids=[f"{len(c[0])}d-C{c[0][1]}-d{c[1]}-{c[2]}{c[3]}" for c in FUSED_CASES])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_torch_fused_matches_reference(shape, d, method, T, dtype, affine):
+def test_torch_backend_matches_reference(shape, d, method, T, dtype, affine):
     from sdecor.ops.whiten_torch import group_whiten_train as group_whiten_train_torch
     C = shape[1]
     x = (torch.randn(shape, dtype=dtype) * 1.5 + 0.7).requires_grad_()
@@ -58,7 +58,7 @@ def torch_backend():
         yield
 
 
-def test_torch_fused_argument_checks(torch_backend):
+def test_torch_backend_argument_checks(torch_backend):
     # the checks run once, in the public function, before the torch backend is reached
     from sdecor.ops.whiten import group_whiten_train as group_whiten_train_torch
     x = torch.randn(4, 8, 3)
