@@ -15,6 +15,7 @@ Every launcher goes through :func:`launch`, the one place where kernels are wrap
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import math
 
 import torch
@@ -77,8 +78,7 @@ class LaunchConfig:
         return dataclasses.asdict(self)
 
 
-# Output rows per product of the apply / dx kernels above BD = 64 (their whole d x d x BM product
-# spills at BD = 128 on sm_80 and sm_90).
+# Output rows per product of the apply / dx kernels above BD = 64 (see ProductPassConfig).
 RB_ROWS = 16
 
 
@@ -86,32 +86,106 @@ def pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def pass_blocks(d: int, on_gpu: bool) -> dict:
-    """BD, BM, USE_DOT, PREC, num_warps, num_stages of the kernels that stream x (statistics
-    partials, apply, the backward passes) for group size d.
+@dataclass(frozen=True)
+class PassConfig(LaunchConfig):
+    """BD, BM, USE_DOT, PREC, num_warps, num_stages of the kernels that stream x (grid P x G, tiles
+    [BD, BM] of channels x samples) for group size d.
 
     Chosen from the static compile figures (python -m sdecor_kernels.static) for sm_80 and sm_90: no
     spills, and registers low enough for >= 2 programs of 8 warps per SM up to d = 32.
     num_stages=1: the loops stream x once, and prefetch stages cost registers and shared memory that
     occupancy (many programs per SM) makes up for.
     """
-    BD = max(2, pow2(d))
-    use_dot = BD >= 16
-    if not use_dot:
-        # the broadcast product [BD, BM, BD] kept at <= 4096 elements
-        BM, warps = max(16, min(128, 4096 // (BD * BD))), 4
-    elif BD <= 16:
-        BM, warps = 64, 8
-    elif BD <= 32:
-        BM, warps = 32, 8
-    else:
-        # at BD = 64, BM = 32 spills in the dx kernel on sm_80 (255 registers)
-        BM, warps = 16, 8
-    # fp32 products: FMA ("ieee") keeps up with memory below d = 64 (2d flops per 4-byte element);
-    # above it, three tf32 tensor-core products give ~fp32 accuracy. The interpreter's dot is
-    # exact fp32 whatever is asked.
-    prec = "tf32x3" if (on_gpu and BD >= 64) else "ieee"
-    return dict(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, num_warps=warps, num_stages=1)
+
+    BD: int
+    BM: int
+    USE_DOT: bool
+    PREC: str
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def for_group(cls, d: int, on_gpu: bool):
+        BD = max(2, pow2(d))
+        use_dot = BD >= 16
+        if not use_dot:
+            # the broadcast product [BD, BM, BD] kept at <= 4096 elements
+            BM, warps = max(16, min(128, 4096 // (BD * BD))), 4
+        elif BD <= 16:
+            BM, warps = 64, 8
+        elif BD <= 32:
+            BM, warps = 32, 8
+        else:
+            # at BD = 64, BM = 32 spills in the dx kernel on sm_80 (255 registers)
+            BM, warps = 16, 8
+        # fp32 products: FMA ("ieee") keeps up with memory below d = 64 (2d flops per 4-byte element);
+        # above it, three tf32 tensor-core products give ~fp32 accuracy. The interpreter's dot is
+        # exact fp32 whatever is asked.
+        prec = "tf32x3" if (on_gpu and BD >= 64) else "ieee"
+        return cls(BD=BD, BM=BM, USE_DOT=use_dot, PREC=prec, num_warps=warps, num_stages=1,
+                   **cls.large_d(BD))
+
+    @staticmethod
+    def large_d(BD: int) -> dict:
+        """The fields a subclass adds, for block size BD."""
+        return {}
+
+
+@dataclass(frozen=True)
+class ReducePassConfig(PassConfig):
+    """A pass that sums d x d products over the samples (statistics partials, backward reduce): above
+    BD = 64 its accumulator is kept as two halves of BD/2 rows (HALVES; the whole one spills at
+    BD = 128 on sm_80 and sm_90)."""
+
+    HALVES: bool = False
+
+    @staticmethod
+    def large_d(BD: int) -> dict:
+        return {"HALVES": BD > 64}
+
+
+@dataclass(frozen=True)
+class ProductPassConfig(PassConfig):
+    """A pass that multiplies the samples by d x d matrices (apply, dx): above BD = 64 the matrices
+    are reloaded inside the loop (MAT_IN_LOOP) and the product is formed RB = RB_ROWS output rows at
+    a time (the whole product spills at BD = 128 on sm_80 and sm_90)."""
+
+    MAT_IN_LOOP: bool = False
+    RB: int = 0
+
+    @staticmethod
+    def large_d(BD: int) -> dict:
+        return {"MAT_IN_LOOP": BD > 64, "RB": BD if BD <= 64 else RB_ROWS}
+
+
+@dataclass(frozen=True)
+class MatrixConfig(LaunchConfig):
+    """BD, USE_DOT, PREC, num_warps, num_stages of a kernel with one program per group working on
+    d x d matrices (statistics finalize, Newton-Schulz)."""
+
+    BD: int
+    USE_DOT: bool
+    PREC: str
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def matrix_blocks(d: int) -> dict:
+        BD = max(2, pow2(d))
+        # d x d products: FMA ("ieee") on every device, whose operands take half the registers of
+        # tf32x3's (the flops of one program per group are negligible next to the passes over x)
+        return dict(BD=BD, USE_DOT=BD >= 16, PREC="ieee")
+
+
+def pass_setup(config: type[PassConfig], x: torch.Tensor, L: int, d: int):
+    """(cfg, m, n_blocks, P, bpp) of a pass over x (N, C, L) in groups of d: the launch configuration,
+    the samples m = N * L, their blocks of cfg.BM, and the split of the blocks over P programs per
+    group (see :func:`splits`)."""
+    m, dev = x.shape[0] * L, x.device
+    cfg = config.for_group(d, dev.type == "cuda")
+    n_blocks = -(-m // cfg.BM)
+    P, bpp = splits(n_blocks, x.shape[1] // d, dev)
+    return cfg, m, n_blocks, P, bpp
 
 
 def splits(n_blocks: int, G: int, device: torch.device) -> tuple[int, int]:

@@ -11,16 +11,14 @@ product of RB output rows per step; the whole product spills at BD = 128).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (BF16, RB_ROWS, SPEC_DS, X_ARGS, LaunchConfig, _block_range, _mm, _tile, _tile_rows,
-                      flat_view, launch, pass_blocks, signature, splits)
+from ._common import (BF16, SPEC_DS, X_ARGS, ProductPassConfig, _block_range, _mm, _tile, _tile_rows, flat_view,
+                      launch, pass_setup, signature)
 
-__all__ = ["STATIC_SPECS", "ApplyConfig", "whiten_apply"]
+__all__ = ["STATIC_SPECS", "whiten_apply"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,27 +86,6 @@ def whiten_apply_kernel(x_ptr, y_ptr, mean_ptr, w_ptr, weight_ptr, bias_ptr, d, 
 # launch configuration
 
 
-@dataclass(frozen=True)
-class ApplyConfig(LaunchConfig):
-    """Constexprs and launch options of whiten_apply_kernel for group size d (see
-    _common.pass_blocks); above BD = 64 the matrix is reloaded in the loop, RB_ROWS rows at a time."""
-
-    BD: int
-    BM: int
-    USE_DOT: bool
-    PREC: str
-    MAT_IN_LOOP: bool
-    RB: int
-    num_warps: int
-    num_stages: int
-
-    @classmethod
-    def for_group(cls, d: int, on_gpu: bool) -> "ApplyConfig":
-        blocks = pass_blocks(d, on_gpu)
-        BD = blocks["BD"]
-        return cls(MAT_IN_LOOP=BD > 64, RB=BD if BD <= 64 else RB_ROWS, **blocks)
-
-
 # ---------------------------------------------------------------------------------------------------
 # launcher
 
@@ -118,12 +95,8 @@ def whiten_apply(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, weight: t
     """y = weight * W (x - mean) + bias per group, in x's dtype and memory format (contiguous when x
     is neither contiguous nor channels_last)."""
     x, sn, sc, sl, L = flat_view(x, output_layout=True)
-    N, C = x.shape[:2]
     G, d = mean.shape
-    m, dev = N * L, x.device
-    cfg = ApplyConfig.for_group(d, dev.type == "cuda")
-    n_blocks = -(-m // cfg.BM)
-    P, bpp = splits(n_blocks, G, dev)
+    cfg, m, n_blocks, P, bpp = pass_setup(ProductPassConfig, x, L, d)
     y = torch.empty_like(x)
     mean = mean.to(torch.float32).contiguous()
     w = w.to(torch.float32).contiguous()
@@ -143,8 +116,8 @@ _APPLY_ARGS = f"x_ptr y_ptr mean_ptr w_ptr weight_ptr bias_ptr {X_ARGS}"
 STATIC_SPECS = [
     dict(name="whiten_apply_kernel", kernel=whiten_apply_kernel, ds=SPEC_DS,
          signature=signature(_APPLY_ARGS),
-         config=lambda d: dict(ApplyConfig.for_group(d, True).meta(), HAS_WEIGHT=True, HAS_BIAS=True)),
+         config=lambda d: dict(ProductPassConfig.for_group(d, True).meta(), HAS_WEIGHT=True, HAS_BIAS=True)),
     dict(name="whiten_apply_kernel[bf16]", kernel=whiten_apply_kernel, ds=SPEC_DS,
          signature=signature(_APPLY_ARGS, BF16),
-         config=lambda d: dict(ApplyConfig.for_group(d, True).meta(), HAS_WEIGHT=True, HAS_BIAS=True)),
+         config=lambda d: dict(ProductPassConfig.for_group(d, True).meta(), HAS_WEIGHT=True, HAS_BIAS=True)),
 ]

@@ -14,16 +14,14 @@ at BD = 128).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (BF16, RB_ROWS, SPEC_DS, XT_ARGS, LaunchConfig, _block_range, _mm, _tile, _tile_rows,
-                      f32, flat_view, launch, pass_blocks, signature, splits)
+from ._common import (BF16, SPEC_DS, XT_ARGS, ProductPassConfig, ReducePassConfig, _block_range, _mm, _tile,
+                      _tile_rows, f32, flat_view, launch, pass_setup, signature)
 
-__all__ = ["STATIC_SPECS", "BwdDxConfig", "BwdReduceConfig", "whiten_bwd_dx", "whiten_bwd_reduce"]
+__all__ = ["STATIC_SPECS", "whiten_bwd_dx", "whiten_bwd_reduce"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,47 +136,6 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, d
 # launch configuration
 
 
-@dataclass(frozen=True)
-class BwdReduceConfig(LaunchConfig):
-    """Constexprs and launch options of whiten_bwd_reduce_kernel for group size d (see
-    _common.pass_blocks); HALVES above BD = 64."""
-
-    BD: int
-    BM: int
-    USE_DOT: bool
-    PREC: str
-    HALVES: bool
-    num_warps: int
-    num_stages: int
-
-    @classmethod
-    def for_group(cls, d: int, on_gpu: bool) -> "BwdReduceConfig":
-        blocks = pass_blocks(d, on_gpu)
-        return cls(HALVES=blocks["BD"] > 64, **blocks)
-
-
-@dataclass(frozen=True)
-class BwdDxConfig(LaunchConfig):
-    """Constexprs and launch options of whiten_bwd_dx_kernel for group size d (see
-    _common.pass_blocks); above BD = 64 the matrices are reloaded in the loop, RB_ROWS rows at a
-    time."""
-
-    BD: int
-    BM: int
-    USE_DOT: bool
-    PREC: str
-    MAT_IN_LOOP: bool
-    RB: int
-    num_warps: int
-    num_stages: int
-
-    @classmethod
-    def for_group(cls, d: int, on_gpu: bool) -> "BwdDxConfig":
-        blocks = pass_blocks(d, on_gpu)
-        BD = blocks["BD"]
-        return cls(MAT_IN_LOOP=BD > 64, RB=BD if BD <= 64 else RB_ROWS, **blocks)
-
-
 # ---------------------------------------------------------------------------------------------------
 # launchers
 
@@ -190,13 +147,10 @@ def whiten_bwd_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
     """
     x, sn, sc, sl, L = flat_view(x, output_layout=True)
     dy, tn, tc, tl_, _ = flat_view(dy)
-    N, C = x.shape[:2]
     G, d = mean.shape
-    m, dev = N * L, x.device
-    cfg = BwdReduceConfig.for_group(d, dev.type == "cuda")
-    BD, BM = cfg.BD, cfg.BM
-    n_blocks = -(-m // BM)
-    P, bpp = splits(n_blocks, G, dev)
+    dev = x.device
+    cfg, m, n_blocks, P, bpp = pass_setup(ReducePassConfig, x, L, d)
+    BD = cfg.BD
     dp = f32(G, P, BD, BD, device=dev)
     sp = f32(G, P, BD, device=dev)
     launch(whiten_bwd_reduce_kernel, (P, G), dy, x, mean.to(torch.float32).contiguous(), dp, sp,
@@ -216,12 +170,8 @@ def whiten_bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, 
         dy, tn, tc, tl_, _ = flat_view(dy)
     else:
         dy, tn, tc, tl_ = x, sn, sc, sl
-    N, C = x.shape[:2]
     G, d = mean.shape
-    m, dev = N * L, x.device
-    cfg = BwdDxConfig.for_group(d, dev.type == "cuda")
-    n_blocks = -(-m // cfg.BM)
-    P, bpp = splits(n_blocks, G, dev)
+    cfg, m, n_blocks, P, bpp = pass_setup(ProductPassConfig, x, L, d)
     dx = torch.empty_like(x)
     a = a.to(torch.float32).contiguous()
     launch(whiten_bwd_dx_kernel, (P, G), dy, x, dx, mean.to(torch.float32).contiguous(), a,
@@ -239,14 +189,14 @@ _DX_ARGS = f"dy_ptr x_ptr dx_ptr mean_ptr a_ptr b_ptr v_ptr {XT_ARGS}"
 
 STATIC_SPECS = [
     dict(name="whiten_bwd_reduce_kernel", kernel=whiten_bwd_reduce_kernel, ds=SPEC_DS,
-         signature=signature(_REDUCE_ARGS), config=lambda d: BwdReduceConfig.for_group(d, True).meta()),
+         signature=signature(_REDUCE_ARGS), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="whiten_bwd_reduce_kernel[bf16]", kernel=whiten_bwd_reduce_kernel, ds=SPEC_DS,
          signature=signature(_REDUCE_ARGS, BF16),
-         config=lambda d: BwdReduceConfig.for_group(d, True).meta()),
+         config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="whiten_bwd_dx_kernel[HAS_DY]", kernel=whiten_bwd_dx_kernel, ds=SPEC_DS,
          signature=signature(_DX_ARGS),
-         config=lambda d: dict(BwdDxConfig.for_group(d, True).meta(), HAS_DY=True)),
+         config=lambda d: dict(ProductPassConfig.for_group(d, True).meta(), HAS_DY=True)),
     dict(name="whiten_bwd_dx_kernel", kernel=whiten_bwd_dx_kernel, ds=SPEC_DS,
          signature=signature(_DX_ARGS),
-         config=lambda d: dict(BwdDxConfig.for_group(d, True).meta(), HAS_DY=False)),
+         config=lambda d: dict(ProductPassConfig.for_group(d, True).meta(), HAS_DY=False)),
 ]

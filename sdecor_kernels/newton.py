@@ -15,13 +15,14 @@ iteration (``_ns_forward``, also run by group_stats_finalize_kernel) and its rev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import SPEC_DS, LaunchConfig, _eye, _mm, f32, launch, pow2, signature
+from ._common import SPEC_DS, MatrixConfig, _eye, _mm, f32, launch, signature
 
 __all__ = ["STATIC_SPECS", "NewtonBwdConfig", "NewtonFwdConfig", "newton_backward", "newton_forward"]
 
@@ -410,30 +411,20 @@ def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constex
 
 
 @dataclass(frozen=True)
-class NewtonFwdConfig(LaunchConfig):
-    """Constexprs and launch options of newton_fwd_kernel for group size d (the same on every
-    device): spill-free on sm_80 and sm_90 in the static compile sweep (registers for BD <= 32,
-    BT x BT tiles of scratch above)."""
+class _NewtonConfig(MatrixConfig):
+    """Constexprs and launch options of a Newton-Schulz kernel for group size d (the same on every
+    device): d x d matrices in registers for BD <= REG_BD, else in BT x BT tiles of a global scratch
+    buffer. ``TABLE`` rows (largest BD, BT, num_warps, num_stages), spill-free on sm_80 and sm_90 in
+    the static compile sweep."""
 
-    BD: int
-    BT: int
-    USE_DOT: bool
-    PREC: str
-    num_warps: int
-    num_stages: int
+    BT: int = TILE
+    TABLE = ()
 
     @classmethod
-    def for_group(cls, d: int) -> "NewtonFwdConfig":
-        BD = max(2, pow2(d))
-        if BD <= REG_BD:
-            BT, warps, stages = TILE, (4 if BD <= 16 else 8), 1
-        elif BD <= 64:
-            BT, warps, stages = 32, 4, 3
-        else:
-            BT, warps, stages = 32, 4, 1
-        # d x d products: FMA ("ieee") on every device, whose operands take half the registers of
-        # tf32x3's (the flops of one program per group are negligible next to the passes over x)
-        return cls(BD=BD, BT=BT, USE_DOT=BD >= 16, PREC="ieee", num_warps=warps, num_stages=stages)
+    def for_group(cls, d: int):
+        blocks = cls.matrix_blocks(d)
+        BT, warps, stages = next(row[1:] for row in cls.TABLE if blocks["BD"] <= row[0])
+        return cls(**blocks, BT=BT, num_warps=warps, num_stages=stages)
 
     @property
     def in_registers(self) -> bool:
@@ -442,33 +433,17 @@ class NewtonFwdConfig(LaunchConfig):
 
 
 @dataclass(frozen=True)
-class NewtonBwdConfig(LaunchConfig):
-    """Constexprs and launch options of newton_bwd_kernel for group size d (see NewtonFwdConfig)."""
+class NewtonFwdConfig(_NewtonConfig):
+    """newton_fwd_kernel (see _NewtonConfig)."""
 
-    BD: int
-    BT: int
-    USE_DOT: bool
-    PREC: str
-    num_warps: int
-    num_stages: int
+    TABLE = ((16, TILE, 4, 1), (REG_BD, TILE, 8, 1), (64, 32, 4, 3), (math.inf, 32, 4, 1))
 
-    @classmethod
-    def for_group(cls, d: int) -> "NewtonBwdConfig":
-        BD = max(2, pow2(d))
-        if BD <= REG_BD:
-            BT, warps, stages = TILE, 8, (2 if BD <= 16 else 1)
-        elif BD <= 64:
-            BT, warps, stages = 32, 4, 3
-        else:
-            BT, warps, stages = 16, 2, 3
-        # d x d products: FMA ("ieee") on every device, whose operands take half the registers of
-        # tf32x3's (the flops of one program per group are negligible next to the passes over x)
-        return cls(BD=BD, BT=BT, USE_DOT=BD >= 16, PREC="ieee", num_warps=warps, num_stages=stages)
 
-    @property
-    def in_registers(self) -> bool:
-        """d x d matrices in registers (else in BT x BT tiles of a global scratch buffer)."""
-        return self.BD <= self.BT
+@dataclass(frozen=True)
+class NewtonBwdConfig(_NewtonConfig):
+    """newton_bwd_kernel (see _NewtonConfig)."""
+
+    TABLE = ((16, TILE, 8, 2), (REG_BD, TILE, 8, 1), (64, 32, 4, 3), (math.inf, 16, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 
 from . import newton
-from ._common import (BF16, SPEC_DS, X_ARGS, LaunchConfig, _block_range, _eye, _mm, _tile, _tile_rows,
-                      f32, flat_view, launch, pass_blocks, pow2, signature, splits)
+from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _eye, _mm, _tile,
+                      _tile_rows, f32, flat_view, launch, pass_setup, pow2, signature)
 from .newton import _newton_regs
 
-__all__ = ["STATIC_SPECS", "FinalizeConfig", "StatsConfig", "group_stats", "group_stats_newton"]
+__all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,41 +119,14 @@ def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, mean_ptr, cov_ptr, w_ptr,
 
 
 @dataclass(frozen=True)
-class StatsConfig(LaunchConfig):
-    """Constexprs and launch options of group_stats_partial_kernel for group size d (see
-    _common.pass_blocks); HALVES above BD = 64."""
-
-    BD: int
-    BM: int
-    USE_DOT: bool
-    PREC: str
-    HALVES: bool
-    num_warps: int
-    num_stages: int
-
-    @classmethod
-    def for_group(cls, d: int, on_gpu: bool) -> "StatsConfig":
-        blocks = pass_blocks(d, on_gpu)
-        return cls(HALVES=blocks["BD"] > 64, **blocks)
-
-
-@dataclass(frozen=True)
-class FinalizeConfig(LaunchConfig):
+class FinalizeConfig(MatrixConfig):
     """Constexprs and launch options of group_stats_finalize_kernel for group size d (the same on
     every device; NEWTON is chosen per launch)."""
 
-    BD: int
-    USE_DOT: bool
-    PREC: str
-    num_warps: int
-    num_stages: int
-
     @classmethod
     def for_group(cls, d: int) -> "FinalizeConfig":
-        BD = max(2, pow2(d))
-        # d x d products: FMA ("ieee") on every device, whose operands take half the registers of
-        # tf32x3's (the flops of one program per group are negligible next to the passes over x)
-        return cls(BD=BD, USE_DOT=BD >= 16, PREC="ieee", num_warps=4 if BD <= 16 else 8, num_stages=1)
+        blocks = cls.matrix_blocks(d)
+        return cls(**blocks, num_warps=4 if blocks["BD"] <= 16 else 8, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,12 +152,9 @@ def group_stats_newton(x: torch.Tensor, d: int, eps: float, T: int):
 def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None):
     """(mean, cov, W or None): W only when newton_args = (eps, T) is given and fused in finalize."""
     x, sn, sc, sl, L = flat_view(x)
-    N, C = x.shape[:2]
-    G, m, dev = C // d, N * L, x.device
-    cfg = StatsConfig.for_group(d, dev.type == "cuda")
-    BD, BM = cfg.BD, cfg.BM
-    n_blocks = -(-m // BM)
-    P, bpp = splits(n_blocks, G, dev)
+    G, dev = x.shape[1] // d, x.device
+    cfg, m, n_blocks, P, bpp = pass_setup(ReducePassConfig, x, L, d)
+    BD = cfg.BD
     s1 = f32(G, P, BD, device=dev)
     s2 = f32(G, P, BD, BD, device=dev)
     launch(group_stats_partial_kernel, (P, G), x, s1, s2, d, m, L, sn, sc, sl, n_blocks, bpp, P,
@@ -207,9 +177,9 @@ _FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T"
 
 STATIC_SPECS = [
     dict(name="group_stats_partial_kernel", kernel=group_stats_partial_kernel, ds=SPEC_DS,
-         signature=signature(_PARTIAL_ARGS), config=lambda d: StatsConfig.for_group(d, True).meta()),
+         signature=signature(_PARTIAL_ARGS), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="group_stats_partial_kernel[bf16]", kernel=group_stats_partial_kernel, ds=SPEC_DS,
-         signature=signature(_PARTIAL_ARGS, BF16), config=lambda d: StatsConfig.for_group(d, True).meta()),
+         signature=signature(_PARTIAL_ARGS, BF16), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel,
          ds=tuple(d for d in SPEC_DS if pow2(d) <= newton.REG_BD),
          signature=signature(_FINALIZE_ARGS, {"eps": "fp32"}),

@@ -6,6 +6,7 @@ TRITON_INTERPRET must be set before Triton is first imported, hence at the top o
 import os
 import random
 import subprocess
+from pathlib import Path
 
 
 def _gpu_present() -> bool:
@@ -60,6 +61,20 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     return _poison
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_modules() -> set[str]:
+    """Every module of the source tree's packages as a wheel names it: sdecor/... (from python/) and
+    sdecor_kernels/..."""
+    found = set()
+    for top, base in (("sdecor", ROOT / "python"), ("sdecor_kernels", ROOT)):
+        for path in (base / top).rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                found.add(path.relative_to(base).as_posix())
+    return found
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import setuptools
 
+from conftest import source_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,12 +26,7 @@ def setup_kwargs():
 
 def _module_folders():
     """Dotted names of the folders of the source tree that hold Python modules."""
-    found = set()
-    for top, base in (("sdecor", ROOT / "python"), ("sdecor_kernels", ROOT)):
-        for path in (base / top).rglob("*.py"):
-            if "__pycache__" not in path.parts:
-                found.add(".".join(path.parent.relative_to(base).parts))
-    return found
+    return {m.rsplit("/", 1)[0].replace("/", ".") for m in source_modules()}
 
 
 def test_every_folder_of_modules_is_a_package():

@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import source_modules
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +59,6 @@ def _run(cmd, cwd, timeout=RUN_TIMEOUT_S, env=None):
                          timeout=timeout)
     assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     return out
-
-
-def _source_modules():
-    """Every module of the source tree's packages, as the wheel names them (sdecor/..., sdecor_kernels/...)."""
-    found = set()
-    for top, base in (("sdecor", ROOT / "python"), ("sdecor_kernels", ROOT)):
-        for path in (base / top).rglob("*.py"):
-            if "__pycache__" not in path.parts:
-                found.add(path.relative_to(base).as_posix())
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +92,7 @@ def venv(wheel, tmp_path_factory):
 
 def test_wheel_holds_every_package_and_the_extension(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = _source_modules()
+    modules = source_modules()
     assert {"sdecor/__init__.py", "sdecor/bench/__init__.py", "sdecor_kernels/__init__.py"} <= modules
     assert modules <= names, f"not in the wheel: {sorted(modules - names)}"
     assert any(n.startswith("sdecor/bench/") and n.endswith(".py") for n in names)

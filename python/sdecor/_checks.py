@@ -193,7 +193,7 @@ def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> No
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}; got {fill!r}")
     if (value_always or fill == "constant") and not is_number(value):
-        raise ValueError(f"value must be a number" + ("" if value_always else " for fill='constant'")
+        raise ValueError("value must be a number" + ("" if value_always else " for fill='constant'")
                          + f"; got {value!r}")
 
 
