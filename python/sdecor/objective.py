@@ -97,7 +97,8 @@ class SaliencyDecor(nn.Module):
       (default lambda_decor = 0.1, see DEFAULT_LAMBDA_DECOR).
     - ``decor_layers``: None = the input of the last ``nn.Linear`` of ``model``; else a list of
       submodule names or submodules whose *input* features (N, C, *S) are decorrelated (a forward
-      pre-hook during the clean forward only). C must be divisible by ``num_channels``.
+      pre-hook during the clean forward only). C must be divisible by ``num_channels`` (checked here
+      for the default layer when lambda_decor > 0, else in the forward).
     - ``kind``: "decov" (default) or "corr" (see decorrelation_loss).
     """
 
@@ -124,7 +125,7 @@ class SaliencyDecor(nn.Module):
         self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)
         self.num_channels, self.kind, self.generator = num_channels, kind, generator
         self.decor_layers = self._resolve_layers(model, decor_layers)
-        if decor_layers is None:
+        if decor_layers is None and self.lambda_decor > 0:        # with lambda_decor = 0 nothing is grouped
             C = self.decor_layers[0][1].in_features
             if C % num_channels:
                 raise ValueError(
