@@ -114,7 +114,8 @@ def check_labels(y, x: torch.Tensor, name: str = "y") -> None:
                         f"uint8); got dtype {y.dtype}")
     N = x.shape[0]
     if y.shape != (N,):
-        raise ValueError(f"{name} must be a tensor of N={N} class indices, shape ({N},); got shape {tuple(y.shape)}")
+        raise ValueError(f"{name} must be a tensor of N={N} class indices, shape ({N},); "
+                         f"got shape {tuple(y.shape)}")
     if y.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}; got {y.device}")
 

@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = check_args(args)
         dataset = data_mod.load(args.dataset, args.data_root, seed=0)
-    except (ValueError, data_mod.DatasetNotFoundError) as err:      # UsageError is a ValueError
+    except (ValueError, data_mod.DatasetNotFoundError) as err:     # UsageError, or a bad dataset file
         print(f"sdecor train: error: {err}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
