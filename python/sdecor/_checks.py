@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "DECOR_KINDS",
     "FILLS",
+    "LABEL_DTYPES",
     "MAX_NEWTON_STEPS",
     "METHODS",
     "REDUCES",
@@ -23,6 +24,8 @@ __all__ = [
     "check_generator",
     "check_groups",
     "check_input",
+    "check_label_range",
+    "check_labels",
     "check_mask_args",
     "check_mask_options",
     "check_module_input",
@@ -38,6 +41,7 @@ METHODS = ("zca", "newton")
 FILLS = ("zero", "constant", "mean", "uniform", "baseline")
 REDUCES = ("mean", None)
 DECOR_KINDS = ("decov", "corr")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_NEWTON_STEPS = 100
 
 
@@ -99,6 +103,35 @@ def check_training_samples(x: torch.Tensor) -> int:
             f"training statistics need more than 1 value per channel (m = N * prod(S) >= 2); "
             f"got x of shape {tuple(x.shape)} (m={m})")
     return m
+
+
+def check_labels(y, x: torch.Tensor, name: str = "y") -> None:
+    """Class indices of the batch x: an integer tensor (N,) on x's device (any of LABEL_DTYPES)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of class indices; got {type(y).__name__}")
+    if y.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of class indices (int64, int32, int16, int8 or "
+                        f"uint8); got dtype {y.dtype}")
+    N = x.shape[0]
+    if y.shape != (N,):
+        raise ValueError(f"{name} must be a tensor of N={N} class indices, shape ({N},); "
+                         f"got shape {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}; got {y.device}")
+
+
+def check_label_range(y: torch.Tensor, num_classes: int, name: str = "y") -> None:
+    """Class indices in [0, num_classes), checked for CPU tensors only.
+
+    On a GPU the check would cost a host sync per call; there the consumer's own device-side
+    assert (cross_entropy's, gather's) stops a bad index instead.
+    """
+    if y.device.type != "cpu" or y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{name} must hold class indices in [0, {num_classes}) (num_classes = the logits' "
+                         f"dim 1); got {lo if lo < 0 else hi}")
 
 
 def check_affine(t, name: str, x: torch.Tensor) -> None:

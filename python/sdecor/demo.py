@@ -30,7 +30,7 @@ import torch
 
 from . import data as data_mod
 from ._optional import require
-from .train import TrainConfig, batches, evaluate, train_model
+from .train import TrainConfig, UsageError, batches, check_device, check_out_dir, evaluate, train_model
 
 CONFIGS = (
     # name, label, lambda_consistency, lambda_decor
@@ -82,15 +82,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
+def output_files(names: list, figures: bool) -> list:
+    """The files ``sdecor demo`` writes into --out for these datasets."""
+    return ["report.md", "results.json"] + ([f"saliency_{n}.png" for n in names] + ["masking_curves.png"]
+                                            if figures else [])
+
+
 def check_args(args: argparse.Namespace) -> list:
+    """Every option of ``sdecor demo``, before any data is read or any folder made; returns the
+    dataset names. Raises :class:`sdecor.train.UsageError` naming the option."""
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in names if d not in data_mod.EMBEDDED]
     if not names or bad:
-        raise ValueError(f"--datasets must be a comma-separated subset of {data_mod.EMBEDDED}; got {args.datasets!r}")
+        raise UsageError("--datasets", f"--datasets must be a comma-separated subset of {data_mod.EMBEDDED}; "
+                                       f"got {args.datasets!r}")
     for name in ("seeds", "eval_samples", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+            option = f"--{name.replace('_', '-')}"
+            raise UsageError(option, f"{option} must be >= 1; got {value}")
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise UsageError("--device", str(err)) from None
+    try:
+        check_out_dir(args.out, output_files(names, not args.no_figures))
+    except ValueError as err:
+        raise UsageError("--out", str(err)) from None
     return names
 
 
@@ -113,7 +131,7 @@ def summarize(values: list) -> dict:
 def run(args: argparse.Namespace) -> int:
     try:
         names = check_args(args)
-    except ValueError as err:
+    except UsageError as err:
         print(f"sdecor demo: error: {err}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()

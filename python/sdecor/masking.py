@@ -65,14 +65,7 @@ def saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     _checks.check_input(x, "x", min_dim=2, max_dim=5)
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                           torch.int8, torch.uint8):
-        got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
-        raise TypeError(f"y must be an integer tensor of class indices; got {got}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape (N,) = ({x.shape[0]},); got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"y must be on x's device {x.device}; got {y.device}")
+    _checks.check_labels(y, x)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -82,6 +75,7 @@ def saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"model(x) must return logits of shape (N, num_classes); got {got}")
+            _checks.check_label_range(y, logits.shape[1])
             picked = logits.gather(1, y.long()[:, None]).sum()
             (grad,) = torch.autograd.grad(picked, xi)
     finally:

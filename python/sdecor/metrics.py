@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from .masking import progressive_masks
 
 __all__ = [
@@ -186,8 +187,7 @@ def _check_curve_args(model, x, y, saliency, fractions):
         raise TypeError(f"model must be callable (an nn.Module); got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 3:
         raise ValueError(f"x must be a tensor (N, C, *S); got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
-        raise ValueError(f"y must be a tensor of N={x.shape[0]} class indices; got {getattr(y, 'shape', y)}")
+    _checks.check_labels(y, x)
     _check_map(saliency)
     if saliency.shape != (x.shape[0],) + tuple(x.shape[2:]) and saliency.shape != x.shape:
         raise ValueError(f"saliency must be a map (N, *S) = {(x.shape[0],) + tuple(x.shape[2:])} or shaped "
@@ -204,9 +204,13 @@ def _as_scores(x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_levels(model, images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Logits (L, N, K) of the model on a stack of image levels (L, N, C, *S)."""
+    """Logits (L, N, K) of the model on a stack of image levels (L, N, C, *S); y checked against K."""
     L, N = images.shape[:2]
     logits = model(images.reshape((L * N,) + tuple(images.shape[2:])))
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != L * N:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape (batch, num_classes); got {got}")
+    _checks.check_label_range(y, logits.shape[1])
     return logits.reshape(L, N, -1)
 
 
@@ -236,7 +240,7 @@ def masking_curve(model, x: torch.Tensor, y: torch.Tensor, saliency: torch.Tenso
         levels = progressive_masks(baseline, scores, fractions, largest=True, fill="baseline", baseline=x)
     logits = _forward_levels(model, levels.x_masked, y)                  # (F, N, K)
     Fn, N = logits.shape[:2]
-    prob = logits.softmax(-1).gather(2, y.view(1, N, 1).expand(Fn, N, 1)).squeeze(2)
+    prob = logits.softmax(-1).gather(2, y.long().view(1, N, 1).expand(Fn, N, 1)).squeeze(2)
     correct = logits.argmax(-1) == y.view(1, N)
     return MaskingCurve(prob.t(), correct.t())
 

@@ -14,10 +14,15 @@ Models (:data:`MODELS`):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "NORMS", "build_model", "make_norm", "TinyCNN", "SmallCNN", "ResNet8"]
+from ._checks import divisors
+
+__all__ = ["MODELS", "NORMS", "build_model", "check_group_size", "layer_channels", "make_norm", "TinyCNN",
+           "SmallCNN", "ResNet8"]
 
 NORMS = ("batch", "whitening")
 
@@ -39,6 +44,10 @@ def conv_block(cin: int, cout: int, norm: str, num_channels: int) -> nn.Sequenti
 
 
 class TinyCNN(nn.Module):
+    # channels of the norm layers and of the classifier's input, as multiples of width
+    NORM_WIDTHS = (1, 2, 2)
+    FEATURE_WIDTH = 2
+
     def __init__(self, in_channels: int, num_classes: int, norm: str = "batch", num_channels: int = 16,
                  width: int = 16):
         super().__init__()
@@ -59,6 +68,9 @@ class TinyCNN(nn.Module):
 
 
 class SmallCNN(nn.Module):
+    NORM_WIDTHS = (1, 1, 2, 2, 2)
+    FEATURE_WIDTH = 2
+
     def __init__(self, in_channels: int, num_classes: int, norm: str = "batch", num_channels: int = 16,
                  width: int = 32):
         super().__init__()
@@ -100,6 +112,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet8(nn.Module):
+    NORM_WIDTHS = (1, 1, 1, 2, 2, 2, 4, 4, 4)         # stem; block 1; blocks 2 and 3 with their shortcut
+    FEATURE_WIDTH = 4
+
     def __init__(self, in_channels: int, num_classes: int, norm: str = "batch", num_channels: int = 16,
                  width: int = 16):
         super().__init__()
@@ -132,5 +147,39 @@ def build_model(name: str, in_channels: int, num_classes: int, norm: str = "batc
                        ("num_channels", num_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int; got {value!r}")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"width must be a positive int or None (the model's default); got {width!r}")
     kwargs = {} if width is None else {"width": width}
     return MODELS[name](in_channels, num_classes, norm=norm, num_channels=num_channels, **kwargs)
+
+
+def layer_channels(name: str, width=None) -> tuple[tuple[int, ...], int]:
+    """(channels of each norm layer, channels of the classifier's input) of model ``name``, without
+    building it (width None: the model's default)."""
+    cls = MODELS[name]
+    width = default_width(name) if width is None else width
+    return tuple(k * width for k in cls.NORM_WIDTHS), cls.FEATURE_WIDTH * width
+
+
+def default_width(name: str) -> int:
+    return inspect.signature(MODELS[name]).parameters["width"].default
+
+
+def check_group_size(name: str, norm: str, num_channels: int, width=None, decorrelate: bool = False) -> None:
+    """ValueError naming num_channels where groups of ``num_channels`` do not fit model ``name``.
+
+    Whitening norm layers of c channels take groups of min(num_channels, c) (:func:`make_norm`), so
+    that must divide c; with ``decorrelate`` the classifier's input (SaliencyDecor's default layer)
+    is split into groups of num_channels, so that must divide its channel count. Checked from the
+    channel layout alone, before any weight is allocated.
+    """
+    norms, features = layer_channels(name, width)
+    what = f"model {name!r} (width {default_width(name) if width is None else width})"
+    if norm == "whitening":
+        for c in norms:
+            if c % min(num_channels, c):
+                raise ValueError(f"num_channels={num_channels} does not divide the {c} channels of a whitening "
+                                 f"layer of {what}; group sizes that fit it: {divisors(c)} or >= {c}")
+    if decorrelate and features % num_channels:
+        raise ValueError(f"num_channels={num_channels} does not divide the {features} channels of the "
+                         f"decorrelated classifier input of {what}; group sizes that fit it: {divisors(features)}")

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import metrics
 from ._optional import require
-from .models import MODELS, NORMS, build_model
+from .models import MODELS, NORMS, build_model, check_group_size
 
-__all__ = ["TrainConfig", "TrainResult", "train_model", "evaluate", "accuracy", "add_arguments", "run"]
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "UsageError", "accuracy", "add_arguments", "check_args",
+           "check_device", "check_out_dir", "evaluate", "run", "train_model"]
 
 FILLS = ("zero", "mean", "uniform")
 
@@ -59,28 +60,116 @@ class TrainConfig:
         return self.norm
 
     def check(self) -> None:
+        """Every field, before any work; raises :class:`ConfigError` (a ValueError) naming the field."""
         if self.dataset not in data_mod.DATASETS:
-            raise ValueError(f"dataset must be one of {data_mod.DATASETS}; got {self.dataset!r}")
+            raise ConfigError("dataset", f"dataset must be one of {data_mod.DATASETS}; got {self.dataset!r}")
         if self.model not in MODELS:
-            raise ValueError(f"model must be one of {tuple(MODELS)}; got {self.model!r}")
+            raise ConfigError("model", f"model must be one of {tuple(MODELS)}; got {self.model!r}")
         if self.norm not in ("auto",) + NORMS:
-            raise ValueError(f"norm must be one of {('auto',) + NORMS}; got {self.norm!r}")
+            raise ConfigError("norm", f"norm must be one of {('auto',) + NORMS}; got {self.norm!r}")
         for name in ("lambda_consistency", "lambda_decor", "lr", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+                raise ConfigError(name, f"{name} must be a finite number >= 0; got {value!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+            raise ConfigError("lr", f"lr must be > 0; got {self.lr!r}")
         if not 0.0 <= self.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1]; got {self.mask_ratio!r}")
+            raise ConfigError("mask_ratio", f"mask_ratio must be in [0, 1]; got {self.mask_ratio!r}")
         if self.fill not in FILLS:
-            raise ValueError(f"fill must be one of {FILLS}; got {self.fill!r}")
+            raise ConfigError("fill", f"fill must be one of {FILLS}; got {self.fill!r}")
         for name in ("num_channels", "epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+                raise ConfigError(name, f"{name} must be a positive int; got {value!r}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (batch statistics); got {self.batch_size}")
+            raise ConfigError("batch_size", f"batch_size must be >= 2 (batch statistics); got {self.batch_size}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or self.width < 1):
+            raise ConfigError("width", f"width must be a positive int (or None, the model's default); "
+                                       f"got {self.width!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise ConfigError("seed", f"seed must be an int in [0, 2**63 - 1); got {self.seed!r}")
+        try:
+            check_device(self.device)
+        except ValueError as err:
+            raise ConfigError("device", str(err)) from None
+        try:
+            check_group_size(self.model, self.resolved_norm(), self.num_channels, self.width,
+                             decorrelate=self.lambda_decor > 0)
+        except ValueError as err:
+            raise ConfigError("num_channels", str(err)) from None
+
+
+class ConfigError(ValueError):
+    """A field of :class:`TrainConfig` out of range; ``field`` names it (``sdecor train`` reports
+    it as the option ``--field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# torch seeds are 64-bit; the objective's generator takes seed + 1
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_device(device) -> torch.device:
+    """A device this machine can train on: cpu, or cuda[:index] / mps / xpu where available.
+
+    Raises ValueError naming the device (cheap: no tensor is made, nothing is initialised but the
+    driver query of torch.cuda.is_available()).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:<index>, mps or xpu") \
+            from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: no MPS device is available")
+        return dev
+    if dev.type == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise ValueError(f"device {device!r}: no XPU device is available")
+        return dev
+    raise ValueError(f"device {device!r} cannot train a model here; use cpu, cuda, cuda:<index>, mps or xpu")
+
+
+def check_out_dir(path, files=()) -> str:
+    """The absolute path of an output folder that exists and is writable, or can be created; each
+    of ``files`` in it is absent or a writable regular file. Creates nothing; raises ValueError.
+
+    Checked before any work, so that a run cannot train for minutes and then fail to save.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"must be a folder path; got {path!r}")
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"no permission to write in {path}")
+        for name in files:
+            target = os.path.join(path, name)
+            if os.path.lexists(target) and (not os.path.isfile(target) or not os.access(target, os.W_OK)):
+                raise ValueError(f"{target} exists and is not a writable file")
+        return path
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {path}: no permission to write in {parent}")
+    return path
 
 
 @dataclass
@@ -255,7 +344,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+OUTPUT_FILES = ("metrics.json", "model.pt")
+
+
+class UsageError(ValueError):
+    """A bad command-line option: the one-line message starts with the option's name."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message if message.startswith(option) else f"{option}: {message}")
+        self.option = option
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> TrainConfig:
+    """Every option of ``sdecor train``, before any data is read or any folder made: the training
+    configuration, --data-root, --threads, --eval-samples and --out. Raises :class:`UsageError`."""
     cfg = TrainConfig(dataset=args.dataset, model=args.model, norm=args.norm,
                       lambda_consistency=args.lambda_consistency, lambda_decor=args.lambda_decor,
                       mask_ratio=args.mask_ratio, fill=args.fill, num_channels=args.num_channels,
@@ -263,12 +369,30 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, width=args.width)
     try:
         cfg.check()
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}")
-        if args.eval_samples < 1:
-            raise ValueError(f"--eval-samples must be >= 1; got {args.eval_samples}")
+    except ConfigError as err:
+        raise UsageError(option_name(err.field), str(err)) from None
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        raise UsageError("--data-root", f"no such folder: {args.data_root}")
+    if args.dataset in data_mod.TORCHVISION and args.data_root is None:
+        raise UsageError("--data-root", f"dataset {args.dataset!r} is read from a local folder (downloads "
+                                        f"are disabled): give its root")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads", f"--threads must be >= 1; got {args.threads}")
+    if args.eval_samples < 1:
+        raise UsageError("--eval-samples", f"--eval-samples must be >= 1; got {args.eval_samples}")
+    if args.out is not None:
+        try:
+            check_out_dir(args.out, OUTPUT_FILES)
+        except ValueError as err:
+            raise UsageError("--out", str(err)) from None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = check_args(args)
         dataset = data_mod.load(args.dataset, args.data_root, seed=0)
-    except (ValueError, data_mod.DatasetNotFoundError) as err:
+    except (ValueError, data_mod.DatasetNotFoundError) as err:     # UsageError, or a bad dataset file
         print(f"sdecor train: error: {err}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
@@ -299,7 +423,7 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
     print(f"saliency on {ev['saliency_samples']} test images: gini {ev['gini']:.3f}, entropy "
           f"{ev['entropy']:.3f}, deletion AUC {ev['deletion_auc']:.3f}, insertion AUC {ev['insertion_auc']:.3f}"
           + (f", mass in object {ev['mask_mass_share']:.3f}" if "mask_mass_share" in ev else ""))
-    if args.out:
+    if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "metrics.json"), "w") as fh:
             json.dump({"config": asdict(cfg), "history": result.history, "train_seconds": result.seconds,
