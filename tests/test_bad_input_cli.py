@@ -17,6 +17,8 @@ from sdecor.masking import saliency
 from sdecor.models import MODELS, build_model, check_group_size, layer_channels
 from sdecor.objective import SaliencyDecor
 
+from test_objective import _cnn
+
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -85,16 +87,22 @@ TRAIN_CASES = [
 ]
 
 
+def _assert_bad_option(capsys, no_work, command, argv, option, out, ours):
+    """exit 2, the last stderr line names the option (ours: the only line), no folder, no work."""
+    code, err = run_cli(capsys, [command, *argv, "--out", str(out),
+                                 *(["--quick"] if command == "demo" else []), "--no-progress"])
+    assert code == 2
+    assert err and err[-1].startswith(f"sdecor {command}: error:") and option in err[-1], err
+    if ours:
+        assert len(err) == 1 and err[0].startswith(f"sdecor {command}: error: {option}"), err   # ours: one line
+    assert not out.exists() and no_work == []
+
+
 @pytest.mark.parametrize("argv, option", TRAIN_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_train_bad_option(tmp_path, capsys, no_work, argv, option):
-    out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, err = run_cli(capsys, ["train", *argv, "--out", str(out), "--no-progress"])
-    assert code == 2
-    assert err and err[-1].startswith("sdecor train: error:") and option in err[-1], err
-    if option not in ("--dataset", "--model", "--norm", "--fill") and argv != ["--width", "wide"]:
-        assert len(err) == 1 and err[0].startswith(f"sdecor train: error: {option}"), err   # ours: one line
-    assert not out.exists() and no_work == []
+    ours = option not in ("--dataset", "--model", "--norm", "--fill") and argv != ["--width", "wide"]
+    _assert_bad_option(capsys, no_work, "train", argv, option, tmp_path / "out", ours)
 
 
 @pytest.mark.parametrize("make, words", [
@@ -163,13 +171,7 @@ DEMO_CASES = [
 
 @pytest.mark.parametrize("argv, option", DEMO_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_demo_bad_option(tmp_path, capsys, no_work, argv, option):
-    out = tmp_path / "out"
-    code, err = run_cli(capsys, ["demo", *argv, "--out", str(out), "--quick", "--no-progress"])
-    assert code == 2
-    assert err and err[-1].startswith("sdecor demo: error:") and option in err[-1], err
-    if argv != ["--seeds", "x"]:
-        assert len(err) == 1 and err[0].startswith(f"sdecor demo: error: {option}"), err
-    assert not out.exists() and no_work == []
+    _assert_bad_option(capsys, no_work, "demo", argv, option, tmp_path / "out", argv != ["--seeds", "x"])
 
 
 @pytest.mark.parametrize("where", ["under-file", "file", "empty", "figure-is-a-folder"])
@@ -232,12 +234,6 @@ def test_width_checked_by_build_model():
 
 # ---------------------------------------------------------------------------------------------------
 # labels and the objective's state
-
-
-def _cnn(classes=4):
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, classes))
 
 
 def _data(n=8):
