@@ -158,7 +158,8 @@ def test_zca_backward_at_scaled_identity_matches_closed_form():
 def test_zca_backward_equals_eigh_autograd_for_distinct_eigenvalues():
     cov = random_cov(3, 7, cond=100.0).requires_grad_(True)
     G = torch.randn(3, 7, 7, dtype=torch.float64)
-    (ref.whitening_matrix(cov, "zca", eps=0.0) * G).sum().backward()
+    # eps must be > 0; 1e-300 leaves the float64 eigenvalues (>= ~1e-2) and the exact ZCA unchanged.
+    (ref.whitening_matrix(cov, "zca", eps=1e-300) * G).sum().backward()
     ours = cov.grad.clone()
     cov.grad = None
     lam, U = torch.linalg.eigh(cov)
@@ -191,7 +192,7 @@ def test_group_whiten_gradcheck(method, shape, d):
 def test_group_whiten_zca_output_is_white():
     x = torch.randn(64, 32, 3, 3, dtype=torch.float64) @ torch.randn(3, 3, dtype=torch.float64)
     x = torch.einsum("ij,njhw->nihw", torch.randn(32, 32, dtype=torch.float64), x)
-    y = ref.group_whiten(x, 16, method="zca", eps=0.0)
+    y = ref.group_whiten(x, 16, method="zca", eps=1e-300)   # eps > 0, too small to change float64 ZCA
     mean, cov = ref.group_cov(y, 16)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-10, rtol=0)
     torch.testing.assert_close(cov, torch.eye(16, dtype=torch.float64).expand(2, 16, 16), atol=1e-8, rtol=0)
@@ -222,7 +223,8 @@ def test_decorrelation_loss_decov_and_corr_against_numpy():
 
 
 def test_decorrelation_loss_zero_for_white_features_and_differentiable():
-    x = ref.group_whiten(torch.randn(50, 8, dtype=torch.float64), 4, method="zca", eps=0.0)
+    # eps must be > 0; 1e-300 is too small to change the float64 exact ZCA (so the output stays white).
+    x = ref.group_whiten(torch.randn(50, 8, dtype=torch.float64), 4, method="zca", eps=1e-300)
     assert ref.decorrelation_loss(x, 4).item() < 1e-20
     z = torch.randn(10, 8, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ref.decorrelation_loss(t, 4, "corr"), (z,))

@@ -21,6 +21,9 @@ __all__ = [
     "check_affine",
     "check_cov",
     "check_decor_args",
+    "check_eps",
+    "check_finite_nonneg",
+    "check_float_dtype",
     "check_generator",
     "check_groups",
     "check_input",
@@ -33,6 +36,7 @@ __all__ = [
     "check_training_samples",
     "check_whitening_args",
     "divisors",
+    "is_finite_number",
     "is_number",
     "resolve_k",
 ]
@@ -48,6 +52,16 @@ MAX_NEWTON_STEPS = 100
 def is_number(v) -> bool:
     """A Python int or float (not a bool)."""
     return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def is_finite_number(v) -> bool:
+    """A Python int or float (not a bool) that is neither inf nor nan (nor an int beyond float range)."""
+    if not is_number(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:                # an int too large for a float (> ~1.8e308)
+        return False
 
 
 def divisors(n: int) -> list[int]:
@@ -182,11 +196,33 @@ def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
 # options
 
 
+def check_eps(eps, name: str = "eps") -> None:
+    """eps: a finite number > 0 (DESIGN.md). With eps = 0 a singular covariance (a constant channel, a
+    group of more channels than samples) gives W = inf / NaN; with eps = inf, W = 0."""
+    if not is_finite_number(eps) or not eps > 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {eps!r}")
+
+
+def check_finite_nonneg(value, name: str) -> None:
+    """A finite number >= 0 (a loss weight, say): inf or nan would make every step's loss inf / NaN."""
+    if not is_finite_number(value) or not value >= 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> None:
+    """None (the default dtype) or a floating-point torch.dtype, for a module's parameters and buffers."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a floating-point torch.dtype or None; got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype or None; got {dtype}")
+
+
 def check_whitening_args(method: str, eps: float, T: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if not is_number(eps) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float; got {eps!r}")
+    check_eps(eps)
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_NEWTON_STEPS:
         raise ValueError(f"T (Newton-Schulz steps) must be an int in [1, {MAX_NEWTON_STEPS}]; got {T!r}")
 

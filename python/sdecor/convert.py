@@ -96,6 +96,7 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
         exclude: glob pattern(s); matching layers are not converted (applied after ``include``).
         **kw: ``T``, ``eps``, ``momentum``, ``affine``, ``track_running_stats`` for the new layers.
             By default eps, momentum, affine and track_running_stats are each BatchNorm layer's own.
+            eps, given or taken over, must be a finite number > 0.
 
     The new layers take over the BatchNorm's weight and bias, its running mean and, as running
     whitening matrices, diag((running_var + eps)^-1/2), so that right after conversion eval mode
@@ -145,6 +146,8 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
             report.skipped.append((name, f"{C} channels are not divisible by num_channels={num_channels} "
                                          f"(valid group sizes: {_checks.divisors(C)})"))
             continue
+        if "eps" not in kw:               # a BatchNorm layer may hold eps = 0, which whitening refuses
+            _checks.check_eps(module.eps, f"eps of {name!r} (the BatchNorm layer's own; pass eps= to override)")
         if id(module) not in built:
             built[id(module)] = _replacement(module, num_channels, method, kw)
         swaps.append((name, built[id(module)]))

@@ -36,7 +36,8 @@ class GroupWhitening(nn.Module):
     statistics are used in eval mode as well.
 
     Statistics are computed in float32 for float16 / bfloat16 / float32 inputs (float64 for float64);
-    the output has the input's dtype.
+    the output has the input's dtype. ``eps`` is a finite number > 0; ``dtype`` (of the parameters
+    and buffers) None or a floating-point dtype.
     """
 
     _version = 1
@@ -49,6 +50,7 @@ class GroupWhitening(nn.Module):
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")
         G = _checks.check_groups(num_channels, num_features)
         _checks.check_whitening_args(method, eps, T)
+        _checks.check_float_dtype(dtype)
         if momentum is not None and (not _checks.is_number(momentum) or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); "
                              f"got {momentum!r}")

@@ -93,7 +93,7 @@ class SaliencyDecor(nn.Module):
       lowest saliency replaced in x~; ``fill`` one of "zero", "constant" (0.0), "mean", "uniform"
       (the default; "baseline" needs a per-batch tensor and is not offered); ``generator`` drives
       the uniform fill.
-    - ``lambda_consistency``, ``lambda_decor`` >= 0 weigh the KL and decorrelation terms
+    - ``lambda_consistency``, ``lambda_decor``, finite numbers >= 0, weigh the KL and decorrelation terms
       (default lambda_decor = 0.1, see DEFAULT_LAMBDA_DECOR).
     - ``decor_layers``: None = the input of the last ``nn.Linear`` of ``model``; else a list of
       submodule names or submodules whose *input* features (N, C, *S) are decorrelated (a forward
@@ -114,8 +114,7 @@ class SaliencyDecor(nn.Module):
         if fill not in fills:
             raise ValueError(f"fill must be one of {fills}; got {fill!r}")
         for name, v in (("lambda_consistency", lambda_consistency), ("lambda_decor", lambda_decor)):
-            if not _checks.is_number(v) or not v >= 0:
-                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+            _checks.check_finite_nonneg(v, name)
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int; got {num_channels!r}")
         _checks.check_decor_args(num_channels, kind)
