@@ -271,11 +271,18 @@ def check_mask_args(x, saliency, reduce, fill, value, baseline) -> None:
     check_input(x, "x", min_dim=2, max_dim=5)
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor; got {type(saliency).__name__}")
+    if not saliency.is_floating_point():
+        # bool / integer scores: abs() is undefined for bool, and the ranking keys are float bits
+        raise TypeError(f"saliency must be a floating-point tensor; got dtype {saliency.dtype}")
     if saliency.shape != x.shape:
         raise ValueError(f"saliency must have the shape of x {tuple(x.shape)}; got {tuple(saliency.shape)}")
     if saliency.device != x.device:
         raise ValueError(f"saliency must be on x's device {x.device}; got {saliency.device}")
     check_mask_options(reduce, fill, value)
+    if reduce == "mean" and x.shape[1] == 0:
+        # the channel mean of no channels has no value to rank (0 / 0)
+        raise ValueError(f"x must have at least one channel for reduce='mean' (scores are channel means); "
+                         f"got shape {tuple(x.shape)}")
     if fill == "baseline":
         if not isinstance(baseline, torch.Tensor) or baseline.shape != x.shape:
             got = tuple(baseline.shape) if isinstance(baseline, torch.Tensor) else type(baseline).__name__

@@ -123,7 +123,8 @@ def mask_scores(saliency: torch.Tensor, reduce, abs: bool) -> torch.Tensor:
         for c in range(1, score.shape[1]):
             acc = acc + score[:, c]
         score = (acc / score.shape[1]).to(score.dtype)
-    return score.reshape(score.shape[0], -1)
+    # the row length spelled out: reshape(N, -1) cannot infer it when N = 0
+    return score.reshape(score.shape[0], math.prod(score.shape[1:]))
 
 
 def rank_order(score: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -152,6 +153,8 @@ def fill_values(x: torch.Tensor, fill: str, value: float, baseline, generator) -
     if fill == "mean":                                               # per sample, per channel
         return x.mean(dim=spatial, keepdim=True) if spatial else x
     # "uniform": i.i.d. U[min, max] with per-sample, per-channel min and max of x over S
+    if x.numel() == 0:                                               # no positions: min / max undefined
+        return torch.zeros((), dtype=x.dtype, device=x.device)
     lo = x.amin(dim=spatial, keepdim=True) if spatial else x
     hi = x.amax(dim=spatial, keepdim=True) if spatial else x
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=stats_dtype(x.dtype))

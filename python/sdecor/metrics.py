@@ -63,7 +63,15 @@ def _check_map(saliency, name: str = "saliency") -> torch.Tensor:
 def _flat(saliency: torch.Tensor) -> torch.Tensor:
     """(N, *S) -> (N, n) magnitudes in float32 (float64 stays float64)."""
     dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
-    return saliency.reshape(saliency.shape[0], -1).abs().to(dtype)
+    # the row length spelled out: reshape(N, -1) cannot infer it when N = 0
+    return saliency.reshape(saliency.shape[0], math.prod(saliency.shape[1:])).abs().to(dtype)
+
+
+def _positions(c: torch.Tensor, name: str = "saliency") -> int:
+    """n, the positions per sample; a map without positions has no distribution to measure."""
+    if c.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one position per sample; got a map with 0 positions")
+    return c.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,7 +95,7 @@ def gini(saliency: torch.Tensor) -> torch.Tensor:
     0 for a constant map, (n-1)/n when one position holds all the mass; an all-zero map gives 0.
     """
     c = _flat(_check_map(saliency))
-    n = c.shape[1]
+    n = _positions(c)
     c, _ = torch.sort(c, dim=1)
     total = c.sum(dim=1, keepdim=True)
     k = torch.arange(1, n + 1, device=c.device, dtype=c.dtype)
@@ -104,7 +112,7 @@ def entropy(saliency: torch.Tensor, normalized: bool = True) -> torch.Tensor:
     position 0. An all-zero map counts as uniform.
     """
     c = _flat(_check_map(saliency))
-    n = c.shape[1]
+    n = _positions(c)
     total = c.sum(dim=1, keepdim=True)
     p = torch.where(total > 0, c / total.clamp_min(torch.finfo(c.dtype).tiny), torch.full_like(c, 1.0 / n))
     h = -(torch.special.xlogy(p, p)).sum(dim=1)
@@ -145,7 +153,13 @@ def trapezoid_auc(curve: torch.Tensor, fractions) -> torch.Tensor:
     if f.dim() != 1 or f.numel() < 2 or curve.shape[-1] != f.numel():
         raise ValueError(f"fractions must be 1-D with at least 2 values, one per point of curve's last dim "
                          f"({curve.shape[-1] if curve.dim() else 0}); got {tuple(f.shape)}")
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError(f"fractions must be finite numbers; got {f.tolist()}")
     span = f[-1] - f[0]
+    if float(span) == 0.0:
+        # a repeated fraction adds a zero-width trapezoid (no area), but a curve whose fractions are
+        # all equal has no span to divide by: the normalised area would be 0 / 0
+        raise ValueError(f"fractions must span a nonzero range (first != last); got {f.tolist()}")
     return torch.trapezoid(curve, f, dim=-1) / span
 
 
@@ -157,22 +171,39 @@ def default_fractions(steps: int = 10) -> list:
 
 
 def blur(x: torch.Tensor, sigma: Optional[float] = None) -> torch.Tensor:
-    """Gaussian blur of images (N, C, H, W) per channel (reflect padding); sigma default max(H, W)/8."""
+    """Gaussian blur of images (N, C, H, W) per channel (reflect padding); sigma default max(H, W)/8.
+
+    An axis of size 1 is left as it is (the reflection of one pixel is constant, and a normalised
+    kernel maps a constant to itself); empty images come back as an empty copy.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"blur needs images (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (images to blur); got dtype {x.dtype}")
     H, W = x.shape[-2:]
+    if sigma is not None and (not _checks.is_number(sigma) or not math.isfinite(sigma) or sigma <= 0):
+        raise ValueError(f"sigma must be a positive finite number (or None); got {sigma!r}")
+    if x.numel() == 0:
+        return x.clone()
     sigma = max(H, W) / 8.0 if sigma is None else float(sigma)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive; got {sigma!r}")
-    radius = max(1, min(int(math.ceil(2.5 * sigma)), min(H, W) - 1))
+    # one radius for both axes, at most (size - 1) of the smaller axis that is blurred (reflect
+    # padding needs pad < size); axes of size 1 are not blurred
+    sizes = [n for n in (H, W) if n > 1]
+    if not sizes:
+        return x.clone()
+    radius = max(1, min(int(math.ceil(2.5 * sigma)), min(sizes) - 1))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     C = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    out = x
+    if W > 1:
+        out = F.pad(out, (radius, radius, 0, 0), mode="reflect")
+        out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    if H > 1:
+        out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+        out = F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return out
 
 
 class MaskingCurve(NamedTuple):

@@ -79,7 +79,8 @@ def philox_seed(generator, device: torch.device) -> tuple[int, int]:
 
 
 def _topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
-    seed, call = philox_seed(generator, x.device) if fill == "uniform" else (0, 0)
+    # an empty x draws nothing, so the generator is left as the torch backend leaves it
+    seed, call = philox_seed(generator, x.device) if fill == "uniform" and x.numel() else (0, 0)
     # the constant rounded to x's dtype once, as torch.full(value, dtype=x.dtype) does
     value = float(torch.tensor(float(value), dtype=x.dtype)) if fill == "constant" else 0.0
     out, mask = topk_mask_op(x, saliency, k, bool(largest), reduce == "mean", bool(abs), fill, value,
