@@ -21,6 +21,7 @@ __all__ = [
     "check_affine",
     "check_cov",
     "check_decor_args",
+    "check_float_tensor",
     "check_eps",
     "check_finite_nonneg",
     "check_float_dtype",
@@ -172,16 +173,21 @@ def check_cov(cov) -> None:
         raise TypeError(f"cov must be a floating-point tensor; got dtype {cov.dtype}")
 
 
+def check_float_tensor(t, name: str, x: torch.Tensor) -> None:
+    """A floating-point tensor on x's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+
+
 def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
     """Given statistics of group whitening: wm (G, d, d) and mean (G, d) or (G, d, 1), G*d = C.
     Returns (G, d)."""
-    for name, t in (("mean", mean), ("wm", wm)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    check_float_tensor(mean, "mean", x)
+    check_float_tensor(wm, "wm", x)
     if wm.dim() != 3 or wm.shape[-1] != wm.shape[-2]:
         raise ValueError(f"wm must have shape (G, d, d); got {tuple(wm.shape)}")
     G, d = wm.shape[0], wm.shape[-1]
@@ -269,15 +275,10 @@ def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> No
 def check_mask_args(x, saliency, reduce, fill, value, baseline) -> None:
     """Every argument of topk_mask but ratio/k (see :func:`resolve_k`) and the generator."""
     check_input(x, "x", min_dim=2, max_dim=5)
-    if not isinstance(saliency, torch.Tensor):
-        raise TypeError(f"saliency must be a torch.Tensor; got {type(saliency).__name__}")
-    if not saliency.is_floating_point():
-        # bool / integer scores: abs() is undefined for bool, and the ranking keys are float bits
-        raise TypeError(f"saliency must be a floating-point tensor; got dtype {saliency.dtype}")
+    # bool / integer scores: abs() is undefined for bool, and the ranking keys are float bits
+    check_float_tensor(saliency, "saliency", x)
     if saliency.shape != x.shape:
         raise ValueError(f"saliency must have the shape of x {tuple(x.shape)}; got {tuple(saliency.shape)}")
-    if saliency.device != x.device:
-        raise ValueError(f"saliency must be on x's device {x.device}; got {saliency.device}")
     check_mask_options(reduce, fill, value)
     if reduce == "mean" and x.shape[1] == 0:
         # the channel mean of no channels has no value to rank (0 / 0)
