@@ -37,6 +37,13 @@ def test_demo_quick_writes_everything(quick_run, capsys):
     for cfg_name, *_ in demo.CONFIGS:
         assert f"| {cfg_name} |" in report
     assert "## Ablation" in report and "![masking_curves.png](masking_curves.png)" in report
+    # the whitening layers and the decorrelation loss are separate rows of the ablation
+    assert "| whiten |" in report and "`whiten` + whitening layers" in report
+    for dataset in ("digits", "shapes"):
+        assert f"- {dataset} whitening layers (ce->whiten): " in report
+        assert f"- {dataset} decorrelation loss (whiten->decor): " in report
+        assert f"- {dataset} decorrelation, layers + loss (ce->decor, mask->full): " in report
+        assert f"- {dataset} masking (ce->mask, decor->full): " in report
 
 
 def test_demo_quick_numbers_finite_and_in_range(quick_run):
@@ -59,9 +66,17 @@ def test_demo_quick_numbers_finite_and_in_range(quick_run):
                     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in curve), (key, curve)
                 assert run["config"]["lambda_decor"] == dict((c[0], c[3]) for c in demo.CONFIGS)[cfg_name]
                 assert all(math.isfinite(v) for h in run["history"] for v in h.values())
+                assert run["config"]["norm"] == dict((c[0], c[4]) for c in demo.CONFIGS)[cfg_name]
             mean = res["summary"][dataset][cfg_name]["accuracy"]["mean"]
             assert mean == runs[0]["accuracy"]
         assert ("mask_mass_share" in per["ce"][0]) == (dataset == "shapes")
+        # whiten: GroupWhitening layers without the decorrelation loss, beside ce / mask / decor / full
+        assert set(res["summary"][dataset]) == {"ce", "mask", "whiten", "decor", "full"}
+        whiten = per["whiten"][0]["config"]
+        assert whiten["norm"] == "whitening" and whiten["lambda_decor"] == 0.0
+        assert whiten["lambda_consistency"] == 0.0
+        assert per["ce"][0]["config"]["norm"] == "batch" and per["decor"][0]["config"]["norm"] == "whitening"
+    assert ["whiten", "+ whitening layers", 0.0, 0.0, "whitening"] in res["meta"]["configs"]
 
 
 def test_demo_prints_table_and_output_folder(tmp_path, capsys):
