@@ -158,10 +158,7 @@ def check_affine(t, name: str, x: torch.Tensor) -> None:
     C = x.shape[1]
     if t.shape != (C,):
         raise ValueError(f"{name} must have shape (C,) = ({C},); got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    check_float_tensor(t, name, x)
 
 
 def check_cov(cov) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "mask_scores",
     "rank_order",
     "samples_per_channel",
+    "shifted_cov",
     "stats_dtype",
     "sym",
     "zca_backward",
@@ -71,6 +72,12 @@ def sym(a: torch.Tensor) -> torch.Tensor:
 def eye_like(a: torch.Tensor) -> torch.Tensor:
     """Identity matrices broadcastable against a (..., d, d)."""
     return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
+def shifted_cov(cov: torch.Tensor, eps: float) -> torch.Tensor:
+    """Se = cov + eps I, in the statistics dtype of cov (the matrix every whitening method works on)."""
+    sd = stats_dtype(cov.dtype)
+    return cov.to(sd) + eps * eye_like(cov).to(sd)
 
 
 def zca_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,7 +33,8 @@ import torch
 
 from . import data as data_mod
 from ._optional import require
-from .train import TrainConfig, UsageError, batches, check_device, check_out_dir, evaluate, train_model
+from .train import (TrainConfig, UsageError, batches, check_device, check_out_dir, evaluate, option_name,
+                    train_model)
 
 CONFIGS = (
     # name, label, lambda_consistency, lambda_decor, norm layers (sdecor.train's --norm)
@@ -116,7 +117,7 @@ def check_args(args: argparse.Namespace) -> list:
     for name in ("seeds", "eval_samples", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            option = f"--{name.replace('_', '-')}"
+            option = option_name(name)
             raise UsageError(option, f"{option} must be >= 1; got {value}")
     try:
         check_device(args.device)

@@ -27,6 +27,7 @@ from ._common import (
     mask_scores,
     rank_order,
     samples_per_channel,
+    shifted_cov,
     stats_dtype,
 )
 
@@ -105,8 +106,7 @@ def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-
 
 
 def _whitening_matrix(cov, method, eps, T):
-    sd = stats_dtype(cov.dtype)
-    se = cov.to(sd) + eps * eye_like(cov).to(sd)
+    se = shifted_cov(cov, eps)
     if method == "zca":
         return ZCAWhitening.apply(se, float(eps), torch.linalg.eigh)
     return newton_schulz(se, T)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, _native
 from .. import reference as ref
-from .._common import ZCAWhitening, eye_like, samples_per_channel, stats_dtype, zca_backward, zca_from_eigh
+from .._common import ZCAWhitening, samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
 from . import whiten_torch
 from ._library import triton_custom_op
 
@@ -66,9 +66,7 @@ def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: 
     key = "whitening_matrix[zca]" if method == "zca" else "whitening_matrix"
     backend = _backend.select("whitening_matrix", {"cov": cov}, SUPPORTS[key])
     if backend == "native":
-        sd = stats_dtype(cov.dtype)
-        se = cov.to(sd) + eps * eye_like(cov).to(sd)
-        return ZCAWhitening.apply(se, float(eps), _native_eigh)
+        return ZCAWhitening.apply(shifted_cov(cov, eps), float(eps), _native_eigh)
     if backend == "triton" and method == "newton" and math.prod(cov.shape[:-2]) > 0:
         d = cov.shape[-1]
         flat = cov.to(torch.float32).reshape(-1, d, d).contiguous()
@@ -214,8 +212,7 @@ def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: 
         evecs = cov.new_empty((0,))
     else:
         mean, cov = stats.group_stats(x, d)
-        se = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
-        evals, evecs = _eigh_for(x.device)(se)
+        evals, evecs = _eigh_for(x.device)(shifted_cov(cov, eps))
         w = zca_from_eigh(evals, evecs, eps)
     y = apply.whiten_apply(x, mean, w, weight, bias)
     return y, mean, w, cov, evals, evecs

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import eye_like, grouped, like_format, stats_dtype, zca_backward, zca_from_eigh
+from .._common import eye_like, grouped, like_format, shifted_cov, stats_dtype, zca_backward, zca_from_eigh
 
 __all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward"]
 
@@ -118,7 +118,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
             xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
             cov += torch.matmul(xc, xc.transpose(-1, -2)).sum(0)
         cov.div_(m)                                                  # Xc Xc^T / m: (G, d, d)
-        se = cov + eps * eye_like(cov)
+        se = shifted_cov(cov, eps)
         if method == "zca":
             evals, evecs = torch.linalg.eigh(se)
             w = zca_from_eigh(evals, evecs, eps)
