@@ -22,6 +22,8 @@ __all__ = [
     "grouped",
     "like_format",
     "mask_scores",
+    "power_of_two",
+    "scale_for_corr",
     "rank_order",
     "samples_per_channel",
     "shifted_cov",
@@ -63,6 +65,14 @@ def like_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 # d x d algebra
+
+
+def power_of_two(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**e exactly, built from the exponent bits; e an integer tensor of normal exponents of dtype
+    (float32 or float64)."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def sym(a: torch.Tensor) -> torch.Tensor:
@@ -172,6 +182,21 @@ def fill_values(x: torch.Tensor, fill: str, value: float, baseline, generator) -
 # decorrelation
 
 CORR_VAR_FLOOR = 1e-12
+
+# Below 2^48 a sum of squares of up to 2^30 samples stays within fp32 (it overflows at |x| ~ 1e19).
+_CORR_MAX_EXP = 48
+
+
+def scale_for_corr(x: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """x with every group divided by a power of two that brings max |x| below 2^48 (1 wherever it
+    already is: the identity there), detached. The correlation matrix does not change (exact
+    scaling), and its covariance stays finite at any finite scale of x."""
+    with torch.no_grad():
+        sd = stats_dtype(x.dtype)
+        amax = grouped(x.detach(), num_channels).abs().amax(dim=(0, 2, 3)).to(sd)     # (G,)
+        e = (torch.frexp(amax).exponent - _CORR_MAX_EXP).clamp(0, 1022 if sd == torch.float64 else 126)
+        scale = power_of_two(-e, sd).repeat_interleave(num_channels)              # (C,)
+    return x * scale.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
 def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ._common import (
     mask_scores,
     rank_order,
     samples_per_channel,
+    scale_for_corr,
     shifted_cov,
     stats_dtype,
 )
@@ -175,7 +176,13 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") 
 
     "decov": 0.5 (||cov||_F^2 - ||diag cov||^2).
     "corr":  ||R - I||_F^2 / (d (d - 1)), R the correlation matrix (variances floored at 1e-12).
+    R does not depend on the scale of x: groups with max |x| >= 2^48 are first divided by a power of
+    two (exact), so that "corr" stays finite at any finite scale.
     """
     checks.check_decor_args(num_channels, kind)
+    checks.check_input(x)
+    checks.check_groups(num_channels, x.shape[1])
+    if kind == "corr":                                               # scale-free: keep it finite
+        x = scale_for_corr(x, num_channels)
     _, cov = group_cov(x, num_channels)
     return decorrelation_from_cov(cov, kind)

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import eye_like, grouped, like_format, shifted_cov, stats_dtype, zca_backward, zca_from_eigh
+from .._common import eye_like, grouped, like_format, power_of_two, stats_dtype, zca_backward, zca_from_eigh
 
 __all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward"]
 
@@ -95,7 +95,41 @@ def _blocks(N: int, sample_bytes: int):
     return [(i, min(N, i + step)) for i in range(0, N, step)]
 
 
+def _center_and_scale(xg: torch.Tensor, blocks, m: int):
+    """The centre of every channel and the power-of-two scale of every group, in one pass over x.
+
+    centre = the mean (the midrange where the sum of a channel overflows), c = 2^e >= max |x - centre|
+    over the group, 1 <= c <= 2^126 (2^1022 for fp64). Work in units of c keeps every product and sum of the
+    statistics in range at any finite |x| (fp32 overflows at |x| ~ 1e19 unscaled), and a power of two
+    scales without rounding: the results equal the unscaled ones wherever those are finite.
+    Returns (centre (G, d), c (G,), 1/c (G,)).
+    """
+    G, d = xg.shape[1:3]
+    total = xg.new_zeros(G, d)
+    hi = xg.new_full((G, d), -math.inf)
+    lo = xg.new_full((G, d), math.inf)
+    for i, j in blocks:                                              # block in cache after the sum
+        xb = xg[i:j]
+        total += xb.sum(dim=(0, 3))
+        torch.maximum(hi, xb.amax(dim=(0, 3)), out=hi)
+        torch.minimum(lo, xb.amin(dim=(0, 3)), out=lo)
+    mean = total / m
+    center = torch.where(torch.isfinite(mean), mean, 0.5 * hi + 0.5 * lo)
+    half = torch.maximum(0.5 * hi - 0.5 * center, 0.5 * center - 0.5 * lo).amax(-1)   # (G,)
+    # max |x - centre| = 2 half < 2^e; e <= 126 (1022 for fp64) keeps 1/c a normal number
+    e = (torch.frexp(half).exponent + 1).clamp(0, 1022 if xg.dtype == torch.float64 else 126)
+    return center, power_of_two(e, xg.dtype), power_of_two(-e, xg.dtype)
+
+
 class _GroupWhitenTrain(torch.autograd.Function):
+    """Per group, in units of the power-of-two scale c (see :func:`_center_and_scale`):
+    xs = (x - centre) / c, ms = mean(xs), Sigma' = Xs Xs^T / m - ms ms^T = Sigma / c^2,
+    W' = f(Sigma' + (eps / c^2) I) = c W, y = A' (xs - ms) + b with A' = diag(w) W'. The backward is
+    the one of the module docstring in these units, and dx = dxs / c.
+
+    The extra work over unscaled statistics is the max and min of every channel in the mean pass
+    and the scaling of x in the covariance pass and the two backward passes (all on blocks in cache).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_channels, method, eps, T):
@@ -109,60 +143,72 @@ class _GroupWhitenTrain(torch.autograd.Function):
         if xg.dtype != sd:
             xg = xg.to(sd)
         blocks = _blocks(N, xg[0].numel() * xg.element_size())
-        # covariance of the centred data, block by block (x - mean formed in cache, never stored)
-        mean = xg.mean(dim=(0, 3))                                   # (G, d)
-        mean4 = mean[None, :, :, None]
-        buf = torch.empty((blocks[0][1],) + xg.shape[1:], dtype=sd, device=x.device)
-        cov = torch.zeros(G, d, d, dtype=sd, device=x.device)
+        center, c, inv_c = _center_and_scale(xg, blocks, m)
+        inv_c4 = inv_c[None, :, None, None]
+        neg_cs4 = (-center * inv_c[:, None])[None, :, :, None]       # -centre / c: (1, G, d, 1)
+        # Sums of xs and xs xs^T in one product per block: buf holds xs with a row of ones below it,
+        # so [xs; 1] xs^T gives Xs Xs^T and the row sums of Xs (xs formed in cache, never stored).
+        n0 = blocks[0][1]
+        buf = torch.empty((n0, G, d + 1, L), dtype=sd, device=x.device)
+        buf[:, :, d].fill_(1.0)
+        acc = torch.zeros(G, d + 1, d, dtype=sd, device=x.device)
         for i, j in blocks:
-            xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
-            cov += torch.matmul(xc, xc.transpose(-1, -2)).sum(0)
-        cov.div_(m)                                                  # Xc Xc^T / m: (G, d, d)
-        se = shifted_cov(cov, eps)
+            n = j - i
+            xs = torch.mul(xg[i:j], inv_c4, out=buf[:n, :, :d]).add_(neg_cs4)
+            acc += torch.matmul(buf[:n], xs.transpose(-1, -2)).sum(0)
+        ms = acc[:, d] / m                                           # mean(xs): (G, d)
+        cov = acc[:, :d] / m - ms.unsqueeze(-1) * ms.unsqueeze(-2)   # Sigma': (G, d, d)
+        # eps / c^2, at least sqrt(tiny) = 2^-63 (fp64: 2^-511): ~1e-19 of the group's scale, below the
+        # resolution of fp32 statistics; smaller, (eps / c^2)^-3/2 in the zca backward overflows (a
+        # dead channel in a group at 1e30 gives eps / c^2 ~ 1e-65)
+        eps_s = (eps * inv_c * inv_c).clamp_min(torch.finfo(sd).tiny ** 0.5)
+        se = cov + eps_s[:, None, None] * eye_like(cov)
         if method == "zca":
             evals, evecs = torch.linalg.eigh(se)
-            w = zca_from_eigh(evals, evecs, eps)
+            w = zca_from_eigh(evals, evecs, eps_s[:, None])
             small = (evals, evecs)
             history = ()
         else:
-            w, trace, z_last, ys, zs, ms = newton_forward(se, T)
+            w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T)
             small = (se, trace, z_last)
-            history = (*ys, *zs, *ms)
+            history = (*ys, *zs, *ms_hist)
         wg = None if weight is None else weight.to(sd).reshape(G, d)
-        a = w if wg is None else wg.unsqueeze(-1) * w                # diag(weight) W
-        # y = A (x - mean) + b, block by block (x - mean formed in cache, as the reference does).
+        a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
+        # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
+        # no scaling (A ~ 1 / std is in range wherever y is)
+        shift = -(a @ ms.unsqueeze(-1))
+        if bias is not None:
+            shift = shift + bias.to(sd).reshape(G, d, 1)
         # y is allocated with x's shape and written through a view, so that the output is not a view
         # (callers may modify it in place, e.g. ReLU(inplace=True)).
         y = torch.empty(x.shape, dtype=sd, device=x.device)
         yg = y.view(N, G, d, L)
-        n0 = blocks[0][1]
-        a_b = _batched(a, n0)
-        b_b = None if bias is None else _batched(bias.to(sd).reshape(G, d, 1), n0)
+        a_b, shift_b = _batched(a * inv_c[:, None, None], n0), _batched(shift, n0)
+        center4 = center[None, :, :, None]
+        xc_buf = buf[:, :, :d]
         for i, j in blocks:
             n = j - i
-            xc = torch.sub(xg[i:j], mean4, out=buf[:n]).view(n * G, d, L)
-            out = yg[i:j].view(n * G, d, L)
-            if b_b is None:
-                torch.bmm(a_b[:n * G], xc, out=out)
-            else:
-                torch.baddbmm(b_b[:n * G], a_b[:n * G], xc, out=out)
+            xc = torch.sub(xg[i:j], center4, out=xc_buf[:n]).reshape(n * G, d, L)
+            torch.baddbmm(shift_b[:n * G], a_b[:n * G], xc, out=yg[i:j].view(n * G, d, L))
         y = like_format(y.to(x.dtype), x)
+        mean = center + c[:, None] * ms
+        w_true = w * inv_c[:, None, None]                            # W = W' / c
 
-        ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
+        ctx.meta = (method, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype)
-        ctx.save_for_backward(xg, mean, w, a, weight, *small, *history)
-        ctx.mark_non_differentiable(mean, w)
-        return y, mean, w
+        ctx.save_for_backward(x, center, inv_c, ms, eps_s, w, a, weight, *small, *history)
+        ctx.mark_non_differentiable(mean, w_true)
+        return y, mean, w_true
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_w):
-        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
-        xg, mean, w, a, weight, *rest = ctx.saved_tensors
+        method, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
+        x, center, inv_c, ms, eps_s, w, a, weight, *rest = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sd = xg.dtype
+        sd = w.dtype
         shape = grad_y.shape
-        L = xg.shape[-1]
+        L = math.prod(shape[2:])
         gy = grouped(grad_y, d)
         if gy.dtype != sd:
             gy = gy.to(sd)
@@ -173,49 +219,56 @@ class _GroupWhitenTrain(torch.autograd.Function):
             if has_bias and need_bias:
                 grad_bias = gy.sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
             return grad_x, grad_weight, grad_bias, None, None, None, None
-        # one blocked pass: sum gy and GX = sum gy Xc^T, Xc formed block by block in cache
+        xg = grouped(x, d)
+        if xg.dtype != sd:
+            xg = xg.to(sd)
+        # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T, xs formed block by block in cache
         blocks = _blocks(N, xg[0].numel() * xg.element_size())
         n0 = blocks[0][1]
         buf = torch.empty((n0,) + xg.shape[1:], dtype=sd, device=xg.device)
-        mean4 = mean[None, :, :, None]
+        inv_c4 = inv_c[None, :, None, None]
+        neg_cs4 = (-center * inv_c[:, None])[None, :, :, None]
         gsum = torch.zeros(G, d, dtype=sd, device=xg.device)
         gx_t = torch.zeros(G, d, d, dtype=sd, device=xg.device)
         for i, j in blocks:
             gb = gy[i:j]
-            xc = torch.sub(xg[i:j], mean4, out=buf[:j - i])
+            xs = torch.mul(xg[i:j], inv_c4, out=buf[:j - i]).add_(neg_cs4)
             gsum += gb.sum(dim=(0, 3))
-            gx_t += torch.matmul(gb, xc.transpose(-1, -2)).sum(0)
+            gx_t += torch.matmul(gb, xs.transpose(-1, -2)).sum(0)
+        gx_t -= gsum.unsqueeze(-1) * ms.unsqueeze(-2)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
         if has_weight:
             wg = weight.to(sd).reshape(G, d)
             if need_weight:
+                # sum_j gy W (x_j - mean) = rowsum(GX' o W'): the scales cancel
                 grad_weight = (gx_t * w).sum(-1).reshape(-1).to(weight.dtype)
-            grad_w = wg.unsqueeze(-1) * gx_t
+            grad_w = wg.unsqueeze(-1) * gx_t                          # dL/dW'
         else:
             grad_w = gx_t
         if not need_x:
             return grad_x, grad_weight, grad_bias, None, None, None, None
         if method == "zca":
             evals, evecs = rest
-            grad_se = zca_backward(grad_w, evals, evecs, eps)
+            grad_se = zca_backward(grad_w, evals, evecs, eps_s[:, None])
         else:
             se, trace, z_last = rest[:3]
             hist = rest[3:]
             grad_se = newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
-        s2 = (grad_se + grad_se.transpose(-1, -2)) / m               # (2/m) sym(dSe)
-        a_t = a.transpose(-1, -2)
-        shift = -(a_t @ (gsum / m).unsqueeze(-1))                    # -A^T mean(gy): (G, d, 1)
-        # dx = A^T gy + (2/m) sym(dSe) Xc - A^T mean(gy), block by block
+        inv_c3 = inv_c[:, None, None]
+        s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
+        a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
+        # dx = (A'^T (gy - mean(gy)) + (2/m) sym(dSe') (xs - ms)) / c, block by block
+        shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)   # (G, d, 1)
         dx = torch.empty((N, G, d, L), dtype=sd, device=xg.device)
         shift_b, a_t_b, s2_b = _batched(shift, n0), _batched(a_t, n0), _batched(s2, n0)
         for i, j in blocks:
             n = j - i
             k = n * G
-            xc = torch.sub(xg[i:j], mean4, out=buf[:n]).view(k, d, L)
+            xs = torch.mul(xg[i:j], inv_c4, out=buf[:n]).add_(neg_cs4).view(k, d, L)
             out = dx[i:j].view(k, d, L)
             torch.baddbmm(shift_b[:k], a_t_b[:k], gy[i:j].reshape(k, d, L), out=out)
-            out.baddbmm_(s2_b[:k], xc)
+            out.baddbmm_(s2_b[:k], xs)
         grad_x = dx.reshape(shape).to(grad_y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
