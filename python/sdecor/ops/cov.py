@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import reference as ref
-from .._common import samples_per_channel
+from .._common import graph_backward, samples_per_channel
 from ._library import triton_custom_op
 
 __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]
@@ -64,6 +64,10 @@ def _group_cov_setup(ctx, inputs, output):
 
 def _group_cov_backward(ctx, grad_mean, grad_cov):
     x, mean = ctx.saved_tensors
+    if torch.is_grad_enabled():                                       # create_graph=True: double backward
+        def fn(x):
+            return ref._group_cov(x, mean.shape[-1])
+        return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
     m = samples_per_channel(x)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     if grad_cov is None:

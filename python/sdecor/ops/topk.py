@@ -125,11 +125,13 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
         else:
             grad_x = grad_x + grad_masked
     elif ctx.fill == "uniform":
-        xs = x.to(torch.float32)
+        # x enters only through which positions hold the minima / maxima and through u, both constant
+        # for the derivative: detached, so that a double backward sees a backward linear in grad_out
+        xs = x.detach().to(torch.float32)
         lo = xs.amin(dim=spatial, keepdim=True) if spatial else xs
         hi = xs.amax(dim=spatial, keepdim=True) if spatial else xs
         span = hi - lo
-        u = torch.where(span > 0, (x_masked.to(torch.float32) - lo) / span.clamp_min(1e-30),
+        u = torch.where(span > 0, (x_masked.detach().to(torch.float32) - lo) / span.clamp_min(1e-30),
                         torch.zeros_like(span))
         gm = grad_masked.to(torch.float32)
         g_lo = (gm * (1 - u)).sum(spatial, keepdim=True) if spatial else gm * (1 - u)

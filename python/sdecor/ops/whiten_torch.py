@@ -36,8 +36,8 @@ from .._common import (
     zca_from_eigh,
 )
 
-__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward", "train_composition",
-           "train_graph_backward"]
+__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward",
+           "train_composition", "train_graph_backward"]
 
 
 # ---------------------------------------------------------------------------------------------------
