@@ -3,7 +3,8 @@
 Public function -> backend table -> ``triton``: the op ``sdecor::group_cov`` (launcher
 :func:`sdecor_kernels.stats.group_stats`: one read of x) and its backward op
 ``sdecor::group_cov_backward`` (launcher :func:`sdecor_kernels.backward.whiten_bwd_dx` without dy);
-``torch``: :func:`sdecor.reference.group_cov`.
+``torch``: :func:`sdecor.reference.group_cov`. A backward with create_graph=True (double backward)
+differentiates the reference recomputed from the saved x instead of launching the backward op.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ itself). Backends:
   backward), the reference for whitening_matrix.
 - ``native`` (whitening_matrix, zca): the batched Jacobi eigensolver :func:`sdecor._native.eigh_small`
   with the stable ZCA backward; on CUDA also the eigensolver of the triton zca path.
+
+Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
+is itself differentiable (sdecor._common.ZCAWhitening), and the backward of every triton op, when a
+graph of it is requested, differentiates the torch formulation recomputed from the saved inputs
+(sdecor._common.graph_backward) instead of launching kernels that have no derivative.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Backward, given gy:
     db = sum gy,  GX = gy Xc^T,  dw = rowsum(GX o W),  dW = diag(w) GX,  dSe = f'(dW) (d x d work),
     dx = A^T (gy - mean(gy)) + (2 / m) sym(dSe) Xc
 (the mean's own contribution vanishes because the rows of Xc sum to zero).
+A backward with create_graph=True (double backward) instead differentiates the reference composition
+recomputed from the saved x (:func:`train_graph_backward`), so that the gradients carry a graph.
 """
 
 from __future__ import annotations
