@@ -19,6 +19,7 @@ __all__ = [
     "decorrelation_from_cov",
     "eye_like",
     "fill_values",
+    "graph_backward",
     "grouped",
     "like_format",
     "mask_scores",
@@ -30,6 +31,7 @@ __all__ = [
     "stats_dtype",
     "sym",
     "zca_backward",
+    "zca_backward_dse",
     "zca_from_eigh",
 ]
 
@@ -109,21 +111,118 @@ def zca_backward(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor,
     return evecs @ (F * inner) @ evecs.transpose(-1, -2)
 
 
+def zca_backward_dse(grad_w: torch.Tensor, grad_z: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """d<grad_z, Z>/dSe for Z = :func:`zca_backward` (grad_w, Se): the second-order term of ZCA.
+
+    Z = Df(Se)[sym G] is the derivative of f(Se) = Se^-1/2 in the direction sym G (G = grad_w), so
+    this is the second derivative D^2 f(Se)[sym G, .] read against sym H (H = grad_z). In the
+    eigenbasis, with Ĝ = U^T sym(G) U and Ĥ = U^T sym(H) U (Daleckii-Krein):
+        dSe^ = T + T^T,  T_pq = sum_a f[a,p,q] Ĝ_ap Ĥ_aq,
+    f[a,p,q] the second divided difference of f(l) = l^-1/2, with s = sqrt(l):
+        f[a,p,q] = (s_a + s_p + s_q) / (s_a s_p s_q (s_a + s_p) (s_p + s_q) (s_a + s_q)),
+    finite for repeated eigenvalues (a = p = q gives f''/2 = 3/8 l^-5/2).
+    """
+    s = evals.clamp_min(eps).sqrt()
+    sa, sp, sq = s[..., :, None, None], s[..., None, :, None], s[..., None, None, :]
+    f3 = (sa + sp + sq) / (sa * sp * sq * (sa + sp) * (sp + sq) * (sa + sq))      # (..., a, p, q)
+    evecs_t = evecs.transpose(-1, -2)
+    g_hat = evecs_t @ sym(grad_w) @ evecs
+    h_hat = evecs_t @ sym(grad_z) @ evecs
+    t = (f3 * g_hat.unsqueeze(-1) * h_hat.unsqueeze(-2)).sum(-3)
+    return evecs @ (t + t.transpose(-1, -2)) @ evecs_t
+
+
+class _NoThirdDerivative(torch.autograd.Function):
+    """Copies of ``values``, attached to the graph of ``sources`` (what they were computed from);
+    differentiating them raises. torch's once_differentiable attaches its error to detached copies,
+    so a third derivative through it is silently left out (or zero with allow_unused) instead."""
+
+    @staticmethod
+    def forward(ctx, what, values, *sources):
+        ctx.what = what
+        ctx.set_materialize_grads(False)
+        return tuple(v.clone() for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.what}: a third derivative is not implemented (double backward, i.e. "
+                           f"one backward with create_graph=True followed by another, is exact)")
+
+
+class _ZCABackward(torch.autograd.Function):
+    """Z = :func:`zca_backward` (grad_w, Se) as a function of both grad_w and Se, so that the ZCA
+    backward can itself be differentiated (double backward). Its own backward: d/dgrad_w is the same
+    self-adjoint map applied to the incoming gradient; d/dSe is :func:`zca_backward_dse`. A third
+    derivative raises."""
+
+    @staticmethod
+    def forward(ctx, grad_w, se, evals, evecs, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(grad_w, se, evals, evecs)
+        return zca_backward(grad_w, evals, evecs, eps)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        grad_w, se, evals, evecs = ctx.saved_tensors
+        need_grad_w, need_se = ctx.needs_input_grad[:2]
+        with torch.no_grad():
+            gg = zca_backward(grad_z, evals, evecs, ctx.eps) if need_grad_w else None
+            gse = zca_backward_dse(grad_w, grad_z, evals, evecs, ctx.eps) if need_se else None
+        sources = [t for t in (grad_z, grad_w, se) if t.requires_grad]
+        if torch.is_grad_enabled() and sources:
+            index = [i for i, g in enumerate((gg, gse)) if g is not None]
+            copies = _NoThirdDerivative.apply("ZCA whitening", [(gg, gse)[i] for i in index], *sources)
+            gg, gse = (copies[index.index(i)] if i in index else None for i in range(2))
+        return gg, gse, None, None, None
+
+
 class ZCAWhitening(torch.autograd.Function):
     """W = Se^-1/2 through an eigendecomposition by ``eigh`` (ascending eigenvalues, eigenvectors as
-    columns), with the stable backward :func:`zca_backward`."""
+    columns), with the stable backward :func:`zca_backward`, itself differentiable w.r.t. grad_w and
+    Se when a graph of the backward is requested (double backward, see :class:`_ZCABackward`)."""
 
     @staticmethod
     def forward(ctx, se: torch.Tensor, eps: float, eigh):
         evals, evecs = eigh(se)
         ctx.eps = eps
-        ctx.save_for_backward(evals, evecs)
+        ctx.save_for_backward(se, evals, evecs)
         return zca_from_eigh(evals, evecs, eps)
 
     @staticmethod
     def backward(ctx, grad_w):
-        evals, evecs = ctx.saved_tensors
+        se, evals, evecs = ctx.saved_tensors
+        if torch.is_grad_enabled():                                   # create_graph=True
+            return _ZCABackward.apply(grad_w, se, evals, evecs, ctx.eps), None, None
         return zca_backward(grad_w, evals, evecs, ctx.eps), None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# double backward
+
+
+def graph_backward(fn, inputs, needs, grad_outputs) -> list:
+    """Gradients of ``fn(*inputs)`` w.r.t. the inputs flagged in ``needs``, as a graph (create_graph).
+
+    The backward of an op whose own backward is hand-written (or a kernel without a derivative) when
+    a graph of the backward is requested (double backward): ``fn`` is a differentiable torch
+    formulation of the op, recomputed here from the saved inputs, so that the gradients are
+    differentiable w.r.t. the inputs and ``grad_outputs``. Returns one entry per input (None where
+    not needed); ``grad_outputs`` None for an output means no gradient flows into it.
+    """
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None]
+    result = [None] * len(inputs)
+    with torch.enable_grad():
+        outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    if not wanted or not pairs:
+        return result
+    grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, grads):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Public function -> backend table -> ``triton``: the op ``sdecor::group_cov`` (launcher
 :func:`sdecor_kernels.stats.group_stats`: one read of x) and its backward op
 ``sdecor::group_cov_backward`` (launcher :func:`sdecor_kernels.backward.whiten_bwd_dx` without dy);
-``torch``: :func:`sdecor.reference.group_cov`.
+``torch``: :func:`sdecor.reference.group_cov`. A backward with create_graph=True (double backward)
+differentiates the reference recomputed from the saved x instead of launching the backward op.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import reference as ref
-from .._common import samples_per_channel
+from .._common import graph_backward, samples_per_channel
 from ._library import triton_custom_op
 
 __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]
@@ -64,6 +65,10 @@ def _group_cov_setup(ctx, inputs, output):
 
 def _group_cov_backward(ctx, grad_mean, grad_cov):
     x, mean = ctx.saved_tensors
+    if torch.is_grad_enabled():                                       # create_graph=True: double backward
+        def fn(x):
+            return ref._group_cov(x, mean.shape[-1])
+        return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
     m = samples_per_channel(x)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     if grad_cov is None:

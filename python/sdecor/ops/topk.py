@@ -112,7 +112,8 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
     x gets grad where it is kept; "mean" adds the per-channel mean of the masked grad; "uniform"
     (lo + (hi - lo) u, u recovered from the output) sends sum(grad (1 - u)) to the channel's minima
     and sum(grad u) to its maxima, split evenly among ties as amin / amax do; "baseline" gets grad
-    where it replaced x.
+    where it replaced x. Torch ops, linear in grad_out with constant coefficients: a double backward
+    differentiates them exactly.
     """
     x, x_masked, mask = ctx.saved_tensors
     where = mask.unsqueeze(1) if ctx.shared else mask
@@ -125,11 +126,13 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
         else:
             grad_x = grad_x + grad_masked
     elif ctx.fill == "uniform":
-        xs = x.to(torch.float32)
+        # x enters only through which positions hold the minima / maxima and through u, both constant
+        # for the derivative: detached, so that a double backward sees a backward linear in grad_out
+        xs = x.detach().to(torch.float32)
         lo = xs.amin(dim=spatial, keepdim=True) if spatial else xs
         hi = xs.amax(dim=spatial, keepdim=True) if spatial else xs
         span = hi - lo
-        u = torch.where(span > 0, (x_masked.to(torch.float32) - lo) / span.clamp_min(1e-30),
+        u = torch.where(span > 0, (x_masked.detach().to(torch.float32) - lo) / span.clamp_min(1e-30),
                         torch.zeros_like(span))
         gm = grad_masked.to(torch.float32)
         g_lo = (gm * (1 - u)).sum(spatial, keepdim=True) if spatial else gm * (1 - u)

@@ -15,6 +15,11 @@ itself). Backends:
   backward), the reference for whitening_matrix.
 - ``native`` (whitening_matrix, zca): the batched Jacobi eigensolver :func:`sdecor._native.eigh_small`
   with the stable ZCA backward; on CUDA also the eigensolver of the triton zca path.
+
+Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
+is itself differentiable (sdecor._common.ZCAWhitening), and the backward of every triton op, when a
+graph of it is requested, differentiates the torch formulation recomputed from the saved inputs
+(sdecor._common.graph_backward) instead of launching kernels that have no derivative.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from torch import Tensor
 
 from .. import _backend, _checks, _native
 from .. import reference as ref
-from .._common import ZCAWhitening, samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
+from .._common import (
+    ZCAWhitening,
+    graph_backward,
+    samples_per_channel,
+    shifted_cov,
+    zca_backward,
+    zca_from_eigh,
+)
 from . import whiten_torch
 from ._library import triton_custom_op
 
@@ -174,6 +186,10 @@ def _newton_setup(ctx, inputs, output):
 
 def _newton_backward(ctx, grad_w):
     (cov,) = ctx.saved_tensors
+    if torch.is_grad_enabled():                                       # create_graph=True: double backward
+        def fn(cov):
+            return ref.newton_schulz(shifted_cov(cov, ctx.eps), ctx.T)
+        return graph_backward(fn, (cov,), (True,), (grad_w,))[0], None, None
     return newton_backward_op(cov, grad_w, ctx.eps, ctx.T), None, None
 
 
@@ -223,13 +239,18 @@ def _whiten_train_setup(ctx, inputs, output):
     y, mean, w, cov, evals, evecs = output
     ctx.method, ctx.eps, ctx.T = method, eps, T
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.save_for_backward(x, mean, w, cov, evals, evecs, weight)
+    ctx.save_for_backward(x, mean, w, cov, evals, evecs, weight, bias)
     ctx.mark_non_differentiable(mean, w, cov, evals, evecs)
 
 
 def _whiten_train_backward(ctx, dy, *_):
-    x, mean, w, cov, evals, evecs, weight = ctx.saved_tensors
+    x, mean, w, cov, evals, evecs, weight, bias = ctx.saved_tensors
     G, d = mean.shape
+    if torch.is_grad_enabled():                                       # create_graph=True: double backward
+        need = ctx.needs_input_grad
+        gx, gw, gb = whiten_torch.train_graph_backward(dy, x, weight, bias, (need[0], need[5], need[6]),
+                                                       d, ctx.method, ctx.eps, ctx.T, _eigh_for(x.device))
+        return gx, None, None, None, None, gw, gb
     m = samples_per_channel(x)
     D, s = whiten_bwd_reduce_op(dy, x, mean)
     gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
@@ -267,11 +288,14 @@ def whiten_apply_op(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None,
 def _whiten_apply_setup(ctx, inputs, output):
     x, mean, wm, weight, bias = inputs
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.save_for_backward(x, mean, wm, weight)
+    ctx.save_for_backward(x, mean, wm, weight, bias)
 
 
 def _whiten_apply_backward(ctx, dy):
-    x, mean, wm, weight = ctx.saved_tensors
+    x, mean, wm, weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():                                       # create_graph=True: double backward
+        return tuple(graph_backward(whiten_torch.group_whiten_eval, (x, mean, wm, weight, bias),
+                                    ctx.needs_input_grad, (dy,)))
     G, d = mean.shape
     gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
     b = wm.to(torch.float32).transpose(-1, -2) * gamma.unsqueeze(-2)

@@ -15,6 +15,8 @@ Backward, given gy:
     db = sum gy,  GX = gy Xc^T,  dw = rowsum(GX o W),  dW = diag(w) GX,  dSe = f'(dW) (d x d work),
     dx = A^T (gy - mean(gy)) + (2 / m) sym(dSe) Xc
 (the mean's own contribution vanishes because the rows of Xc sum to zero).
+A backward with create_graph=True (double backward) instead differentiates the reference composition
+recomputed from the saved x (:func:`train_graph_backward`), so that the gradients carry a graph.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import eye_like, grouped, like_format, power_of_two, stats_dtype, zca_backward, zca_from_eigh
+from .._common import (
+    ZCAWhitening,
+    eye_like,
+    graph_backward,
+    grouped,
+    like_format,
+    power_of_two,
+    shifted_cov,
+    stats_dtype,
+    zca_backward,
+    zca_from_eigh,
+)
 
-__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward"]
+__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward",
+           "train_composition", "train_graph_backward"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,18 +208,21 @@ class _GroupWhitenTrain(torch.autograd.Function):
         mean = center + c[:, None] * ms
         w_true = w * inv_c[:, None, None]                            # W = W' / c
 
-        ctx.meta = (method, T, N, G, d, m, weight is not None, bias is not None,
+        ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype)
-        ctx.save_for_backward(x, center, inv_c, ms, eps_s, w, a, weight, *small, *history)
+        # x itself is saved (regrouped in backward): the double backward differentiates through it
+        ctx.save_for_backward(x, center, inv_c, ms, eps_s, w, a, weight, bias, *small, *history)
         ctx.mark_non_differentiable(mean, w_true)
         return y, mean, w_true
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_w):
-        method, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
-        x, center, inv_c, ms, eps_s, w, a, weight, *rest = ctx.saved_tensors
+        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
+        x, center, inv_c, ms, eps_s, w, a, weight, bias, *rest = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():                                   # create_graph=True: double backward
+            return (*train_graph_backward(grad_y, x, weight, bias, ctx.needs_input_grad[:3], d, method,
+                                          eps, T), None, None, None, None)
         sd = w.dtype
         shape = grad_y.shape
         L = math.prod(shape[2:])
@@ -271,6 +288,26 @@ class _GroupWhitenTrain(torch.autograd.Function):
             out.baddbmm_(s2_b[:k], xs)
         grad_x = dx.reshape(shape).to(grad_y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def train_composition(x, weight, bias, num_channels: int, method: str, eps: float, T: int,
+                      eigh=torch.linalg.eigh):
+    """y = weight * W(cov(x)) (x - mean) + bias by differentiable torch ops: the reference's composition,
+    whose autograd gives the double backward of the training paths (``eigh``: the zca eigensolver)."""
+    mean, cov = ref._group_cov(x, num_channels)
+    se = shifted_cov(cov, eps)
+    w = ZCAWhitening.apply(se, float(eps), eigh) if method == "zca" else ref.newton_schulz(se, T)
+    return group_whiten_eval(x, mean, w, weight, bias)
+
+
+def train_graph_backward(grad_y, x, weight, bias, needs, num_channels: int, method: str, eps: float, T: int,
+                         eigh=torch.linalg.eigh):
+    """(grad_x, grad_weight, grad_bias) of the training path as a graph (create_graph=True), through
+    :func:`train_composition` recomputed from the saved inputs."""
+    def fn(x, weight, bias):
+        return train_composition(x, weight, bias, num_channels, method, eps, T, eigh)
+
+    return graph_backward(fn, (x, weight, bias), needs, (grad_y,))
 
 
 def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: float, T: int,
