@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, _native
 from .. import reference as ref
-from .._common import ZCAWhitening, samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
+from .._common import ZCAWhitening, no_autocast, samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
 from . import whiten_torch
 from ._library import triton_custom_op
 
@@ -59,6 +59,7 @@ SUPPORTS = {
 # public functions
 
 
+@no_autocast
 def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: int = 5) -> Tensor:
     """Whitening matrices of ``cov + eps I`` (..., d, d): exact ZCA or T Newton-Schulz steps."""
     _checks.check_cov(cov)
@@ -113,6 +114,7 @@ def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None
     return run_eval(x, mean, wm, weight, bias)
 
 
+@no_autocast
 def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight: Tensor | None,
               bias: Tensor | None, op: str = "group_whiten_train"):
     """(y, mean, wm) of :func:`group_whiten_train` on the selected backend; no argument checks."""
@@ -122,6 +124,7 @@ def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, wei
     return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias)
 
 
+@no_autocast
 def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """:func:`group_whiten_eval` on the selected backend; no argument checks."""
     G, d = wm.shape[0], wm.shape[-1]

@@ -24,7 +24,8 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import eye_like, grouped, like_format, shifted_cov, stats_dtype, zca_backward, zca_from_eigh
+from .._common import (eye_like, grouped, like_format, no_autocast_function, shifted_cov, stats_dtype,
+                       zca_backward, zca_from_eigh)
 
 __all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward"]
 
@@ -95,6 +96,7 @@ def _blocks(N: int, sample_bytes: int):
     return [(i, min(N, i + step)) for i in range(0, N, step)]
 
 
+@no_autocast_function
 class _GroupWhitenTrain(torch.autograd.Function):
 
     @staticmethod
