@@ -169,6 +169,7 @@ DEMO_CASES = [
     (["--datasets", "digits,cifar10"], "--datasets"),
     (["--datasets", ","], "--datasets"),
     (["--seeds", "x"], "--seeds"),                        # argparse's type
+    (["--amp", "fp8"], "--amp"),
 ]
 
 
