@@ -8,9 +8,12 @@
 //                                        ascending (..., d), eigenvectors as columns (..., d, d).
 // Kernels: CPU here (eigh_small.cpp); CUDA in eigh_small_cuda.cu when built with SDECOR_WITH_CUDA.
 // Meta kernels (shapes only) are registered here too, so fake tensors (torch.compile, opcheck) work
-// however the extension was loaded.
+// however the extension was loaded; so are the Autocast kernels (CPU, CUDA), so that eager and
+// compiled code see one behaviour under torch.autocast.
 #include <Python.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
@@ -50,6 +53,18 @@ std::string build_info() {
   return s;
 }
 
+// Under torch.autocast eigh_small runs on its input as given (float32 or float64: a covariance in the
+// statistics dtype, DESIGN.md "Precision") with autocast excluded, as the Python ops of
+// sdecor.ops._library do; the default (a fallthrough) would leave autocast on for the kernel's own
+// calls. Its input is never cast: bf16 / fp16 are not eigh_small's dtypes.
+std::tuple<at::Tensor, at::Tensor> eigh_small_autocast(const at::Tensor& a) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sdecor::eigh_small", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(a);
+}
+
 }  // namespace
 }  // namespace sdecor
 
@@ -67,6 +82,10 @@ TORCH_LIBRARY_IMPL(sdecor, Meta, m) { m.impl("eigh_small", &sdecor::eigh_small_m
 TORCH_LIBRARY_IMPL(sdecor, Autograd, m) {
   m.impl("eigh_small", torch::autograd::autogradNotImplementedFallback());
 }
+
+TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) { m.impl("eigh_small", &sdecor::eigh_small_autocast); }
+
+TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) { m.impl("eigh_small", &sdecor::eigh_small_autocast); }
 
 // Importing sdecor._C loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {

@@ -84,6 +84,9 @@ TRAIN_CASES = [
     (["--norm", "layer"], "--norm"),
     (["--fill", "baseline"], "--fill"),
     (["--width", "wide"], "--width"),                    # argparse's type
+    (["--amp", "fp8"], "--amp"),
+    (["--amp", "on"], "--amp"),
+    (["--amp", "BF16"], "--amp"),
 ]
 
 
@@ -135,15 +138,15 @@ def test_out_dir_check_creates_nothing(tmp_path):
 def test_train_good_options_pass_the_checks(tmp_path):
     parser = cli.build_parser(["train"])
     args = parser.parse_args(["train", "--out", str(tmp_path / "new" / "run"), "--lambda-decor", "0.1",
-                              "--width", "8", "--num-channels", "8", "--seed", "3"])
+                              "--width", "8", "--num-channels", "8", "--seed", "3", "--amp", "fp16"])
     cfg = train.check_args(args)
-    assert cfg.width == 8 and cfg.resolved_norm() == "whitening"
+    assert cfg.width == 8 and cfg.resolved_norm() == "whitening" and cfg.amp == "fp16"
     assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("field, value", [
     ("width", 0), ("width", 2.5), ("seed", -1), ("seed", 2 ** 63), ("device", "bogus"), ("device", "meta"),
-    ("num_channels", 7),
+    ("num_channels", 7), ("amp", "fp32"), ("amp", None),
 ])
 def test_train_config_names_the_field(field, value):
     cfg = train.TrainConfig(lambda_decor=0.1, **{field: value})
@@ -166,6 +169,7 @@ DEMO_CASES = [
     (["--datasets", "digits,cifar10"], "--datasets"),
     (["--datasets", ","], "--datasets"),
     (["--seeds", "x"], "--seeds"),                        # argparse's type
+    (["--amp", "fp8"], "--amp"),
 ]
 
 

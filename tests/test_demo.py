@@ -107,3 +107,25 @@ def test_summarize():
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
     assert demo.summarize([0.5])["std"] == 0.0
     assert demo.summarize([float("nan")])["n"] == 0
+
+
+def test_demo_amp_reaches_every_run(tmp_path, monkeypatch, capsys):
+    """--amp bf16 is passed to every training run (a tiny digits set keeps this fast) and reported."""
+    from sdecor import data
+
+    def tiny(name, quick):
+        ds = data.load_digits()
+        return ds._replace(train=data.Split(ds.train.x[:64], ds.train.y[:64]),
+                           test=data.Split(ds.test.x[:32], ds.test.y[:32]))
+
+    monkeypatch.setattr(demo, "load_dataset", tiny)
+    out = tmp_path / "out"
+    assert demo.run(parse("--quick", "--datasets", "digits", "--no-figures", "--no-progress", "--amp", "bf16",
+                          "--eval-samples", "8", "--out", str(out))) == 0
+    assert "bf16 autocast" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["amp"] == "bf16"
+    runs = [run for per in res["runs"].values() for rs in per.values() for run in rs]
+    assert len(runs) == len(demo.CONFIGS) and all(run["config"]["amp"] == "bf16" for run in runs)
+    assert all(math.isfinite(v) for run in runs for h in run["history"] for v in h.values())
+    assert "training steps under bf16 autocast" in (out / "report.md").read_text()

@@ -87,6 +87,27 @@ def test_train_command_end_to_end(tmp_path, capsys):
     model.load_state_dict(state["state_dict"])
 
 
+def test_train_command_amp_fp16(tmp_path, capsys):
+    """--amp fp16: the training steps under fp16 autocast with a GradScaler; recorded in metrics.json."""
+    assert parse().amp == "off"
+    out = tmp_path / "run"
+    args = parse("--dataset", "digits", "--epochs", "1", "--eval-samples", "16", "--no-progress", "--threads", "1",
+                 "--lambda-decor", "0.1", "--amp", "fp16", "--out", str(out))
+    assert train.run(args) == 0
+    text = capsys.readouterr().out
+    assert "fp16 autocast" in text and "(whitening norm" in text and "test accuracy" in text
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["config"]["amp"] == "fp16"
+    assert all(math.isfinite(v) for v in res["history"][0].values())
+    assert res["test"]["accuracy"] > 0.3                      # 1 epoch of digits: above chance 0.1
+
+
+def test_amp_is_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--amp {off,bf16,fp16}" in capsys.readouterr().out
+
+
 def test_training_is_reproducible_and_learns():
     ds = tiny_digits(n_train=256)
     cfg = train.TrainConfig(dataset="digits", epochs=3, seed=4)

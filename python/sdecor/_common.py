@@ -1,6 +1,7 @@
 """Helpers shared by the reference and the backends, each written once.
 
-Layout: the statistics dtype, the (N, G, d, L) group view, the output memory format. ZCA: the
+Layout: the statistics dtype, the (N, G, d, L) group view, the output memory format. Precision under
+autocast: :func:`no_autocast` and :func:`no_autocast_function`. ZCA: the
 whitening matrix from an eigendecomposition and its stable backward (DESIGN.md), as an autograd
 Function that takes the eigensolver (torch.linalg.eigh, or sdecor's Jacobi solver on the native
 backend). Top-k masking: the per-sample scores and the fill values, shared so that the torch backend
@@ -9,11 +10,13 @@ is bit-identical to the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 __all__ = [
+    "AUTOCAST_DEVICES",
     "CORR_VAR_FLOOR",
     "ZCAWhitening",
     "decorrelation_from_cov",
@@ -23,6 +26,8 @@ __all__ = [
     "grouped",
     "like_format",
     "mask_scores",
+    "no_autocast",
+    "no_autocast_function",
     "power_of_two",
     "scale_for_corr",
     "rank_order",
@@ -63,6 +68,46 @@ def like_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return y.contiguous(memory_format=torch.channels_last_3d)
     return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# precision under autocast
+
+# The device types whose autocast sdecor turns off (torch.autocast's "cpu" and "cuda").
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def no_autocast(fn):
+    """Decorator: ``fn`` runs with autocast off on cpu and cuda, its inputs as given.
+
+    DESIGN.md, "Precision": under autocast the statistics and the d x d math stay in fp32 (fp64 for
+    fp64 input) and the output has the input's dtype, as BatchNorm's does (x fp32 under bf16 autocast
+    -> y fp32; x bf16 -> y bf16). Autocast would instead run the covariance and whitening matmuls in
+    bf16 (reference group_whiten on fp32 input (8, 32, 6, 6), d=16: max error 3e-2 instead of 2e-6)
+    and mix dtypes in the hand-written backward passes. The public functions, the
+    torch.autograd.Functions (:func:`no_autocast_function`) and the custom ops
+    (:mod:`sdecor.ops._library`) all use it. Outside autocast it costs three flag reads (0.8 us).
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        # Under torch.compile the regions are always traced: the graph may run under another
+        # autocast state than the flags read at trace time (an autograd.Function's backward is
+        # traced under its forward's autocast).
+        if not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+def no_autocast_function(cls):
+    """Class decorator of a torch.autograd.Function: its forward and backward run under
+    :func:`no_autocast`. The backward needs it on its own: the autograd engine runs it in the autocast
+    state of the caller of ``.backward()`` / ``torch.autograd.grad``, not in the forward's."""
+    cls.forward = staticmethod(no_autocast(cls.forward))
+    cls.backward = staticmethod(no_autocast(cls.backward))
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,6 +195,7 @@ class _NoThirdDerivative(torch.autograd.Function):
                            f"one backward with create_graph=True followed by another, is exact)")
 
 
+@no_autocast_function
 class _ZCABackward(torch.autograd.Function):
     """Z = :func:`zca_backward` (grad_w, Se) as a function of both grad_w and Se, so that the ZCA
     backward can itself be differentiated (double backward). Its own backward: d/dgrad_w is the same
@@ -177,6 +223,7 @@ class _ZCABackward(torch.autograd.Function):
         return gg, gse, None, None, None
 
 
+@no_autocast_function
 class ZCAWhitening(torch.autograd.Function):
     """W = Se^-1/2 through an eigendecomposition by ``eigh`` (ascending eigenvalues, eigenvectors as
     columns), with the stable backward :func:`zca_backward`, itself differentiable w.r.t. grad_w and

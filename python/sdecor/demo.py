@@ -33,8 +33,8 @@ import torch
 
 from . import data as data_mod
 from ._optional import require
-from .train import (TrainConfig, UsageError, batches, check_device, check_out_dir, evaluate, option_name,
-                    train_model)
+from .train import (AMP_DTYPES, TrainConfig, UsageError, batches, check_amp, check_device, check_out_dir,
+                    evaluate, option_name, train_model)
 
 CONFIGS = (
     # name, label, lambda_consistency, lambda_decor, norm layers (sdecor.train's --norm)
@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default %(default)s; more helps only on an idle machine)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--amp", default="off", metavar="{" + ",".join(AMP_DTYPES) + "}",
+                        help="mixed precision of every run's training steps, as sdecor train's --amp "
+                             "(default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
@@ -123,6 +126,10 @@ def check_args(args: argparse.Namespace) -> list:
         check_device(args.device)
     except ValueError as err:
         raise UsageError("--device", str(err)) from None
+    try:
+        check_amp(args.amp, args.device)
+    except ValueError as err:
+        raise UsageError("--amp", str(err)) from None
     try:
         check_out_dir(args.out, output_files(names, not args.no_figures))
     except ValueError as err:
@@ -180,13 +187,14 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
             for seed in range(seeds):
                 cfg = TrainConfig(dataset=name, model="tiny", norm=norm, lambda_consistency=lc, lambda_decor=ld,
                                   mask_ratio=0.5, fill="uniform", num_channels=16, device=args.device,
-                                  seed=seed, **SETTINGS[name][mode])
+                                  seed=seed, amp=args.amp, **SETTINGS[name][mode])
                 plan.append((name, cfg_name, cfg))
     total_steps = sum(cfg.epochs * len(list(batches(len(datasets[n].train.y), cfg.batch_size,
                                                     torch.Generator())))
                       for n, _, cfg in plan)
     print(f"sdecor demo: {len(datasets)} datasets x {len(CONFIGS)} configurations x {seeds} seed(s) = "
-          f"{len(plan)} training runs on {args.device} ({plural(torch.get_num_threads(), 'thread')})")
+          f"{len(plan)} training runs on {args.device} ({plural(torch.get_num_threads(), 'thread')})"
+          + (f", {args.amp} autocast" if args.amp != "off" else ""))
     for name, ds in datasets.items():
         print(f"  {name}: {ds.description}; train {len(ds.train.y)}, test {len(ds.test.y)}; "
               f"{SETTINGS[name][mode]['epochs']} epochs")
@@ -218,7 +226,7 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
     figures = [] if args.no_figures else write_figures(out_dir, datasets, results, examples)
     wall = time.perf_counter() - start
     meta = {"wall_seconds": wall, "mode": mode, "seeds": seeds, "eval_samples": eval_samples,
-            "fractions": FRACTIONS, "threads": torch.get_num_threads(), "device": args.device,
+            "fractions": FRACTIONS, "threads": torch.get_num_threads(), "device": args.device, "amp": args.amp,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "configs": [list(c) for c in CONFIGS],
             "settings": {n: SETTINGS[n][mode] for n in names}}
@@ -307,7 +315,9 @@ def format_report(meta: dict, datasets: dict, summary: dict, figures: list) -> s
     out = ["# sdecor demo: SaliencyDecor on embedded data", ""]
     out.append(f"{meta['mode']} run: {len(CONFIGS)} configurations x {meta['seeds']} seed(s) per dataset, "
                f"tiny CNN, {plural(meta['threads'], 'CPU thread')} on {meta['device']} "
-               f"({meta['processor']}), torch {meta['torch']}; wall time {meta['wall_seconds']:.0f} s.")
+               f"({meta['processor']}), torch {meta['torch']}"
+               + (f", training steps under {meta['amp']} autocast" if meta.get("amp", "off") != "off" else "")
+               + f"; wall time {meta['wall_seconds']:.0f} s.")
     out.append("")
     out.append("Configurations: " + "; ".join(f"`{n}` {label} (lambda_consistency {lc}, lambda_decor {ld}, "
                                             f"{NORM_LABELS[norm]})"

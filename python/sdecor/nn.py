@@ -35,8 +35,9 @@ class GroupWhitening(nn.Module):
     ``load_state_dict``. With ``track_running_stats=False`` there are no buffers and batch
     statistics are used in eval mode as well.
 
-    Statistics are computed in float32 for float16 / bfloat16 / float32 inputs (float64 for float64);
-    the output has the input's dtype. ``eps`` is a finite number > 0; ``dtype`` (of the parameters
+    Statistics are computed in float32 for float16 / bfloat16 / float32 inputs (float64 for float64),
+    also under torch.autocast; the output has the input's dtype, as BatchNorm's (under bf16 autocast
+    an fp32 input gives an fp32 output, a bf16 input a bf16 one). ``eps`` is a finite number > 0; ``dtype`` (of the parameters
     and buffers) None or a floating-point dtype.
     """
 

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation_from_cov, scale_for_corr
+from ._common import decorrelation_from_cov, no_autocast, scale_for_corr
 from .masking import saliency as input_saliency
 from .ops.cov import run_group_cov
 from .ops.topk import topk_mask
 
 
+@no_autocast
 def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
     """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov)."""
     _checks.check_decor_args(num_channels, kind)

@@ -5,7 +5,8 @@ Notation: x has shape (N, C, *S) with 0 to 3 trailing dims, m = N * prod(S) samp
 d = ``num_channels`` channels per group, G = C / d groups, group g = channels [g*d, (g+1)*d).
 
 These functions run anywhere (CPU or GPU, float32 or float64; float16/bfloat16 inputs are computed
-in float32). They are the oracle of the tests and benchmarks, and what the ``torch`` backend runs for
+in float32, also under torch.autocast, which they turn off: outputs keep the dtypes they have without
+it). They are the oracle of the tests and benchmarks, and what the ``torch`` backend runs for
 group_cov and whitening_matrix. Argument checks come from :mod:`sdecor._checks`; the pieces the
 backends share with the reference (group views, ZCA from eigh and its stable backward, top-k scores
 and fills) from :mod:`sdecor._common`.
@@ -25,6 +26,7 @@ from ._common import (
     grouped,
     like_format,
     mask_scores,
+    no_autocast,
     rank_order,
     samples_per_channel,
     scale_for_corr,
@@ -51,6 +53,7 @@ __all__ = [
 # group-wise covariance
 
 
+@no_autocast
 def group_cov(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (G, d) and biased covariance (G, d, d) = Xc Xc^T / m of every channel group.
 
@@ -75,6 +78,7 @@ def _group_cov(x, num_channels):
 # whitening matrices
 
 
+@no_autocast
 def newton_schulz(se: torch.Tensor, T: int) -> torch.Tensor:
     """IterNorm's W = P_T / sqrt(tr Se), P_{k+1} = 1.5 P_k - 0.5 P_k^3 Sn, Sn = Se / tr(Se), P_0 = I.
 
@@ -94,6 +98,7 @@ def newton_schulz(se: torch.Tensor, T: int) -> torch.Tensor:
     return z / trace.sqrt()
 
 
+@no_autocast
 def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-5, T: int = 5) -> torch.Tensor:
     """Whitening matrices W (..., d, d) of Se = cov + eps I.
 
@@ -117,6 +122,7 @@ def _whitening_matrix(cov, method, eps, T):
 # group whitening
 
 
+@no_autocast
 def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
                  T: int = 5) -> torch.Tensor:
     """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x.
@@ -132,6 +138,7 @@ def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps
     return apply_whitening(x, mean, w)
 
 
+@no_autocast
 def apply_whitening(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y_g = W_g (x_g - mean_g) for given statistics mean (G, d) and W (G, d, d)."""
     G, d = mean.shape
@@ -144,6 +151,7 @@ def apply_whitening(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> tor
 # top-k saliency masking
 
 
+@no_autocast
 def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, largest: bool = False,
               reduce="mean", abs: bool = True, fill: str = "zero", value: float = 0.0,
               baseline=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +179,7 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
 # decorrelation loss
 
 
+@no_autocast
 def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
     """Mean over groups of a decorrelation penalty on the group covariance.
 

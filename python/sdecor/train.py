@@ -4,7 +4,9 @@ The objective is CE + lambda_consistency * KL(f(x) || f(x masked)) + lambda_deco
 (:class:`sdecor.SaliencyDecor`); with both lambdas 0 it is plain cross-entropy. The model's norm
 layers are BatchNorm where decorrelation is off and GroupWhitening where it is on (``--norm auto``).
 After training it reports test accuracy and the saliency metrics of :mod:`sdecor.metrics`, and
-writes ``metrics.json`` and ``model.pt`` into ``--out``.
+writes ``metrics.json`` and ``model.pt`` into ``--out``. ``--amp bf16|fp16`` runs the training steps
+in mixed precision (forward and loss under torch.autocast; fp16 with a GradScaler); evaluation stays
+in fp32.
 
 The same functions (:func:`train_model`, :func:`evaluate`) run every configuration of the demo.
 """
@@ -28,10 +30,13 @@ from . import metrics
 from ._optional import require
 from .models import MODELS, NORMS, build_model, check_group_size
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "UsageError", "accuracy", "add_arguments", "check_args",
-           "check_device", "check_out_dir", "evaluate", "run", "train_model"]
+__all__ = ["AMP_DTYPES", "ConfigError", "TrainConfig", "TrainResult", "UsageError", "accuracy", "add_arguments",
+           "check_amp", "check_args", "check_device", "check_out_dir", "evaluate", "run", "train_model"]
 
 FILLS = ("zero", "mean", "uniform")
+
+# --amp: the autocast dtype of the training steps (None: fp32, no autocast)
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -53,6 +58,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     width: Optional[int] = None
+    amp: str = "off"                    # "bf16" / "fp16": training steps under torch.autocast
 
     def resolved_norm(self) -> str:
         if self.norm == "auto":
@@ -93,6 +99,10 @@ class TrainConfig:
             check_device(self.device)
         except ValueError as err:
             raise ConfigError("device", str(err)) from None
+        try:
+            check_amp(self.amp, self.device)
+        except ValueError as err:
+            raise ConfigError("amp", str(err)) from None
         try:
             check_group_size(self.model, self.resolved_norm(), self.num_channels, self.width,
                              decorrelate=self.lambda_decor > 0)
@@ -172,6 +182,16 @@ def check_out_dir(path, files=()) -> str:
     return path
 
 
+def check_amp(amp, device) -> None:
+    """``amp`` one of AMP_DTYPES, with an autocast for ``device``'s type (a checked device). Raises
+    ValueError naming amp."""
+    if not isinstance(amp, str) or amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}; got {amp!r}")
+    kind = torch.device(device).type
+    if AMP_DTYPES[amp] is not None and not torch.amp.is_autocast_available(kind):
+        raise ValueError(f"amp {amp!r}: torch.autocast has no {kind!r} device type; use --amp off")
+
+
 @dataclass
 class TrainResult:
     model: torch.nn.Module
@@ -202,7 +222,10 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None) -> TrainResult:
     """Train cfg.model on dataset.train with the SaliencyDecor objective given by cfg.
 
-    ``progress``: an optional tqdm-like object; it is advanced by one per optimisation step.
+    With cfg.amp "bf16" / "fp16" each step's forward and loss run under torch.autocast in that dtype
+    (the backward after it, outside the region, as PyTorch advises); fp16 scales the loss with a
+    GradScaler, which skips the steps whose gradients overflow. ``progress``: an optional tqdm-like
+    object; it is advanced by one per optimisation step.
     """
     cfg.check()
     device = torch.device(cfg.device)
@@ -216,6 +239,8 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None) -> T
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.25)
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     history = []
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -224,10 +249,12 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None) -> T
         count = 0
         for idx in batches(len(y_all), cfg.batch_size, gen):
             idx = idx.to(device)
-            terms = objective.loss(x_all[idx], y_all[idx])
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = objective.loss(x_all[idx], y_all[idx])
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
+            scaler.scale(terms.total).backward()
+            scaler.step(opt)                                         # opt.step() when not fp16
+            scaler.update()
             sched.step()
             detached = torch.stack([t.detach().float() for t in terms])
             sums = detached if sums is None else sums + detached
@@ -337,6 +364,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--device", default=d.device, help="torch device (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    parser.add_argument("--amp", default=d.amp, metavar="{" + ",".join(AMP_DTYPES) + "}",
+                        help="mixed precision of the training steps: torch.autocast in bf16 or fp16 (fp16 "
+                             "with a GradScaler); evaluation stays fp32 (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--eval-samples", type=int, default=512,
                         help="test images used for the saliency metrics (default %(default)s)")
@@ -366,7 +396,7 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
                       lambda_consistency=args.lambda_consistency, lambda_decor=args.lambda_decor,
                       mask_ratio=args.mask_ratio, fill=args.fill, num_channels=args.num_channels,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                      seed=args.seed, width=args.width)
+                      seed=args.seed, width=args.width, amp=args.amp)
     try:
         cfg.check()
     except ConfigError as err:
@@ -410,7 +440,8 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
           f"test {len(dataset.test.y)}")
     print(f"model {cfg.model} ({cfg.resolved_norm()} norm, group size {cfg.num_channels}); "
           f"lambda_consistency {cfg.lambda_consistency}, lambda_decor {cfg.lambda_decor}, "
-          f"mask ratio {cfg.mask_ratio}, fill {cfg.fill}; {cfg.epochs} epochs on {cfg.device}")
+          f"mask ratio {cfg.mask_ratio}, fill {cfg.fill}; {cfg.epochs} epochs on {cfg.device}"
+          + (f", {cfg.amp} autocast" if cfg.amp != "off" else ""))
     steps = cfg.epochs * len(list(batches(len(dataset.train.y), cfg.batch_size, torch.Generator())))
     disable = args.no_progress or not sys.stderr.isatty()
     with tqdm(total=steps, desc="train", unit="step", disable=disable) as bar:

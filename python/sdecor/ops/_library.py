@@ -16,6 +16,12 @@ launcher module). On a GPU it is a ``triton_op``: torch.compile sees the kernels
 launch through ``wrap_triton``. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests)
 interpreted kernels cannot be traced, so it is an opaque ``custom_op`` whose fake implementation is the
 body itself (the launchers skip kernels on fake tensors).
+
+Autocast (DESIGN.md, "Precision"): every op has a kernel on the AutocastCPU and AutocastCUDA keys
+(:func:`register_no_autocast`) that runs it with autocast off and its inputs as given, and its backward
+runs under :func:`sdecor._common.no_autocast`, so that the statistics and the d x d math stay in fp32
+and the outputs keep the dtype of x, in eager code and under torch.compile alike. The C++ op
+``eigh_small`` has the same kernel in ``csrc/ops.cpp``.
 """
 
 from __future__ import annotations
@@ -26,12 +32,38 @@ from typing import Callable
 import torch
 
 from .. import _backend
+from .._common import AUTOCAST_DEVICES, no_autocast
 
-__all__ = ["NAMESPACE", "TritonCustomOp", "triton_custom_op"]
+__all__ = ["NAMESPACE", "TritonCustomOp", "register_no_autocast", "triton_custom_op"]
 
 NAMESPACE = "sdecor"
 
 _lock = threading.Lock()
+
+# The registrations of register_no_autocast (a Library lives as long as its registrations).
+_autocast_lib = torch.library.Library(NAMESPACE, "IMPL")
+
+
+def register_no_autocast(name: str) -> None:
+    """Under autocast (cpu and cuda), run the op ``sdecor::<name>`` with autocast off and its inputs
+    as given.
+
+    A variant of ``torch.library.register_autocast``, which registers the same kind of kernel on the
+    Autocast keys (autocast excluded, then the op called again) but first casts every floating-point
+    input other than fp64 to one ``cast_inputs`` dtype. That cast is wrong for these ops: the
+    whitening ops must keep x's dtype, which is y's (x bf16 -> y bf16, as BatchNorm), and casting x
+    to fp32 would change the output dtype, while bf16 inputs would change the statistics. So: no cast,
+    and autocast off on every device type of AUTOCAST_DEVICES while the op runs (its body, e.g. the
+    torch matmuls of the zca path, then computes in the dtypes it was written for).
+    """
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    kernel = no_autocast(overload)
+    for key in _AUTOCAST_KEYS:
+        _autocast_lib.impl(name, kernel, key)
+
+
+# The dispatch keys of autocast on the device types of AUTOCAST_DEVICES.
+_AUTOCAST_KEYS = tuple("Autocast" + {"cpu": "CPU", "cuda": "CUDA"}[t] for t in AUTOCAST_DEVICES)
 
 
 class TritonCustomOp:
@@ -48,10 +80,12 @@ class TritonCustomOp:
         self.__wrapped__ = fn
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
-        """Gradients of the op (``torch.library.register_autograd``), attached when it is registered."""
+        """Gradients of the op (``torch.library.register_autograd``), attached when it is registered;
+        ``backward`` runs with autocast off (the autograd engine runs it in the autocast state of the
+        caller of ``.backward()``)."""
         if self._op is not None:
             raise RuntimeError(f"{self.qualname}: register_autograd after the op was registered")
-        self._autograd = (backward, setup_context)
+        self._autograd = (no_autocast(backward), setup_context)
 
     @property
     def op(self):
@@ -72,6 +106,7 @@ class TritonCustomOp:
         if self._autograd is not None:
             backward, setup = self._autograd
             op.register_autograd(backward, setup_context=setup)
+        register_no_autocast(self.name)
         return op
 
     def __call__(self, *args):

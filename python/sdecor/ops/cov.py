@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import reference as ref
-from .._common import graph_backward, samples_per_channel
+from .._common import graph_backward, no_autocast, samples_per_channel
 from ._library import triton_custom_op
 
 __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]
@@ -32,6 +32,7 @@ def group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
     return run_group_cov(x, num_channels)
 
 
+@no_autocast
 def run_group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
     """group_cov on the selected backend, for callers that checked the arguments."""
     if _backend.select("group_cov", {"x": x}, SUPPORTS) == "triton":

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from .._common import like_format
+from .._common import like_format, no_autocast
 from . import topk_torch
 from ._library import triton_custom_op
 
@@ -34,6 +34,7 @@ __all__ = ["SUPPORTS", "philox_seed", "topk_mask"]
 SUPPORTS = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
 
 
+@no_autocast
 def topk_mask(x: Tensor, saliency: Tensor, *, ratio=None, k=None, largest: bool = False,
               reduce="mean", abs: bool = True, fill: str = "zero", value: float = 0.0, baseline=None,
               generator=None) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,7 @@ from .. import reference as ref
 from .._common import (
     ZCAWhitening,
     graph_backward,
+    no_autocast,
     samples_per_channel,
     shifted_cov,
     zca_backward,
@@ -71,6 +72,7 @@ SUPPORTS = {
 # public functions
 
 
+@no_autocast
 def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: int = 5) -> Tensor:
     """Whitening matrices of ``cov + eps I`` (..., d, d): exact ZCA or T Newton-Schulz steps."""
     _checks.check_cov(cov)
@@ -125,6 +127,7 @@ def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None
     return run_eval(x, mean, wm, weight, bias)
 
 
+@no_autocast
 def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight: Tensor | None,
               bias: Tensor | None, op: str = "group_whiten_train"):
     """(y, mean, wm) of :func:`group_whiten_train` on the selected backend; no argument checks."""
@@ -134,6 +137,7 @@ def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, wei
     return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias)
 
 
+@no_autocast
 def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """:func:`group_whiten_eval` on the selected backend; no argument checks."""
     G, d = wm.shape[0], wm.shape[-1]

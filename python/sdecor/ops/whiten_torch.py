@@ -32,6 +32,7 @@ from .._common import (
     graph_backward,
     grouped,
     like_format,
+    no_autocast_function,
     power_of_two,
     shifted_cov,
     stats_dtype,
@@ -135,6 +136,7 @@ def _center_and_scale(xg: torch.Tensor, blocks, m: int):
     return center, power_of_two(e, xg.dtype), power_of_two(-e, xg.dtype)
 
 
+@no_autocast_function
 class _GroupWhitenTrain(torch.autograd.Function):
     """Per group, in units of the power-of-two scale c (see :func:`_center_and_scale`):
     xs = (x - centre) / c, ms = mean(xs), Sigma' = Xs Xs^T / m - ms ms^T = Sigma / c^2,
