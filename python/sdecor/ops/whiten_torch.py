@@ -162,18 +162,17 @@ class _GroupWhitenTrain(torch.autograd.Function):
         center, c, inv_c = _center_and_scale(xg, blocks, m)
         inv_c4 = inv_c[None, :, None, None]
         neg_cs4 = (-center * inv_c[:, None])[None, :, :, None]       # -centre / c: (1, G, d, 1)
-        # Sums of xs and xs xs^T in one product per block: buf holds xs with a row of ones below it,
-        # so [xs; 1] xs^T gives Xs Xs^T and the row sums of Xs (xs formed in cache, never stored).
+        # sums of xs and xs xs^T block by block (xs formed in cache, never stored)
         n0 = blocks[0][1]
-        buf = torch.empty((n0, G, d + 1, L), dtype=sd, device=x.device)
-        buf[:, :, d].fill_(1.0)
-        acc = torch.zeros(G, d + 1, d, dtype=sd, device=x.device)
+        buf = torch.empty((n0, G, d, L), dtype=sd, device=x.device)
+        acc1 = torch.zeros(G, d, dtype=sd, device=x.device)
+        acc2 = torch.zeros(G, d, d, dtype=sd, device=x.device)
         for i, j in blocks:
-            n = j - i
-            xs = torch.mul(xg[i:j], inv_c4, out=buf[:n, :, :d]).add_(neg_cs4)
-            acc += torch.matmul(buf[:n], xs.transpose(-1, -2)).sum(0)
-        ms = acc[:, d] / m                                           # mean(xs): (G, d)
-        cov = acc[:, :d] / m - ms.unsqueeze(-1) * ms.unsqueeze(-2)   # Sigma': (G, d, d)
+            xs = torch.mul(xg[i:j], inv_c4, out=buf[:j - i]).add_(neg_cs4)
+            acc1 += xs.sum(dim=(0, 3))
+            acc2 += torch.matmul(xs, xs.transpose(-1, -2)).sum(0)
+        ms = acc1 / m                                                # mean(xs): (G, d)
+        cov = acc2 / m - ms.unsqueeze(-1) * ms.unsqueeze(-2)         # Sigma': (G, d, d)
         # eps / c^2, at least sqrt(tiny) = 2^-63 (fp64: 2^-511): ~1e-19 of the group's scale, below the
         # resolution of fp32 statistics; smaller, (eps / c^2)^-3/2 in the zca backward overflows (a
         # dead channel in a group at 1e30 gives eps / c^2 ~ 1e-65)
@@ -201,10 +200,9 @@ class _GroupWhitenTrain(torch.autograd.Function):
         yg = y.view(N, G, d, L)
         a_b, shift_b = _batched(a * inv_c[:, None, None], n0), _batched(shift, n0)
         center4 = center[None, :, :, None]
-        xc_buf = buf[:, :, :d]
         for i, j in blocks:
             n = j - i
-            xc = torch.sub(xg[i:j], center4, out=xc_buf[:n]).reshape(n * G, d, L)
+            xc = torch.sub(xg[i:j], center4, out=buf[:n]).view(n * G, d, L)
             torch.baddbmm(shift_b[:n * G], a_b[:n * G], xc, out=yg[i:j].view(n * G, d, L))
         y = like_format(y.to(x.dtype), x)
         mean = center + c[:, None] * ms
