@@ -28,7 +28,9 @@ __all__ = [
     "stats_dtype",
     "sym",
     "zca_backward",
+    "zca_backward_scaled",
     "zca_from_eigh",
+    "zca_from_eigh_scaled",
 ]
 
 
@@ -95,6 +97,43 @@ def zca_backward(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor,
     s = evals.clamp_min(eps).sqrt()
     si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
     F = -1.0 / (si * sj * (si + sj))
+    inner = evecs.transpose(-1, -2) @ sym(grad_w) @ evecs
+    return evecs @ (F * inner) @ evecs.transpose(-1, -2)
+
+
+def _zca_sigma(evals: torch.Tensor, eps: float, scale: torch.Tensor):
+    """(sigma, sigma / c): square roots of Se's eigenvalues clamped at eps, from the eigenvalues of
+    Se' = Se / c^2 (c = scale (G,), powers of two), in Se's units and in units of c."""
+    c = scale.to(evals.dtype).unsqueeze(-1)
+    root_eps = torch.full((), eps, dtype=evals.dtype, device=evals.device).sqrt()
+    sigma = torch.maximum(c * evals.clamp_min(0).sqrt(), root_eps)
+    return sigma, sigma / c
+
+
+def zca_from_eigh_scaled(evals: torch.Tensor, evecs: torch.Tensor, eps: float,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """W of Se = c^2 Se' from eigh(Se'), c = scale (G,) (powers of two): U diag(1 / sigma) U^T, sigma
+    the square roots of Se's eigenvalues clamped at eps. Finite where Se is not (and where eps / c^2
+    underflows); where c = 1 exactly :func:`zca_from_eigh`."""
+    sigma, _ = _zca_sigma(evals, eps, scale)
+    unscaled = (scale == 1).unsqueeze(-1)
+    s_inv = torch.where(unscaled, evals.clamp_min(eps).rsqrt(), sigma.reciprocal())
+    return (evecs * s_inv.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def zca_backward_scaled(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, eps: float,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """dL/dSe' / c from grad_w = dL/dW' for W' = c W = Se'^-1/2, Se' = Se / c^2 = U diag(l) U^T,
+    c = scale (G,) (powers of two): :func:`zca_backward` in units of c, U ((F / c) o (U^T sym(G) U))
+    U^T with F / c = -1 / (sigma_i s_j (s_i + s_j)), s = sigma / c (see zca_from_eigh_scaled).
+
+    Divided by c it stays in fp32's range except where two eigenvalues are both at the clamp
+    (F / c ~ c^2 / eps^1.5), whose entries are bounded by fp32's largest number (there the product
+    with U^T sym(G) U is exactly 0 for a constant channel). Where c = 1 exactly :func:`zca_backward`.
+    """
+    sigma, s = _zca_sigma(evals, eps, scale)
+    F = -1.0 / (sigma.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
+    F = F.clamp_min(-torch.finfo(F.dtype).max)
     inner = evecs.transpose(-1, -2) @ sym(grad_w) @ evecs
     return evecs @ (F * inner) @ evecs.transpose(-1, -2)
 
