@@ -231,3 +231,49 @@ def test_constant_channel_in_scaled_group(device):
     got = _triton_train(x, d, "zca")
     for name, t in zip(NAMES[:4], got[:4]):
         assert torch.isfinite(t).all(), f"zca: {name} not finite"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops' optional scale argument
+
+
+def test_scaled_ops_opcheck(device):
+    """torch.library.opcheck (schema, fake tensors, aot dispatch) of the ops called with a scale."""
+    x = torch.randn(3, 8, 4, 4, device=device) * 1e20
+    with sdecor.use_backend("triton"):
+        for op in (wh.newton_backward_op, wh.whiten_bwd_reduce_op, wh.whiten_bwd_dx_op):
+            op.op                                # registered on first use
+    ops = torch.ops.sdecor
+    scale = torch.tensor([2.0 ** 68, 2.0 ** 70], device=device)
+    mean, cov = ref.group_cov(x.double(), 4)                            # cov ~ 1e40: fp64
+    cov_s = (cov / (scale.double() ** 2)[:, None, None]).float()
+    mean, cov = mean.float(), cov_s
+    dy = torch.randn_like(x)
+    torch.library.opcheck(ops.newton_backward, (cov_s, torch.randn_like(cov), EPS, 3, scale))
+    torch.library.opcheck(ops.whiten_bwd_reduce, (dy, x, mean, scale))
+    torch.library.opcheck(ops.whiten_bwd_dx, (dy, x, mean, torch.randn_like(cov), torch.randn_like(cov) * 1e-20,
+                                              torch.randn_like(mean), scale))
+
+
+def test_scaled_reduce_and_dx_match_their_definition(device):
+    """whiten_bwd_reduce / whiten_bwd_dx with a scale c: D / c and B dy + A (x - mean) / c + v, where
+    D and A (x - mean) themselves are out of fp32's range (|x| ~ 1e30, A ~ 1e-60 in float64)."""
+    G, d = 2, 4
+    x = torch.randn(5, G * d, 3, device=device, dtype=torch.float64) * 1e30
+    scale = torch.tensor([2.0 ** 101, 2.0 ** 99], device=device, dtype=torch.float64)
+    mean = x.mean(dim=(0, 2)).reshape(G, d)
+    dy = torch.randn_like(x)
+    xc = (x - mean.reshape(1, -1, 1)).reshape(5, G, d, 3)
+    dyg = dy.reshape(5, G, d, 3)
+    a = torch.randn(G, d, d, device=device, dtype=torch.float64)          # c A
+    b = torch.randn(G, d, d, device=device, dtype=torch.float64) * 1e-30
+    v = torch.randn(G, d, device=device, dtype=torch.float64) * 1e-30
+    f = lambda t: t.float()                                               # noqa: E731
+    with sdecor.use_backend("triton"):
+        D, s = wh.whiten_bwd_reduce_op(f(dy), f(x), f(mean), f(scale))
+        dx = wh.whiten_bwd_dx_op(f(dy), f(x), f(mean), f(a), f(b), f(v), f(scale))
+    want_D = torch.einsum("ngil,ngjl->gij", dyg, xc) / scale[:, None, None]
+    torch.testing.assert_close(D.double(), want_D, **tol(torch.float32))
+    torch.testing.assert_close(s.double(), dyg.sum(dim=(0, 3)), **tol(torch.float32))
+    want_dx = (b @ dyg + a @ (xc / scale[:, None, None]) + v[..., None]).reshape(x.shape)
+    torch.testing.assert_close(dx.double() * 1e30, want_dx * 1e30, **tol(torch.float32))

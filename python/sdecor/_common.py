@@ -127,9 +127,10 @@ def zca_backward_scaled(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.
     c = scale (G,) (powers of two): :func:`zca_backward` in units of c, U ((F / c) o (U^T sym(G) U))
     U^T with F / c = -1 / (sigma_i s_j (s_i + s_j)), s = sigma / c (see zca_from_eigh_scaled).
 
-    Divided by c it stays in fp32's range except where two eigenvalues are both at the clamp
-    (F / c ~ c^2 / eps^1.5), whose entries are bounded by fp32's largest number (there the product
-    with U^T sym(G) U is exactly 0 for a constant channel). Where c = 1 exactly :func:`zca_backward`.
+    Divided by c it stays in fp32's range except between two eigenvalues both at the clamp (F / c ~
+    c^2 / eps^1.5, e.g. 1e67 at c = 1e30): those entries are bounded by fp32's largest number, so
+    that they give 0, not NaN, against the zero entries of U^T sym(G) U of a constant channel whose
+    axis eigh returns exactly. Where c = 1 exactly :func:`zca_backward`.
     """
     sigma, s = _zca_sigma(evals, eps, scale)
     F = -1.0 / (sigma.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
