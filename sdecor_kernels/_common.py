@@ -65,6 +65,30 @@ def _eye(BD: tl.constexpr, d):
     return ((r[:, None] == r[None, :]) & (r < d)[:, None]).to(tl.float32)
 
 
+@triton.jit
+def _scale_exp(a):
+    """The exponent e (int32) of a group's power-of-two scale c = 2^e for |x - shift| <= a: the
+    smallest e with 2^e > a (up to a factor 2: read from the exponent bits of a, exact, no log2),
+    clamped to [0, 126]. e = 0 (no scaling) for a < 1; at most 126 so that 1/c = 2^-126 is a normal
+    fp32 number (2^-127 is subnormal, flushed to zero where denormals are), and |x - shift| / c < 4
+    for any finite a < 2^128."""
+    E = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF                     # a < 2^(E - 126)
+    return tl.minimum(tl.maximum(E - 126, 0), 126)
+
+
+@triton.jit
+def _exp2i(e):
+    """2^e in fp32, exactly, for an integer e in [-126, 127] (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _inv_pow2(c):
+    """1 / c, exactly, for a power of two c in [1, 2^126] (exponent bits: the division of a GPU's
+    fast path may round)."""
+    return ((254 << 23) - c.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # launch configuration
 

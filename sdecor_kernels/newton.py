@@ -7,6 +7,9 @@ Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z; W = Z
 - ``newton_bwd_kernel`` grid (G,): dL/dcov from dL/dW (the exact derivative of the coupled
   iteration, iterates kept in a global scratch buffer).
 
+With HAS_SCALE both take the group's power-of-two scale c (see :mod:`sdecor_kernels.stats`): cov is
+then cov / c^2, eps becomes eps / c^2, W is divided by c, dL/dcov divided by c.
+
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
 multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill). The
 iteration (``_ns_forward``, also run by group_stats_finalize_kernel) and its reverse mode
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SPEC_DS, MatrixConfig, _eye, _mm, f32, launch, signature
+from ._common import SPEC_DS, MatrixConfig, _eye, _inv_pow2, _mm, f32, launch, pow2, signature
 
 __all__ = ["STATIC_SPECS", "NewtonBwdConfig", "NewtonFwdConfig", "newton_backward", "newton_forward"]
 
@@ -314,16 +317,24 @@ def _store_tiled(src, dst, scale, d, BD: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, d, eps, T, BD: tl.constexpr, BT: tl.constexpr,
-                      USE_DOT: tl.constexpr, PREC: tl.constexpr):
+def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, eps, T, HAS_SCALE: tl.constexpr,
+                      BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """W of cov + eps I; HAS_SCALE: cov is in units of the group's power-of-two scale c (cov / c^2),
+    and W = W(cov / c^2 + eps / c^2 I) / c."""
     g = tl.program_id(0)
     gd = g.to(tl.int64) * d
+    r = 1.0
+    if HAS_SCALE:
+        r = _inv_pow2(tl.load(scale_ptr + g))
+        eps = eps * r * r
     if BD <= BT:
         c = tl.arange(0, BD)
         m2 = (c < d)[:, None] & (c < d)[None, :]
         eye = _eye(BD, d)
         S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
         W = _newton_regs(S, eye, T, USE_DOT, PREC)
+        if HAS_SCALE:
+            W = W * r
         tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
     else:
         # scratch per group: Y, Z, M, tmp, each BD x BD (padded, zero outside d x d)
@@ -334,18 +345,28 @@ def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, d, eps, T, BD: tl.constexpr, 
         Xp = Mp + sz
         tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, eps, BD, BT)
         Z = _ns_forward(Yp, Zp, Mp, Xp, None, None, T, None, BD, BT, USE_DOT, PREC, False, False)
-        _store_tiled(Z, w_ptr + gd * d, 1.0 / tl.sqrt(tr), d, BD, BT)
+        rs = 1.0 / tl.sqrt(tr)
+        if HAS_SCALE:
+            rs = rs * r
+        _store_tiled(Z, w_ptr + gd * d, rs, d, BD, BT)
 
 
 @triton.jit
-def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, BD: tl.constexpr,
-                      BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, d, eps, T,
+                      HAS_SCALE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr,
+                      PREC: tl.constexpr):
     """dL/dcov of W = Newton-Schulz(cov + eps I, T): reverse mode through the coupled iteration
-    (_ns_forward with its iterates kept in hist (G, T, 2, BD, BD), then _ns_backward)."""
+    (_ns_forward with its iterates kept in hist (G, T, 2, BD, BD), then _ns_backward).
+    HAS_SCALE: cov is cov / c^2 and W the whitening matrix of cov / c^2 + eps / c^2 I (c the group's
+    power-of-two scale), and the result is divided by c."""
     g = tl.program_id(0)
     gd = g.to(tl.int64) * d
     sz = BD * BD
     hist = hist_ptr + g.to(tl.int64) * T * 2 * sz
+    r = 1.0
+    if HAS_SCALE:
+        r = _inv_pow2(tl.load(scale_ptr + g))
+        eps = eps * r * r
     if BD <= BT:
         c = tl.arange(0, BD)
         m2 = (c < d)[:, None] & (c < d)[None, :]
@@ -357,6 +378,8 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, 
         gY, g_tr = _ns_backward(gW, Z, S, tr, hist, T, eye, None, None, None, None, None, None, BD, BT,
                                 USE_DOT, PREC, True)
         gS = gY / tr + g_tr * eye
+        if HAS_SCALE:
+            gS = gS * r
         tl.store(gcov_ptr + gd * d + c[:, None] * d + c[None, :], gS, mask=m2)
     else:
         # work per group: S, gY, gZ, M, gM, t1, t2, each BD x BD
@@ -375,7 +398,11 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, d, eps, T, 
         _load_padded_tiled(gw_ptr + gd * d, gZp, d, BD, BT)
         gY, g_tr = _ns_backward(gZp, Z, Sp, tr, hist, T, None, Mp, gYp, gZp, gMp, t1, t2, BD, BT,
                                 USE_DOT, PREC, False)
-        _store_grad_tiled(gY, gcov_ptr + gd * d, 1.0 / tr, g_tr, d, BD, BT)
+        rt = 1.0 / tr
+        if HAS_SCALE:
+            rt = rt * r
+            g_tr = g_tr * r
+        _store_grad_tiled(gY, gcov_ptr + gd * d, rt, g_tr, d, BD, BT)
 
 
 @triton.jit
@@ -450,8 +477,12 @@ class NewtonBwdConfig(_NewtonConfig):
 # launchers
 
 
-def newton_forward(cov: torch.Tensor, eps: float, T: int) -> torch.Tensor:
-    """W (G, d, d) = Newton-Schulz whitening matrix of cov (G, d, d) fp32 + eps I, T steps."""
+def newton_forward(cov: torch.Tensor, eps: float, T: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W (G, d, d) = Newton-Schulz whitening matrix of cov (G, d, d) fp32 + eps I, T steps.
+
+    With ``scale`` (G,), powers of two c: cov holds cov_true / c^2, and W is the whitening matrix of
+    cov_true + eps I in its own units, W(cov + eps / c^2 I) / c (finite where cov_true is not).
+    """
     cov = cov.contiguous()
     G, d = cov.shape[0], cov.shape[-1]
     dev = cov.device
@@ -459,12 +490,19 @@ def newton_forward(cov: torch.Tensor, eps: float, T: int) -> torch.Tensor:
     BD = cfg.BD
     w = f32(G, d, d, device=dev)
     scratch = f32(1, device=dev) if cfg.in_registers else f32(G, 4, BD, BD, device=dev)
-    launch(newton_fwd_kernel, (G,), cov, w, scratch, d, float(eps), int(T), **cfg.meta())
+    launch(newton_fwd_kernel, (G,), cov, w, scratch, _scale_arg(scale, w), d, float(eps), int(T),
+           HAS_SCALE=scale is not None, **cfg.meta())
     return w
 
 
-def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int) -> torch.Tensor:
-    """dL/dcov (G, d, d) from dL/dW for W = newton_forward(cov, eps, T) (the exact derivative)."""
+def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dcov (G, d, d) from dL/dW for W = newton_forward(cov, eps, T) (the exact derivative).
+
+    With ``scale`` (G,), powers of two c: cov holds cov_true / c^2 and grad_w is dL/dW' for
+    W' = W(cov + eps / c^2 I), the whitening matrix in units of c; returns dL/dSe' / c, Se' = cov +
+    eps / c^2 I (dL/dSe' itself can exceed fp32 where c is large; divided by c it stays finite).
+    """
     cov = cov.contiguous()
     grad_w = grad_w.to(torch.float32).contiguous()
     G, d = cov.shape[0], cov.shape[-1]
@@ -474,18 +512,34 @@ def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int)
     gcov = f32(G, d, d, device=dev)
     hist = f32(G, int(T), 2, BD, BD, device=dev)
     work = f32(1, device=dev) if cfg.in_registers else f32(G, 7, BD, BD, device=dev)
-    launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, d, float(eps), int(T), **cfg.meta())
+    launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, _scale_arg(scale, gcov), d, float(eps),
+           int(T), HAS_SCALE=scale is not None, **cfg.meta())
     return gcov
+
+
+def _scale_arg(scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The scale_ptr argument: the scale as fp32, or any fp32 tensor when there is none (unread)."""
+    return like if scale is None else scale.to(torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
+_BWD_ARGS = "cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr scale_ptr d eps T"
+
 STATIC_SPECS = [
     dict(name="newton_fwd_kernel", kernel=newton_fwd_kernel, ds=SPEC_DS,
-         signature=signature("cov_ptr w_ptr scratch_ptr d eps T", {"eps": "fp32"}),
-         config=lambda d: NewtonFwdConfig.for_group(d).meta()),
+         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d eps T", {"eps": "fp32"}),
+         config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=False)),
+    # with a scale: the training path above REG_BD (below it, W comes from the statistics finalize)
+    dict(name="newton_fwd_kernel[HAS_SCALE]", kernel=newton_fwd_kernel,
+         ds=tuple(d for d in SPEC_DS if pow2(d) > REG_BD),
+         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d eps T", {"eps": "fp32"}),
+         config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=True)),
     dict(name="newton_bwd_kernel", kernel=newton_bwd_kernel, ds=SPEC_DS,
-         signature=signature("cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr d eps T", {"eps": "fp32"}),
-         config=lambda d: NewtonBwdConfig.for_group(d).meta()),
+         signature=signature(_BWD_ARGS, {"eps": "fp32"}),
+         config=lambda d: dict(NewtonBwdConfig.for_group(d).meta(), HAS_SCALE=False)),
+    dict(name="newton_bwd_kernel[HAS_SCALE]", kernel=newton_bwd_kernel, ds=SPEC_DS,
+         signature=signature(_BWD_ARGS, {"eps": "fp32"}),
+         config=lambda d: dict(NewtonBwdConfig.for_group(d).meta(), HAS_SCALE=True)),
 ]

@@ -5,9 +5,16 @@ Notation: see :mod:`sdecor_kernels._common` (x read as (N, C, L) by three stride
 
 - ``group_stats_partial_kernel``  grid (P, G): program (s, g) reduces its contiguous range of sample
   blocks to a shifted sum and a shifted second moment (shift = the first sample of each channel, which
-  keeps E[xx^T] - mean mean^T free of cancellation when |mean| >> std).
-- ``group_stats_finalize_kernel`` grid (G,): sums the P partials in a fixed order (deterministic), writes
-  mean and cov, and with NEWTON runs the Newton-Schulz steps and writes W as well.
+  keeps E[xx^T] - mean mean^T free of cancellation when |mean| >> std), both of (x - shift) / 2^e,
+  2^e a power-of-two scale grown with the largest |x - shift| seen (see ``_common._scale_exp``).
+- ``group_stats_finalize_kernel`` grid (G,): brings the P partials to the group's largest scale c and
+  sums them in a fixed order (deterministic), writes mean, c and cov (or cov / c^2 with SCALED), and
+  with NEWTON runs the Newton-Schulz steps on cov / c^2 + eps / c^2 I and writes W (divided by c).
+
+The scale keeps the statistics finite up to |x| ~ 3e38 (unscaled, xx^T overflows fp32 from |x| ~ 1e19);
+every factor is an exact power of two, so the sums are exactly those of the unscaled data times 4^-e,
+and W (homogeneous of degree -1/2 in Se) is the unscaled one up to the rounding of eps / c^2 (exact
+while that is a normal fp32 number: c < 2^54 at eps = 1e-5) and of the square root of tr(Se).
 
 No host synchronisation, no float atomics. For BD > 64 the partial kernel keeps its d x d accumulator
 as two halves of BD/2 rows (the whole product spills at BD = 128).
@@ -22,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import newton
-from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _eye, _mm, _tile,
-                      _tile_rows, f32, flat_view, launch, pass_setup, pow2, signature)
+from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _exp2i, _eye, _mm,
+                      _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, pow2, signature)
 from .newton import _newton_regs
 
 __all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"]
@@ -34,7 +41,15 @@ __all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"
 
 
 @triton.jit
-def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+def _rescaled(e_run, xs):
+    """(e, f): the scale exponent after a tile of shifted samples xs, at least e_run, and the exact
+    factor f = 2^(e_run - e) that brings sums at scale 2^e_run to scale 2^e (1 when e did not grow)."""
+    e = tl.maximum(_scale_exp(tl.max(tl.abs(xs))), e_run)
+    return e, _exp2i(e_run - e)
+
+
+@triton.jit
+def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, sl, n_blocks, bpp, P,
                                BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr,
                                PREC: tl.constexpr, HALVES: tl.constexpr):
     s = tl.program_id(0)
@@ -43,6 +58,13 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blo
     # shift = sample j = 0 of each channel
     k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < d, other=0.0).to(tl.float32)
     base = (g * P + s).to(tl.int64)
+    # The sums are of xs / 2^e, e the running scale exponent of this program (_scale_exp of the
+    # largest |x - shift| so far): grown like a running max, the sums rescaled by exact powers of two.
+    # Why: at |x| ~ 1e19 one product xs xs^T is ~1e38, and fp32 ends at 3.4e38; with |x - shift| < 1
+    # (e = 0) every factor is 1 and the sums are bit for bit the unscaled ones. The rescale is
+    # unconditional (by 1 when e did not grow: BD^2 multiplies per tile of BD^2 BM products); under a
+    # branch the kernel took 39 instead of 32 registers at d = 2 (12 instead of 16 programs per SM).
+    e_run = 0
     if HALVES:
         # the rows of the second moment in two accumulators of BD/2 rows (same sums)
         h = tl.arange(0, BD // 2)
@@ -57,21 +79,30 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blo
         for b in range(b0, b1):
             off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
             xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            xsT = tl.trans(tl.where(mask, xt - k[:, None], 0.0))             # [BM, BD]
+            xs = tl.where(mask, xt - k[:, None], 0.0)
+            e, f = _rescaled(e_run, xs)
+            accT = accT * f * f
+            accB = accB * f * f
+            accST = accST * f
+            accSB = accSB * f
+            e_run = e
+            r = _exp2i(-e_run)
+            xsT = tl.trans(xs * r)                                           # [BM, BD]
             offT, maskT = _tile_rows(g, h, b * BM, d, m, L, sn, sc, sl, BM)
             xT = tl.load(x_ptr + offT, mask=maskT, other=0.0).to(tl.float32)
-            xT = tl.where(maskT, xT - kT[:, None], 0.0)
+            xT = tl.where(maskT, xT - kT[:, None], 0.0) * r
             accT += _mm(xT, xsT, USE_DOT, PREC)
             accST += tl.sum(xT, axis=1)
             offB, maskB = _tile_rows(g, h + BD // 2, b * BM, d, m, L, sn, sc, sl, BM)
             xB = tl.load(x_ptr + offB, mask=maskB, other=0.0).to(tl.float32)
-            xB = tl.where(maskB, xB - kB[:, None], 0.0)
+            xB = tl.where(maskB, xB - kB[:, None], 0.0) * r
             accB += _mm(xB, xsT, USE_DOT, PREC)
             accSB += tl.sum(xB, axis=1)
         tl.store(s1_ptr + base * BD + h, accST)
         tl.store(s1_ptr + base * BD + BD // 2 + h, accSB)
         tl.store(s2_ptr + base * BD * BD + h[:, None] * BD + c[None, :], accT)
         tl.store(s2_ptr + base * BD * BD + (h + BD // 2)[:, None] * BD + c[None, :], accB)
+        tl.store(ep_ptr + base, e_run)
         return
     acc1 = tl.zeros((BD,), dtype=tl.float32)
     acc2 = tl.zeros((BD, BD), dtype=tl.float32)
@@ -80,38 +111,56 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, d, m, L, sn, sc, sl, n_blo
         off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xs = tl.where(mask, xt - k[:, None], 0.0)                        # [BD, BM]
+        e, f = _rescaled(e_run, xs)
+        acc1 = acc1 * f
+        acc2 = acc2 * f * f
+        e_run = e
+        xs = xs * _exp2i(-e_run)
         acc1 += tl.sum(xs, axis=1)
         acc2 += _mm(xs, tl.trans(xs), USE_DOT, PREC)                      # [BD, BD]
     tl.store(s1_ptr + base * BD + c, acc1)
     tl.store(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :], acc2)
+    tl.store(ep_ptr + base, e_run)
 
 
 @triton.jit
-def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, mean_ptr, cov_ptr, w_ptr, d, m, sc, P, eps, T,
-                                NEWTON: tl.constexpr, BD: tl.constexpr, USE_DOT: tl.constexpr,
-                                PREC: tl.constexpr):
+def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr, scale_ptr, w_ptr, d, m,
+                                sc, P, eps, T, SCALED: tl.constexpr, NEWTON: tl.constexpr,
+                                BD: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     g = tl.program_id(0)
     c = tl.arange(0, BD)
     cm = c < d
     m2 = cm[:, None] & cm[None, :]
     k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=cm, other=0.0).to(tl.float32)
+    # the group's scale 2^e: the largest of its programs'
+    e = 0
+    for s in range(0, P):
+        e = tl.maximum(e, tl.load(ep_ptr + g * P + s))
     s1 = tl.zeros((BD,), dtype=tl.float32)
     s2 = tl.zeros((BD, BD), dtype=tl.float32)
     for s in range(0, P):                                                # fixed order: deterministic
         base = (g * P + s).to(tl.int64)
-        s1 += tl.load(s1_ptr + base * BD + c)
-        s2 += tl.load(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :])
-    ms = s1 / m                                                          # mean - shift
-    cov = s2 / m - ms[:, None] * ms[None, :]
+        f = _exp2i(tl.load(ep_ptr + base) - e)                           # partial at scale 2^e
+        s1 += tl.load(s1_ptr + base * BD + c) * f
+        s2 += tl.load(s2_ptr + base * BD * BD + c[:, None] * BD + c[None, :]) * f * f
+    ms = s1 / m                                                          # (mean - shift) / 2^e
+    cov = s2 / m - ms[:, None] * ms[None, :]                             # cov / 4^e
     cov = tl.where(m2, cov, 0.0)
+    scale = _exp2i(e)
     gd = g.to(tl.int64) * d
-    tl.store(mean_ptr + gd + c, k + ms, mask=cm)
-    tl.store(cov_ptr + gd * d + c[:, None] * d + c[None, :], cov, mask=m2)
+    tl.store(mean_ptr + gd + c, k + ms * scale, mask=cm)
+    tl.store(scale_ptr + g, scale)
+    if SCALED:
+        tl.store(cov_ptr + gd * d + c[:, None] * d + c[None, :], cov, mask=m2)
+    else:
+        # the covariance itself (inf where it exceeds fp32)
+        tl.store(cov_ptr + gd * d + c[:, None] * d + c[None, :], cov * scale * scale, mask=m2)
     if NEWTON:
+        # W = W(cov / 4^e + eps / 4^e I) / 2^e: Newton-Schulz is homogeneous of degree -1/2 in Se
+        r = _exp2i(-e)
         eye = _eye(BD, d)
-        W = _newton_regs(cov + eps * eye, eye, T, USE_DOT, PREC)
-        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
-
+        W = _newton_regs(cov + (eps * r * r) * eye, eye, T, USE_DOT, PREC)
+        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W * r, mask=m2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,57 +183,74 @@ class FinalizeConfig(MatrixConfig):
 
 
 def group_stats(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean (G, d), cov (G, d, d) fp32 of x (N, C, *S) in one read of x."""
-    mean, cov, _ = _group_stats(x, d, None)
+    """mean (G, d), cov (G, d, d) fp32 of x (N, C, *S) in one read of x (cov is inf where it exceeds
+    fp32)."""
+    mean, cov, _, _ = _group_stats(x, d, None, scaled=False)
     return mean, cov
 
 
+def group_stats_scaled(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mean (G, d), cov / scale^2 (G, d, d) and scale (G,) fp32 of x (N, C, *S) in one read of x.
+
+    scale = 2^e per group, e in [0, 126], above max |x - shift| (shift: the group's first sample),
+    or 1 when that is below 1: cov / scale^2 is finite, and exactly cov where scale = 1.
+    """
+    mean, cov, scale, _ = _group_stats(x, d, None, scaled=True)
+    return mean, cov, scale
+
+
 def group_stats_newton(x: torch.Tensor, d: int, eps: float, T: int):
-    """mean (G, d), cov (G, d, d) and W (G, d, d), the Newton-Schulz whitening matrix of cov + eps I
-    (T steps), fp32. W comes from the finalize launch when its matrices fit in registers
-    (BD <= newton.REG_BD), else from newton.newton_forward."""
-    mean, cov, w = _group_stats(x, d, (eps, T))
+    """mean (G, d), cov / scale^2 (G, d, d), scale (G,) (see :func:`group_stats_scaled`) and W
+    (G, d, d), the Newton-Schulz whitening matrix of cov + eps I (T steps), fp32, computed as
+    W(cov / scale^2 + eps / scale^2 I) / scale. W comes from the finalize launch when its matrices fit
+    in registers (BD <= newton.REG_BD), else from newton.newton_forward."""
+    mean, cov, scale, w = _group_stats(x, d, (eps, T), scaled=True)
     if w is None:
-        w = newton.newton_forward(cov, eps, T)
-    return mean, cov, w
+        w = newton.newton_forward(cov, eps, T, scale)
+    return mean, cov, scale, w
 
 
-def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None):
-    """(mean, cov, W or None): W only when newton_args = (eps, T) is given and fused in finalize."""
+def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None, scaled: bool):
+    """(mean, cov, scale, W or None): cov / scale^2 when ``scaled``; W only when newton_args =
+    (eps, T) is given and fused in finalize."""
     x, sn, sc, sl, L = flat_view(x)
     G, dev = x.shape[1] // d, x.device
     cfg, m, n_blocks, P, bpp = pass_setup(ReducePassConfig, x, L, d)
     BD = cfg.BD
     s1 = f32(G, P, BD, device=dev)
     s2 = f32(G, P, BD, BD, device=dev)
-    launch(group_stats_partial_kernel, (P, G), x, s1, s2, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+    ep = torch.empty(G, P, dtype=torch.int32, device=dev)
+    launch(group_stats_partial_kernel, (P, G), x, s1, s2, ep, d, m, L, sn, sc, sl, n_blocks, bpp, P,
            **cfg.meta())
     mean = f32(G, d, device=dev)
     cov = f32(G, d, d, device=dev)
+    scale = f32(G, device=dev)
     fused = newton_args is not None and BD <= newton.REG_BD
     w = f32(G, d, d, device=dev) if fused else cov
     eps, T = newton_args if newton_args is not None else (0.0, 0)
-    launch(group_stats_finalize_kernel, (G,), x, s1, s2, mean, cov, w, d, m, sc, P, float(eps), int(T),
-           NEWTON=fused, **FinalizeConfig.for_group(d).meta())
-    return mean, cov, (w if fused else None)
+    launch(group_stats_finalize_kernel, (G,), x, s1, s2, ep, mean, cov, scale, w, d, m, sc, P, float(eps),
+           int(T), SCALED=scaled, NEWTON=fused, **FinalizeConfig.for_group(d).meta())
+    return mean, cov, scale, (w if fused else None)
 
 
 # ---------------------------------------------------------------------------------------------------
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
-_PARTIAL_ARGS = f"x_ptr s1_ptr s2_ptr {X_ARGS} P"
-_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr mean_ptr cov_ptr w_ptr d m sc P eps T"
+_PARTIAL_ARGS = f"x_ptr s1_ptr s2_ptr ep_ptr {X_ARGS} P"
+_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr ep_ptr mean_ptr cov_ptr scale_ptr w_ptr d m sc P eps T"
+_EP = {"ep_ptr": "*i32", "eps": "fp32"}
 
 STATIC_SPECS = [
     dict(name="group_stats_partial_kernel", kernel=group_stats_partial_kernel, ds=SPEC_DS,
-         signature=signature(_PARTIAL_ARGS), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
+         signature=signature(_PARTIAL_ARGS, _EP), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="group_stats_partial_kernel[bf16]", kernel=group_stats_partial_kernel, ds=SPEC_DS,
-         signature=signature(_PARTIAL_ARGS, BF16), config=lambda d: ReducePassConfig.for_group(d, True).meta()),
+         signature=signature(_PARTIAL_ARGS, {**BF16, **_EP}),
+         config=lambda d: ReducePassConfig.for_group(d, True).meta()),
     dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel,
          ds=tuple(d for d in SPEC_DS if pow2(d) <= newton.REG_BD),
-         signature=signature(_FINALIZE_ARGS, {"eps": "fp32"}),
-         config=lambda d: dict(FinalizeConfig.for_group(d).meta(), NEWTON=True)),
+         signature=signature(_FINALIZE_ARGS, _EP),
+         config=lambda d: dict(FinalizeConfig.for_group(d).meta(), SCALED=True, NEWTON=True)),
     dict(name="group_stats_finalize_kernel", kernel=group_stats_finalize_kernel, ds=SPEC_DS,
-         signature=signature(_FINALIZE_ARGS, {"eps": "fp32"}),
-         config=lambda d: dict(FinalizeConfig.for_group(d).meta(), NEWTON=False)),
+         signature=signature(_FINALIZE_ARGS, _EP),
+         config=lambda d: dict(FinalizeConfig.for_group(d).meta(), SCALED=False, NEWTON=False)),
 ]

@@ -37,7 +37,9 @@ __all__ = [
     "sym",
     "zca_backward",
     "zca_backward_dse",
+    "zca_backward_scaled",
     "zca_from_eigh",
+    "zca_from_eigh_scaled",
 ]
 
 
@@ -221,6 +223,44 @@ class _ZCABackward(torch.autograd.Function):
             copies = _NoThirdDerivative.apply("ZCA whitening", [(gg, gse)[i] for i in index], *sources)
             gg, gse = (copies[index.index(i)] if i in index else None for i in range(2))
         return gg, gse, None, None, None
+
+
+def _zca_sigma(evals: torch.Tensor, eps: float, scale: torch.Tensor):
+    """(sigma, sigma / c): square roots of Se's eigenvalues clamped at eps, from the eigenvalues of
+    Se' = Se / c^2 (c = scale (G,), powers of two), in Se's units and in units of c."""
+    c = scale.to(evals.dtype).unsqueeze(-1)
+    root_eps = torch.full((), eps, dtype=evals.dtype, device=evals.device).sqrt()
+    sigma = torch.maximum(c * evals.clamp_min(0).sqrt(), root_eps)
+    return sigma, sigma / c
+
+
+def zca_from_eigh_scaled(evals: torch.Tensor, evecs: torch.Tensor, eps: float,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """W of Se = c^2 Se' from eigh(Se'), c = scale (G,) (powers of two): U diag(1 / sigma) U^T, sigma
+    the square roots of Se's eigenvalues clamped at eps. Finite where Se is not (and where eps / c^2
+    underflows); where c = 1 exactly :func:`zca_from_eigh`."""
+    sigma, _ = _zca_sigma(evals, eps, scale)
+    unscaled = (scale == 1).unsqueeze(-1)
+    s_inv = torch.where(unscaled, evals.clamp_min(eps).rsqrt(), sigma.reciprocal())
+    return (evecs * s_inv.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def zca_backward_scaled(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, eps: float,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """dL/dSe' / c from grad_w = dL/dW' for W' = c W = Se'^-1/2, Se' = Se / c^2 = U diag(l) U^T,
+    c = scale (G,) (powers of two): :func:`zca_backward` in units of c, U ((F / c) o (U^T sym(G) U))
+    U^T with F / c = -1 / (sigma_i s_j (s_i + s_j)), s = sigma / c (see zca_from_eigh_scaled).
+
+    Divided by c it stays in fp32's range except between two eigenvalues both at the clamp (F / c ~
+    c^2 / eps^1.5, e.g. 1e67 at c = 1e30): those entries are bounded by fp32's largest number, so
+    that they give 0, not NaN, against the zero entries of U^T sym(G) U of a constant channel whose
+    axis eigh returns exactly. Where c = 1 exactly :func:`zca_backward`.
+    """
+    sigma, s = _zca_sigma(evals, eps, scale)
+    F = -1.0 / (sigma.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
+    F = F.clamp_min(-torch.finfo(F.dtype).max)
+    inner = evecs.transpose(-1, -2) @ sym(grad_w) @ evecs
+    return evecs @ (F * inner) @ evecs.transpose(-1, -2)
 
 
 @no_autocast_function

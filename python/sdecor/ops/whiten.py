@@ -10,7 +10,9 @@ itself). Backends:
   finalize program) -> W -> apply (one read of x, one write of y). Backward: one pass over (dy, x) for
   D = sum dy (x - mean)^T and sum dy, the d x d math (Newton backward kernel, or the stable ZCA
   backward in torch), one pass over (dy, x) that writes dx. Nothing synchronises with the host
-  (except torch.linalg.eigh on CUDA for zca without the native extension).
+  (except torch.linalg.eigh on CUDA for zca without the native extension). The statistics and the
+  d x d math of training run in units of a per-group power-of-two scale (exact, 1 for |x - shift| < 1),
+  so that y, W and dx stay finite up to |x| ~ 3e38, where the covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
 - ``native`` (whitening_matrix, zca): the batched Jacobi eigensolver :func:`sdecor._native.eigh_small`
@@ -37,8 +39,8 @@ from .._common import (
     no_autocast,
     samples_per_channel,
     shifted_cov,
-    zca_backward,
-    zca_from_eigh,
+    zca_backward_scaled,
+    zca_from_eigh_scaled,
 )
 from . import whiten_torch
 from ._library import triton_custom_op
@@ -174,12 +176,13 @@ def newton_op(cov: Tensor, eps: float, T: int) -> Tensor:
     return newton.newton_forward(cov, eps, T)
 
 
-@triton_custom_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T) -> Tensor")
-def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int) -> Tensor:
-    """dL/dcov from dL/dW for W = newton(cov, eps, T)."""
+@triton_custom_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T, Tensor? scale=None) -> Tensor")
+def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int, scale: Tensor | None = None) -> Tensor:
+    """dL/dcov from dL/dW for W = newton(cov, eps, T); with scale, in its units (see
+    :func:`sdecor_kernels.newton.newton_backward`)."""
     from sdecor_kernels import newton
 
-    return newton.newton_backward(cov, grad_w, eps, T)
+    return newton.newton_backward(cov, grad_w, eps, T, scale)
 
 
 def _newton_setup(ctx, inputs, output):
@@ -200,55 +203,64 @@ def _newton_backward(ctx, grad_w):
 newton_op.register_autograd(_newton_backward, setup_context=_newton_setup)
 
 
-@triton_custom_op("whiten_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)")
-def whiten_bwd_reduce_op(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """D = sum_j dy_j (x_j - mean)^T (G, d, d), s = sum_j dy_j (G, d)."""
+@triton_custom_op("whiten_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean, Tensor? scale=None) -> (Tensor, Tensor)")
+def whiten_bwd_reduce_op(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """D = sum_j dy_j (x_j - mean)^T / scale (G, d, d), s = sum_j dy_j (G, d); scale (G,) or 1."""
     from sdecor_kernels import backward
 
-    return backward.whiten_bwd_reduce(dy, x, mean)
+    return backward.whiten_bwd_reduce(dy, x, mean, scale)
 
 
-@triton_custom_op("whiten_bwd_dx", "(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v) -> Tensor")
-def whiten_bwd_dx_op(dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
-    """dx_j = B dy_j + A (x_j - mean) + v."""
+@triton_custom_op("whiten_bwd_dx", "(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor v, "
+                                   "Tensor? scale=None) -> Tensor")
+def whiten_bwd_dx_op(dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor, v: Tensor,
+                     scale: Tensor | None = None) -> Tensor:
+    """dx_j = B dy_j + A (x_j - mean) / scale + v; scale (G,) or 1."""
     from sdecor_kernels import backward
 
-    return backward.whiten_bwd_dx(dy, x, mean, a, b, v)
+    return backward.whiten_bwd_dx(dy, x, mean, a, b, v, scale)
 
 
 # -- group whitening, training (batch statistics) ----------------------------------------------------
 
 
 @triton_custom_op("whiten_train", "(Tensor x, int d, str method, float eps, int T, Tensor? weight, "
-                                  "Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                                  "Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: Tensor | None,
-                    bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, W, cov, evals, evecs); evals/evecs (zca) are empty for newton."""
+                    bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, W, cov / c^2, evals, evecs, c); evals/evecs (zca, of Se / c^2) are empty for newton.
+
+    c (G,): each group's power-of-two scale of the statistics (1 unless max |x - shift| >= 1, see
+    :func:`sdecor_kernels.stats.group_stats_scaled`). The d x d math runs on Se / c^2 = cov / c^2 +
+    eps / c^2 I, finite up to |x| ~ 3e38 where cov itself overflows fp32 from |x| ~ 1e19; W (true
+    units, ~1 / std) is finite.
+    """
     from sdecor_kernels import apply, stats
 
     if method == "newton":
-        mean, cov, w = stats.group_stats_newton(x, d, eps, T)
+        mean, cov, scale, w = stats.group_stats_newton(x, d, eps, T)
         evals = cov.new_empty((0,))
         evecs = cov.new_empty((0,))
     else:
-        mean, cov = stats.group_stats(x, d)
-        evals, evecs = _eigh_for(x.device)(shifted_cov(cov, eps))
-        w = zca_from_eigh(evals, evecs, eps)
+        mean, cov, scale = stats.group_stats_scaled(x, d)
+        inv = scale.reciprocal()
+        evals, evecs = _eigh_for(x.device)(shifted_cov(cov, (eps * inv * inv)[:, None, None]))
+        w = zca_from_eigh_scaled(evals, evecs, eps, scale)
     y = apply.whiten_apply(x, mean, w, weight, bias)
-    return y, mean, w, cov, evals, evecs
+    return y, mean, w, cov, evals, evecs, scale
 
 
 def _whiten_train_setup(ctx, inputs, output):
     x, d, method, eps, T, weight, bias = inputs
-    y, mean, w, cov, evals, evecs = output
+    y, mean, w, cov, evals, evecs, scale = output
     ctx.method, ctx.eps, ctx.T = method, eps, T
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.save_for_backward(x, mean, w, cov, evals, evecs, weight, bias)
-    ctx.mark_non_differentiable(mean, w, cov, evals, evecs)
+    ctx.save_for_backward(x, mean, w, cov, evals, evecs, weight, bias, scale)
+    ctx.mark_non_differentiable(mean, w, cov, evals, evecs, scale)
 
 
 def _whiten_train_backward(ctx, dy, *_):
-    x, mean, w, cov, evals, evecs, weight, bias = ctx.saved_tensors
+    x, mean, w, cov, evals, evecs, weight, bias, scale = ctx.saved_tensors
     G, d = mean.shape
     if torch.is_grad_enabled():                                       # create_graph=True: double backward
         need = ctx.needs_input_grad
@@ -256,20 +268,23 @@ def _whiten_train_backward(ctx, dy, *_):
                                                        d, ctx.method, ctx.eps, ctx.T, _eigh_for(x.device))
         return gx, None, None, None, None, gw, gb
     m = samples_per_channel(x)
-    D, s = whiten_bwd_reduce_op(dy, x, mean)
+    # In units of the scales c of the statistics (cov is cov / c^2): D / c, dL/dW' = dL/dW / c for
+    # W' = c W, dL/dSe' / c and c A, all finite where D, dL/dSe and A (~1e-60 at |x| ~ 1e30) are not.
+    D, s = whiten_bwd_reduce_op(dy, x, mean, scale)                # D / c
     gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
-    grad_w = gamma.unsqueeze(-1) * D                                # dL/dW = diag(gamma) D
+    grad_w = gamma.unsqueeze(-1) * D                                # dL/dW' = diag(gamma) D / c
     if ctx.method == "newton":
-        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T)
+        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T, scale)
     else:
-        grad_se = zca_backward(grad_w, evals, evecs, ctx.eps)
+        grad_se = zca_backward_scaled(grad_w, evals, evecs, ctx.eps, scale)
     a = (grad_se + grad_se.transpose(-1, -2)) / m                   # through cov = Xc Xc^T / m
     b = w.transpose(-1, -2) * gamma.unsqueeze(-2)                   # W^T diag(gamma)
     v = -(b @ s.unsqueeze(-1)).squeeze(-1) / m                      # through the mean
-    dx = whiten_bwd_dx_op(dy, x, mean, a, b, v)
+    dx = whiten_bwd_dx_op(dy, x, mean, a, b, v, scale)             # c A applied to (x - mean) / c
     grad_weight = grad_bias = None
     if ctx.has_weight:
-        grad_weight = (D * w).sum(-1).reshape(-1).to(weight.dtype)  # sum_j dy * W (x - mean)
+        # sum_j dy * W (x - mean) = (D / c) (c W)
+        grad_weight = (D * (w * scale[:, None, None])).sum(-1).reshape(-1).to(weight.dtype)
     if ctx.has_bias:
         grad_bias = s.reshape(-1).to(dy.dtype)
     return dx, None, None, None, None, grad_weight, grad_bias
