@@ -25,6 +25,7 @@ from sdecor.ops._library import TritonCustomOp
 from sdecor.testing import assert_close, tol
 
 from conftest import INTERPRET
+from test_compile import small_net
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 AMP_IDS = ["bf16", "fp16"]
@@ -300,19 +301,6 @@ def test_eigh_small_under_autocast_eager_and_compiled(dtype, amp):
     for lam, vec in got:
         assert lam.dtype == vec.dtype == dtype
         assert torch.equal(lam, want[0]) and torch.equal(vec, want[1])
-
-
-def small_net():
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3),
-        GroupWhitening(16, 8, momentum=0.2),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(16, 16, 1),
-        GroupWhitening(16, 4, method="zca", momentum=None),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 5),
-    )
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")

@@ -19,6 +19,7 @@ __all__ = [
     "AUTOCAST_DEVICES",
     "CORR_VAR_FLOOR",
     "ZCAWhitening",
+    "decorrelation",
     "decorrelation_from_cov",
     "eye_like",
     "fill_values",
@@ -397,3 +398,12 @@ def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
         corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
         per_group = (corr - eye_like(corr)).square().sum((-2, -1)) / (d * (d - 1))
     return per_group.mean()
+
+
+def decorrelation(x: torch.Tensor, num_channels: int, kind: str, group_cov) -> torch.Tensor:
+    """decorrelation_loss of checked arguments, with the covariance from ``group_cov(x, d)`` (the
+    reference's or the selected backend's); "corr" on x scaled by :func:`scale_for_corr`."""
+    if kind == "corr":                                               # scale-free: keep it finite
+        x = scale_for_corr(x, num_channels)
+    _, cov = group_cov(x, num_channels)
+    return decorrelation_from_cov(cov, kind)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation_from_cov, no_autocast, scale_for_corr
+from ._common import decorrelation, no_autocast
 from .masking import saliency as input_saliency
 from .ops.cov import run_group_cov
 from .ops.topk import topk_mask
@@ -33,10 +33,7 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") 
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1])
     _checks.check_training_samples(x)
-    if kind == "corr":                                               # scale-free: keep it finite
-        x = scale_for_corr(x, num_channels)
-    _, cov = run_group_cov(x, num_channels)
-    return decorrelation_from_cov(cov, kind)
+    return decorrelation(x, num_channels, kind, run_group_cov)
 
 
 def _snapshot(model: nn.Module, generator) -> tuple:

@@ -20,7 +20,7 @@ from . import _checks as checks
 from ._checks import DECOR_KINDS, FILLS, MAX_NEWTON_STEPS, METHODS
 from ._common import (
     ZCAWhitening,
-    decorrelation_from_cov,
+    decorrelation,
     eye_like,
     fill_values,
     grouped,
@@ -29,7 +29,6 @@ from ._common import (
     no_autocast,
     rank_order,
     samples_per_channel,
-    scale_for_corr,
     shifted_cov,
     stats_dtype,
 )
@@ -192,7 +191,4 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") 
     checks.check_input(x)
     checks.check_groups(num_channels, x.shape[1])
     checks.check_training_samples(x)
-    if kind == "corr":                                               # scale-free: keep it finite
-        x = scale_for_corr(x, num_channels)
-    _, cov = _group_cov(x, num_channels)
-    return decorrelation_from_cov(cov, kind)
+    return decorrelation(x, num_channels, kind, _group_cov)
