@@ -136,6 +136,136 @@ def _center_and_scale(xg: torch.Tensor, blocks, m: int):
     return center, power_of_two(e, xg.dtype), power_of_two(-e, xg.dtype)
 
 
+def _regrouped(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x as (N, G, d, L) in the statistics dtype."""
+    xg = grouped(x, d)
+    sd = stats_dtype(x.dtype)
+    return xg if xg.dtype == sd else xg.to(sd)
+
+
+def _block_plan(xg: torch.Tensor):
+    """The blocks of the blocked passes over xg (N, G, d, L), and a buffer for one block."""
+    blocks = _blocks(xg.shape[0], xg[0].numel() * xg.element_size())
+    buf = torch.empty((blocks[0][1],) + xg.shape[1:], dtype=xg.dtype, device=xg.device)
+    return blocks, buf
+
+
+def _scaler(center: torch.Tensor, inv_c: torch.Tensor):
+    """(1/c, -centre/c) shaped (1, G, 1, 1) and (1, G, d, 1), for :func:`_scaled`."""
+    return inv_c[None, :, None, None], (-center * inv_c[:, None])[None, :, :, None]
+
+
+def _scaled(xg: torch.Tensor, scaler, i: int, j: int, buf: torch.Tensor) -> torch.Tensor:
+    """xs = (x - centre) / c of samples [i, j), formed in buf (in cache)."""
+    inv_c4, neg_cs4 = scaler
+    return torch.mul(xg[i:j], inv_c4, out=buf[:j - i]).add_(neg_cs4)
+
+
+def scaled_stats(xg: torch.Tensor, m: int):
+    """Statistics of xg (N, G, d, L) (N >= 1) in units of each group's power-of-two scale c, in two
+    blocked passes (see :func:`_center_and_scale`): (centre (G, d), c (G,), 1/c (G,), ms (G, d),
+    cov' (G, d, d)) with xs = (x - centre) / c, ms = mean(xs) and cov' = Sigma / c^2; the mean of x
+    is centre + c ms."""
+    G, d = xg.shape[1:3]
+    blocks, buf = _block_plan(xg)
+    center, c, inv_c = _center_and_scale(xg, blocks, m)
+    scaler = _scaler(center, inv_c)
+    # sums of xs and xs xs^T block by block (xs formed in cache, never stored)
+    acc1 = torch.zeros(G, d, dtype=xg.dtype, device=xg.device)
+    acc2 = torch.zeros(G, d, d, dtype=xg.dtype, device=xg.device)
+    for i, j in blocks:
+        xs = _scaled(xg, scaler, i, j, buf)
+        acc1 += xs.sum(dim=(0, 3))
+        acc2 += torch.matmul(xs, xs.transpose(-1, -2)).sum(0)
+    ms = acc1 / m                                                    # mean(xs): (G, d)
+    cov = acc2 / m - ms.unsqueeze(-1) * ms.unsqueeze(-2)             # Sigma': (G, d, d)
+    return center, c, inv_c, ms, cov
+
+
+def apply_pass(x: torch.Tensor, xg: torch.Tensor, a: torch.Tensor, center: torch.Tensor,
+               shift: torch.Tensor) -> torch.Tensor:
+    """y = a (x - centre) + shift per group (a (G, d, d), centre (G, d), shift (G, d, 1)), blocked;
+    x's shape, dtype and memory format. y is allocated with x's shape and written through a view, so
+    that the output is not a view (callers may modify it in place, e.g. ReLU(inplace=True))."""
+    N, G, d, L = xg.shape
+    blocks, buf = _block_plan(xg)
+    n0 = blocks[0][1]
+    y = torch.empty(x.shape, dtype=xg.dtype, device=x.device)
+    yg = y.view(N, G, d, L)
+    a_b, shift_b = _batched(a, n0), _batched(shift, n0)
+    center4 = center[None, :, :, None]
+    for i, j in blocks:
+        n = j - i
+        xc = torch.sub(xg[i:j], center4, out=buf[:n]).view(n * G, d, L)
+        torch.baddbmm(shift_b[:n * G], a_b[:n * G], xc, out=yg[i:j].view(n * G, d, L))
+    return like_format(y.to(x.dtype), x)
+
+
+def reduce_pass(gy: torch.Tensor, xg: torch.Tensor, center: torch.Tensor, inv_c: torch.Tensor):
+    """(sum gy (G, d), sum gy xs^T (G, d, d)) over the samples, xs = (x - centre) / c formed block
+    by block in cache; gy and xg (N, G, d, L) in the statistics dtype."""
+    G, d = xg.shape[1:3]
+    blocks, buf = _block_plan(xg)
+    gsum = torch.zeros(G, d, dtype=xg.dtype, device=xg.device)
+    gx_t = torch.zeros(G, d, d, dtype=xg.dtype, device=xg.device)
+    scaler = _scaler(center, inv_c)
+    for i, j in blocks:
+        gb = gy[i:j]
+        xs = _scaled(xg, scaler, i, j, buf)
+        gsum += gb.sum(dim=(0, 3))
+        gx_t += torch.matmul(gb, xs.transpose(-1, -2)).sum(0)
+    return gsum, gx_t
+
+
+def dx_pass(gy: torch.Tensor, xg: torch.Tensor, center: torch.Tensor, inv_c: torch.Tensor,
+            b: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """dx = b gy + s2 xs + shift per group (b, s2 (G, d, d), shift (G, d, 1)), xs = (x - centre) / c
+    formed block by block; (N, G, d, L) in the statistics dtype."""
+    N, G, d, L = xg.shape
+    blocks, buf = _block_plan(xg)
+    n0 = blocks[0][1]
+    dx = torch.empty((N, G, d, L), dtype=xg.dtype, device=xg.device)
+    shift_b, b_b, s2_b = _batched(shift, n0), _batched(b, n0), _batched(s2, n0)
+    scaler = _scaler(center, inv_c)
+    for i, j in blocks:
+        n = j - i
+        k = n * G
+        xs = _scaled(xg, scaler, i, j, buf).view(k, d, L)
+        out = dx[i:j].view(k, d, L)
+        torch.baddbmm(shift_b[:k], b_b[:k], gy[i:j].reshape(k, d, L), out=out)
+        out.baddbmm_(s2_b[:k], xs)
+    return dx
+
+
+def scaled_eps(eps: float, inv_c: torch.Tensor) -> torch.Tensor:
+    """eps / c^2 per group, at least sqrt(tiny) = 2^-63 (fp64: 2^-511): ~1e-19 of the group's scale,
+    below the resolution of fp32 statistics; smaller, (eps / c^2)^-3/2 in the zca backward overflows
+    (a dead channel in a group at 1e30 gives eps / c^2 ~ 1e-65)."""
+    return (eps * inv_c * inv_c).clamp_min(torch.finfo(inv_c.dtype).tiny ** 0.5)
+
+
+def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int):
+    """W' = f(cov' + eps' I) (G, d, d) in units of the scales, and what its backward
+    (:func:`whitening_scaled_backward`) needs: (W', small, history)."""
+    se = cov + eps_s[:, None, None] * eye_like(cov)
+    if method == "zca":
+        evals, evecs = torch.linalg.eigh(se)
+        return zca_from_eigh(evals, evecs, eps_s[:, None]), (evals, evecs), ()
+    w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T)
+    return w, (se, trace, z_last), (*ys, *zs, *ms_hist)
+
+
+def whitening_scaled_backward(grad_w: torch.Tensor, rest, eps_s: torch.Tensor, method: str,
+                              T: int) -> torch.Tensor:
+    """dL/dSe' from dL/dW' for W' of :func:`whitening_scaled` (``rest``: its small and history)."""
+    if method == "zca":
+        evals, evecs = rest
+        return zca_backward(grad_w, evals, evecs, eps_s[:, None])
+    se, trace, z_last = rest[:3]
+    hist = rest[3:]
+    return newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
+
+
 @no_autocast_function
 class _GroupWhitenTrain(torch.autograd.Function):
     """Per group, in units of the power-of-two scale c (see :func:`_center_and_scale`):
@@ -149,62 +279,22 @@ class _GroupWhitenTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_channels, method, eps, T):
-        sd = stats_dtype(x.dtype)
         N, C = x.shape[:2]
         d = num_channels
         G = C // d
-        L = math.prod(x.shape[2:])
-        m = N * L
-        xg = grouped(x, d)
-        if xg.dtype != sd:
-            xg = xg.to(sd)
-        blocks = _blocks(N, xg[0].numel() * xg.element_size())
-        center, c, inv_c = _center_and_scale(xg, blocks, m)
-        inv_c4 = inv_c[None, :, None, None]
-        neg_cs4 = (-center * inv_c[:, None])[None, :, :, None]       # -centre / c: (1, G, d, 1)
-        # sums of xs and xs xs^T block by block (xs formed in cache, never stored)
-        n0 = blocks[0][1]
-        buf = torch.empty((n0, G, d, L), dtype=sd, device=x.device)
-        acc1 = torch.zeros(G, d, dtype=sd, device=x.device)
-        acc2 = torch.zeros(G, d, d, dtype=sd, device=x.device)
-        for i, j in blocks:
-            xs = torch.mul(xg[i:j], inv_c4, out=buf[:j - i]).add_(neg_cs4)
-            acc1 += xs.sum(dim=(0, 3))
-            acc2 += torch.matmul(xs, xs.transpose(-1, -2)).sum(0)
-        ms = acc1 / m                                                # mean(xs): (G, d)
-        cov = acc2 / m - ms.unsqueeze(-1) * ms.unsqueeze(-2)         # Sigma': (G, d, d)
-        # eps / c^2, at least sqrt(tiny) = 2^-63 (fp64: 2^-511): ~1e-19 of the group's scale, below the
-        # resolution of fp32 statistics; smaller, (eps / c^2)^-3/2 in the zca backward overflows (a
-        # dead channel in a group at 1e30 gives eps / c^2 ~ 1e-65)
-        eps_s = (eps * inv_c * inv_c).clamp_min(torch.finfo(sd).tiny ** 0.5)
-        se = cov + eps_s[:, None, None] * eye_like(cov)
-        if method == "zca":
-            evals, evecs = torch.linalg.eigh(se)
-            w = zca_from_eigh(evals, evecs, eps_s[:, None])
-            small = (evals, evecs)
-            history = ()
-        else:
-            w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T)
-            small = (se, trace, z_last)
-            history = (*ys, *zs, *ms_hist)
-        wg = None if weight is None else weight.to(sd).reshape(G, d)
+        m = N * math.prod(x.shape[2:])
+        xg = _regrouped(x, d)
+        center, c, inv_c, ms, cov = scaled_stats(xg, m)
+        eps_s = scaled_eps(eps, inv_c)
+        w, small, history = whitening_scaled(cov, eps_s, method, T)
+        wg = None if weight is None else weight.to(xg.dtype).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
         # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
         # no scaling (A ~ 1 / std is in range wherever y is)
         shift = -(a @ ms.unsqueeze(-1))
         if bias is not None:
-            shift = shift + bias.to(sd).reshape(G, d, 1)
-        # y is allocated with x's shape and written through a view, so that the output is not a view
-        # (callers may modify it in place, e.g. ReLU(inplace=True)).
-        y = torch.empty(x.shape, dtype=sd, device=x.device)
-        yg = y.view(N, G, d, L)
-        a_b, shift_b = _batched(a * inv_c[:, None, None], n0), _batched(shift, n0)
-        center4 = center[None, :, :, None]
-        for i, j in blocks:
-            n = j - i
-            xc = torch.sub(xg[i:j], center4, out=buf[:n]).view(n * G, d, L)
-            torch.baddbmm(shift_b[:n * G], a_b[:n * G], xc, out=yg[i:j].view(n * G, d, L))
-        y = like_format(y.to(x.dtype), x)
+            shift = shift + bias.to(xg.dtype).reshape(G, d, 1)
+        y = apply_pass(x, xg, a * inv_c[:, None, None], center, shift)
         mean = center + c[:, None] * ms
         w_true = w * inv_c[:, None, None]                            # W = W' / c
 
@@ -225,7 +315,6 @@ class _GroupWhitenTrain(torch.autograd.Function):
                                           eps, T), None, None, None, None)
         sd = w.dtype
         shape = grad_y.shape
-        L = math.prod(shape[2:])
         gy = grouped(grad_y, d)
         if gy.dtype != sd:
             gy = gy.to(sd)
@@ -236,22 +325,9 @@ class _GroupWhitenTrain(torch.autograd.Function):
             if has_bias and need_bias:
                 grad_bias = gy.sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
             return grad_x, grad_weight, grad_bias, None, None, None, None
-        xg = grouped(x, d)
-        if xg.dtype != sd:
-            xg = xg.to(sd)
-        # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T, xs formed block by block in cache
-        blocks = _blocks(N, xg[0].numel() * xg.element_size())
-        n0 = blocks[0][1]
-        buf = torch.empty((n0,) + xg.shape[1:], dtype=sd, device=xg.device)
-        inv_c4 = inv_c[None, :, None, None]
-        neg_cs4 = (-center * inv_c[:, None])[None, :, :, None]
-        gsum = torch.zeros(G, d, dtype=sd, device=xg.device)
-        gx_t = torch.zeros(G, d, d, dtype=sd, device=xg.device)
-        for i, j in blocks:
-            gb = gy[i:j]
-            xs = torch.mul(xg[i:j], inv_c4, out=buf[:j - i]).add_(neg_cs4)
-            gsum += gb.sum(dim=(0, 3))
-            gx_t += torch.matmul(gb, xs.transpose(-1, -2)).sum(0)
+        xg = _regrouped(x, d)
+        # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T
+        gsum, gx_t = reduce_pass(gy, xg, center, inv_c)
         gx_t -= gsum.unsqueeze(-1) * ms.unsqueeze(-2)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
@@ -265,27 +341,13 @@ class _GroupWhitenTrain(torch.autograd.Function):
             grad_w = gx_t
         if not need_x:
             return grad_x, grad_weight, grad_bias, None, None, None, None
-        if method == "zca":
-            evals, evecs = rest
-            grad_se = zca_backward(grad_w, evals, evecs, eps_s[:, None])
-        else:
-            se, trace, z_last = rest[:3]
-            hist = rest[3:]
-            grad_se = newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
+        grad_se = whitening_scaled_backward(grad_w, rest, eps_s, method, T)
         inv_c3 = inv_c[:, None, None]
         s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
         a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
         # dx = (A'^T (gy - mean(gy)) + (2/m) sym(dSe') (xs - ms)) / c, block by block
         shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)   # (G, d, 1)
-        dx = torch.empty((N, G, d, L), dtype=sd, device=xg.device)
-        shift_b, a_t_b, s2_b = _batched(shift, n0), _batched(a_t, n0), _batched(s2, n0)
-        for i, j in blocks:
-            n = j - i
-            k = n * G
-            xs = torch.mul(xg[i:j], inv_c4, out=buf[:n]).add_(neg_cs4).view(k, d, L)
-            out = dx[i:j].view(k, d, L)
-            torch.baddbmm(shift_b[:k], a_t_b[:k], gy[i:j].reshape(k, d, L), out=out)
-            out.baddbmm_(s2_b[:k], xs)
+        dx = dx_pass(gy, xg, center, inv_c, a_t, s2, shift)
         grad_x = dx.reshape(shape).to(grad_y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
