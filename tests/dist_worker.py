@@ -186,7 +186,7 @@ def scenario_compare(rank: int, world: int, cases: list) -> dict:
             layer = init_layer(sdecor.SyncGroupWhitening(case["shape"][0], case["d"], **layer_kwargs(case)), case)
             layer = layer.to(dev)
             ids = [dev.index] if dev.type == "cuda" else None
-            model = DDP(layer, device_ids=ids, broadcast_buffers=False) if case.get("ddp") else layer
+            model = DDP(layer, device_ids=ids, forward_sync_buffers=False) if case.get("ddp") else layer
             rec = {"y": [], "gx": [], "gw": [], "gb": [], "fwd": [], "bwd": []}
             for x_all, r_all in case_steps(case):
                 x = layout(x_all[lo:hi].to(dev), case).clone().requires_grad_()
@@ -218,7 +218,7 @@ def scenario_resnet(rank: int, world: int, spec: dict) -> dict:
     model = resnet_model(spec)
     model = sdecor.SyncGroupWhitening.convert_sync_whitening(model)
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, sdecor.GroupWhitening)})
-    ddp = DDP(model, broadcast_buffers=False)
+    ddp = DDP(model, forward_sync_buffers=False)
     opt = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=0.9)
     lo, hi = offsets(spec["sizes"])[rank]
     losses = []
