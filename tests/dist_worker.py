@@ -181,7 +181,8 @@ def scenario_compare(rank: int, world: int, cases: list) -> dict:
     results = {}
     for case in cases:
         lo, hi = offsets(case["sizes"])[rank]
-        dev = torch.device(f"cuda:{rank}" if case.get("device") == "cuda" else "cpu")
+        # CUDA: rank r on cuda:r (nccl), or every rank on the one GPU (gloo carries CUDA tensors too)
+        dev = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if case.get("device") == "cuda" else "cpu")
         with sdecor.use_backend(case["backend"]):
             layer = init_layer(sdecor.SyncGroupWhitening(case["shape"][0], case["d"], **layer_kwargs(case)), case)
             layer = layer.to(dev)

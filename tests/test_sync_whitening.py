@@ -245,16 +245,29 @@ def test_ddp_resnet18_trains_identically_on_every_rank(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# on GPUs: the same scenario over nccl
+# CUDA tensors: the same scenario over nccl (one GPU per rank), or over gloo on one GPU
+
+
+def _cuda_cases():
+    return [dict(c, device="cuda") for c in CASES_2 if c["dtype"] != BF16 or torch.cuda.is_bf16_supported()]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl across processes needs 2 CUDA devices")
 def test_nccl_two_gpus_match_one_process(tmp_path):
-    cases = [dict(c, device="cuda") for c in CASES_2 if c["dtype"] != BF16 or torch.cuda.is_bf16_supported()]
+    cases = _cuda_cases()
     ranks = launch(tmp_path, "compare", 2, cases, timeout=400, pg_backend="nccl")
     for c in cases:
         _check_case(ranks, c, 2)                                      # the reference on cuda:0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_two_ranks_on_one_gpu_match_one_process(tmp_path):
+    cases = _cuda_cases()
+    ranks = launch(tmp_path, "compare", 2, cases, timeout=400)
+    for c in cases:
+        _check_case(ranks, c, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
