@@ -159,7 +159,7 @@ def test_three_ranks_one_empty_match_one_process(runs, c):
 
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("failures"), "failures", 2, {"hold": 12}, pg_timeout=5, timeout=120)
+    return launch(tmp_path_factory.mktemp("failures"), "failures", 2, {"hold": 8}, pg_timeout=5, timeout=120)
 
 
 @pytest.mark.slow
@@ -210,8 +210,8 @@ def test_a_failing_rank_leaves_the_others_waiting_until_the_timeout(failures):
 
 
 # float64: with 5 samples of 16 channels per group in the last stage, the whitening is ill-conditioned
-# and the three SGD steps amplify rounding differences (fp32: 4e-4 relative in the third loss)
-RESNET = dict(seed=0, classes=10, d=16, method="newton", hw=32, sizes=(3, 2), steps=3, lr=0.05, dtype=F64)
+# and SGD steps amplify rounding differences (fp32: 4e-4 relative in the third loss)
+RESNET = dict(seed=0, classes=10, d=16, method="newton", hw=32, sizes=(3, 2), steps=2, lr=0.05, dtype=F64)
 
 
 @pytest.mark.slow
