@@ -2,8 +2,9 @@
 
 Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
 progressive_masks, convert_whitening. Modules (also in :mod:`sdecor.nn`): GroupWhitening,
-SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the
-functions live in :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
+SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker, SaliencyDecor.
+Backend control: use_backend, info. Pure-PyTorch references of the functions live in
+:mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
 
 from . import nn, reference
@@ -11,7 +12,7 @@ from ._backend import BackendUnavailableError, use_backend
 from ._info import info
 from .convert import ConversionReport, convert_whitening
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
-from .nn import GroupWhitening
+from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
 from .ops import group_cov, group_whiten, topk_mask, whitening_matrix
 
@@ -25,6 +26,7 @@ __all__ = [
     "SaliencyDecor",
     "SaliencyDecorTerms",
     "SaliencyMasker",
+    "SyncGroupWhitening",
     "convert_whitening",
     "decorrelation_loss",
     "group_cov",

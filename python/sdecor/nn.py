@@ -1,17 +1,19 @@
 """Modules: :class:`GroupWhitening`, a drop-in replacement for BatchNorm that whitens groups of channels,
+:class:`SyncGroupWhitening`, the same with statistics synchronised over torch.distributed,
 :class:`SaliencyMasker` (top-k saliency masking) and :class:`SaliencyDecor` (the training objective)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import _checks
 from .masking import SaliencyMasker
 from .objective import SaliencyDecor
-from .ops import whiten
+from .ops import whiten, whiten_sync
 
-__all__ = ["GroupWhitening", "SaliencyMasker", "SaliencyDecor"]
+__all__ = ["GroupWhitening", "SyncGroupWhitening", "SaliencyMasker", "SaliencyDecor"]
 
 
 class GroupWhitening(nn.Module):
@@ -144,3 +146,133 @@ class GroupWhitening(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.num_batches_tracked.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+class SyncGroupWhitening(GroupWhitening):
+    r"""GroupWhitening whose training statistics are those of all processes of a torch.distributed
+    process group together (as :class:`torch.nn.SyncBatchNorm` is to BatchNorm).
+
+    Same arguments, parameters, buffers and state_dict as :class:`GroupWhitening`, plus
+    ``process_group`` (None: the default group, ``torch.distributed.group.WORLD``).
+
+    In training mode with an initialised process group of world size > 1, each group's mean and
+    covariance are those of the union of the ranks' samples, weighted by count (ranks may hold
+    different batch sizes, 0 included). Every rank computes the same W and the same running
+    statistics, and the outputs and gradients equal those of GroupWhitening on the concatenated
+    batch in one process with the loss summed over the ranks (DDP then averages the parameter
+    gradients over the ranks). Cost per layer and step: one all_gather in the forward and one
+    all_reduce in the backward, O(G d^2) numbers each, whatever the batch size
+    (:mod:`sdecor.ops.whiten_sync`).
+
+    In eval mode, at world size 1 or without an initialised process group there is no
+    communication, and the layer is GroupWhitening exactly.
+
+    Every rank must call the layer in the same order (as with SyncBatchNorm and DDP), with inputs of
+    the same dtype. The input is checked before any collective, so that bad input fails on every
+    rank alike; a rank that fails or stops in the middle of a step leaves the others waiting in
+    their next collective until the process group's timeout (``init_process_group(timeout=...)``).
+    With fewer than 2 samples on all ranks together the running statistics are left as they are.
+    A backward with ``create_graph=True`` raises (use GroupWhitening for higher-order gradients).
+
+    ``convert_sync_whitening`` converts a model's GroupWhitening layers; ``revert_sync_whitening``
+    converts them back for single-process use.
+    """
+
+    def __init__(self, num_features: int, num_channels: int = 16, *, method: str = "newton", T: int = 5,
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, num_channels, method=method, T=T, eps=eps, momentum=momentum,
+                         affine=affine, track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _sync_world_size(self) -> int:
+        """The number of processes whose statistics are combined: 1 (no communication) in eval mode
+        or without an initialised process group."""
+        if not self.training or not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sync_world_size() <= 1:
+            return super().forward(x)
+        # Checked here, before the collective: bad input fails on every rank alike.
+        _checks.check_module_input(x, self.num_features, type(self).__name__)
+        y, mean, wm, count = whiten_sync.run_train_sync(x, self.num_channels, self.method, self.eps, self.T,
+                                                        self.weight, self.bias, self.process_group)
+        if self.track_running_stats:
+            self._update_running_stats_where(mean, wm, count >= 2)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats_where(self, mean: torch.Tensor, wm: torch.Tensor, valid: torch.Tensor) -> None:
+        """:meth:`GroupWhitening._update_running_stats` where ``valid`` (a 0-dim bool tensor, read
+        on the device only) holds; nothing changes where it does not."""
+        self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+        dtype = self.running_mean.dtype
+        if self.momentum is None:
+            factor = self.num_batches_tracked.to(dtype).reciprocal()
+        else:
+            factor = torch.full((), self.momentum, dtype=dtype, device=self.running_mean.device)
+        factor = torch.where(valid, factor, torch.zeros_like(factor))
+        self.running_mean.lerp_(mean.unsqueeze(-1).to(dtype), factor)
+        self.running_wm.lerp_(wm.to(self.running_wm.dtype), factor.to(self.running_wm.dtype))
+
+    @classmethod
+    def convert_sync_whitening(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every :class:`GroupWhitening` of ``module`` by a SyncGroupWhitening (in place) and
+        return the module, or the replacement when ``module`` itself is one.
+
+        The new layers share the old ones' parameters and buffers (the same tensors, so an optimizer
+        built before still updates them) and take over their options, training mode, device and
+        dtype. Layers that already are SyncGroupWhitening are left as they are.
+        """
+        return _swap(module, GroupWhitening, cls, {"process_group": process_group}, exclude=cls)
+
+    @classmethod
+    def revert_sync_whitening(cls, module: nn.Module) -> nn.Module:
+        """The way back: replace every SyncGroupWhitening of ``module`` by a :class:`GroupWhitening`
+        sharing its parameters and buffers (in place; returns the module or the root's replacement)."""
+        return _swap(module, cls, GroupWhitening, {}, exclude=None)
+
+
+def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -> nn.Module:
+    """Replace the ``source`` layers (not ``exclude`` ones) of a module tree by ``target`` layers
+    sharing their parameters and buffers; each layer reachable under several names is replaced once."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    done: dict[int, nn.Module] = {}
+
+    def convert(layer: nn.Module) -> nn.Module:
+        if not isinstance(layer, source) or (exclude is not None and isinstance(layer, exclude)):
+            return layer
+        if id(layer) in done:
+            return done[id(layer)]
+        new = target.__new__(target)
+        nn.Module.__init__(new)
+        for key in ("num_features", "num_channels", "num_groups", "method", "T", "eps", "momentum",
+                    "affine", "track_running_stats"):
+            setattr(new, key, getattr(layer, key))
+        for key, value in extra.items():
+            setattr(new, key, value)
+        for name, p in layer._parameters.items():
+            new.register_parameter(name, p)
+        for name, b in layer._buffers.items():
+            new.register_buffer(name, b, persistent=name not in layer._non_persistent_buffers_set)
+        new.train(layer.training)
+        done[id(layer)] = new
+        return new
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            new = convert(child)
+            if new is not child:
+                parent._modules[name] = new
+            else:
+                walk(child)
+
+    root = convert(module)
+    if root is module:
+        walk(module)
+    return root
