@@ -132,6 +132,19 @@ def test_distributed_option_checks(fake_torchrun, capsys, argv, needles):
     fails_with(capsys, ["--distributed", "--lambda-decor", "0.1", *argv], *needles)
 
 
+@pytest.mark.parametrize("fields, field, needle", [
+    ({"device": "cuda:1"}, "device", "each rank uses cuda:LOCAL_RANK"),
+    ({"device": "mps"}, "device", "cpu (gloo) or cuda (nccl)"),
+    ({"norm": "batch"}, "norm", "SyncBatchNorm does not run on cpu"),
+    ({"batch_size": 30, "norm": "whitening"}, "batch_size", "multiple of 4"),
+], ids=["cuda-index", "mps", "batch-norm-on-cpu", "batch-not-divisible"])
+def test_distributed_config_checks(fields, field, needle):
+    # what train_model checks of a configuration before a distributed run (no device is touched)
+    with pytest.raises(train.ConfigError, match=re.escape(needle)) as info:
+        train.check_distributed_config(train.TrainConfig(**fields), train.Distributed(0, 4, 0))
+    assert info.value.field == field
+
+
 def test_distributed_env_values_are_checked(fake_torchrun, capsys):
     fake_torchrun.setenv("RANK", "two")
     fails_with(capsys, ["--distributed", "--lambda-decor", "0.1"], "--distributed", "RANK='two'")

@@ -37,7 +37,7 @@ from .models import MODELS, NORMS, build_model, check_group_size
 
 __all__ = ["AMP_DTYPES", "ConfigError", "Distributed", "TrainConfig", "TrainResult", "UsageError", "accuracy",
            "add_arguments", "batches", "check_amp", "check_args", "check_device", "check_distributed",
-           "check_out_dir", "evaluate", "run", "train_model"]
+           "check_distributed_config", "check_out_dir", "evaluate", "run", "train_model"]
 
 FILLS = ("zero", "mean", "uniform")
 
@@ -236,16 +236,38 @@ class Distributed:
         return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def check_batch_split(batch_size: int, world_size: int) -> None:
-    """batch_size (the global batch) splits into world_size equal shares of at least 2 samples;
-    raises ValueError naming batch_size."""
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} is the global batch of a step and must split evenly over "
-                         f"the {world_size} ranks; use a multiple of {world_size}")
-    if batch_size // world_size < 2:
-        raise ValueError(f"batch_size {batch_size} over {world_size} ranks gives {batch_size // world_size} "
-                         f"sample per rank; batch statistics need at least 2 per rank, so at least "
-                         f"{2 * world_size}")
+def check_distributed_config(cfg: TrainConfig, dist: Distributed) -> None:
+    """What a distributed run needs of a (checked) configuration: a global batch that splits into
+    world_size equal shares of at least 2 samples, cpu or cuda (without an index: each rank takes
+    cuda:LOCAL_RANK) and, on cpu, no BatchNorm layers (torch's SyncBatchNorm runs on GPUs only).
+    Raises :class:`ConfigError` naming the field."""
+    world_size = dist.world_size
+    if cfg.batch_size % world_size:
+        raise ConfigError("batch_size", f"batch_size {cfg.batch_size} is the global batch of a step and must "
+                                        f"split evenly over the {world_size} ranks; use a multiple of {world_size}")
+    if cfg.batch_size // world_size < 2:
+        raise ConfigError("batch_size", f"batch_size {cfg.batch_size} over {world_size} ranks gives "
+                                        f"{cfg.batch_size // world_size} sample per rank; batch statistics need at "
+                                        f"least 2 per rank, so at least {2 * world_size}")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        if dev.index is not None:
+            raise ConfigError("device", f"device {cfg.device!r}: a distributed run takes device cuda, and each "
+                                        f"rank uses cuda:LOCAL_RANK")
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError("device", f"device cuda: LOCAL_RANK={dist.local_rank} but there are "
+                                        f"{torch.cuda.device_count()} CUDA device(s); start at most that many "
+                                        f"processes per node")
+        if not torch.distributed.is_nccl_available():
+            raise ConfigError("device", "device cuda: a distributed run on cuda needs NCCL, which this torch "
+                                        "build lacks")
+    elif dev.type != "cpu":
+        raise ConfigError("device", f"device {cfg.device!r}: a distributed run trains on cpu (gloo) or cuda (nccl)")
+    elif cfg.resolved_norm() == "batch":
+        raise ConfigError("norm", "a distributed run synchronises the norm layers' batch statistics over the "
+                                  "ranks, and torch's SyncBatchNorm does not run on cpu: use whitening norm "
+                                  "layers (--norm whitening, or --lambda-decor > 0 with --norm auto) or "
+                                  "--device cuda")
 
 
 def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) -> Optional[Distributed]:
@@ -284,26 +306,9 @@ def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) 
         raise UsageError("--distributed", f"--distributed: RANK={dist.rank} is not below WORLD_SIZE="
                                           f"{dist.world_size}; launch under torchrun")
     try:
-        check_batch_split(cfg.batch_size, dist.world_size)
-    except ValueError as err:
-        raise UsageError("--batch-size", str(err)) from None
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda":
-        if dev.index is not None:
-            raise UsageError("--device", f"--device {cfg.device!r}: with --distributed give --device cuda; each "
-                                         f"rank uses cuda:LOCAL_RANK")
-        if dist.local_rank >= torch.cuda.device_count():
-            raise UsageError("--device", f"--device cuda: LOCAL_RANK={dist.local_rank} but there are "
-                                         f"{torch.cuda.device_count()} CUDA device(s); start at most that many "
-                                         f"processes per node")
-        if not torch.distributed.is_nccl_available():
-            raise UsageError("--device", "--device cuda with --distributed needs NCCL, which this torch build lacks")
-    elif dev.type != "cpu":
-        raise UsageError("--device", f"--device {cfg.device!r}: --distributed trains on cpu (gloo) or cuda (nccl)")
-    elif cfg.resolved_norm() == "batch":
-        raise UsageError("--norm", "--distributed synchronises the norm layers' batch statistics over the ranks, "
-                                   "and torch's SyncBatchNorm does not run on cpu: use whitening norm layers "
-                                   "(--norm whitening, or --lambda-decor > 0 with --norm auto) or --device cuda")
+        check_distributed_config(cfg, dist)
+    except ConfigError as err:
+        raise UsageError(option_name(err.field), str(err)) from None
     if args.save_all_ranks and dist.rank > 0:
         try:
             check_out_dir(args.out, (f"model-rank{dist.rank}.pt",))
@@ -371,21 +376,20 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
     object; it is advanced by one per optimisation step.
 
     ``dist``: this process's place in a distributed run whose default process group is initialised
-    (see :func:`run`). Every rank builds the same model from cfg.seed; its norm layers become the
-    synchronised ones (:func:`sync_norm_layers`), and the objective is wrapped whole in
-    DistributedDataParallel, so that a step is one DDP forward (the saliency pass, the clean and
-    the masked forward) and one backward, whose gradients DDP averages over the ranks. Each rank
-    trains on its share of every global batch of cfg.batch_size (:func:`batches`). The history
-    holds the means over all ranks. The model returned is the trained model itself (not the DDP
-    wrapper), its whitening layers reverted to GroupWhitening (sharing the trained tensors).
+    (see :func:`train_distributed`); cfg is checked for it (:func:`check_distributed_config`). Every
+    rank builds the same model from cfg.seed; its norm layers become the synchronised ones
+    (:func:`sync_norm_layers`), and the objective is wrapped whole in DistributedDataParallel, so
+    that a step is one DDP forward (the saliency pass, the clean and the masked forward) and one
+    backward, whose gradients DDP averages over the ranks. Each rank trains on its share of every
+    global batch of cfg.batch_size (:func:`batches`); the loss terms are those of its share (the
+    decorrelation loss too: the covariance of the rank's features, not of the global batch), the
+    history holds their means over the ranks. The model returned is the trained model itself (not
+    the DDP wrapper), its whitening layers reverted to GroupWhitening (sharing the trained tensors).
     """
     cfg.check()
     rank, world_size = (0, 1) if dist is None else (dist.rank, dist.world_size)
     if dist is not None:
-        try:
-            check_batch_split(cfg.batch_size, world_size)
-        except ValueError as err:
-            raise ConfigError("batch_size", str(err)) from None
+        check_distributed_config(cfg, dist)
     device = torch.device(cfg.device) if dist is None else dist.device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -663,8 +667,9 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
               f"mask ratio {cfg.mask_ratio}, fill {cfg.fill}; {cfg.epochs} epochs on {cfg.device}"
               + (f", {cfg.amp} autocast" if cfg.amp != "off" else ""))
         if dist is not None:
-            print(f"distributed: {world_size} ranks ({dist.backend(cfg.device)}), global batch {cfg.batch_size} "
-                  f"= {cfg.batch_size // world_size} samples per rank per step")
+            ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")
+            print(f"distributed: {ranks} ({dist.backend(cfg.device)}), global batch {cfg.batch_size} = "
+                  f"{cfg.batch_size // world_size} samples per rank per step")
     steps = cfg.epochs * len(list(batches(len(dataset.train.y), cfg.batch_size, torch.Generator(), rank,
                                           world_size)))
     disable = args.no_progress or not sys.stderr.isatty() or not lead
