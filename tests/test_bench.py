@@ -364,3 +364,28 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
     assert fwd["bytes"] == 3 * x_bytes
     assert fwd["h100_bound_us"] == pytest.approx(3 * x_bytes / 3.35e12 * 1e6)
     assert "H100" in out and "regs" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# --distributed: the cost of synchronised statistics
+
+
+def test_distributed_measures_both_layers_and_counts_the_bytes():
+    from sdecor.bench import distributed
+    from sdecor.ops.whiten_sync import payload_numel
+
+    doc = distributed.measure(2, reps=2, layers=[("tiny", (4, 32, 3, 3), 8)], resnet=None, timeout=300)
+    (row,) = doc["rows"]
+    assert doc["world"] == 2 and doc["pg_backend"] == "gloo" and row["case"] == "tiny"
+    assert set(row["ms"]) == {"GroupWhitening", "SyncGroupWhitening"} and all(v > 0 for v in row["ms"].values())
+    assert row["ratio"] == row["ms"]["SyncGroupWhitening"] / row["ms"]["GroupWhitening"]
+    # G = 4 groups of d = 8, fp32: what the forward's all_gather and the backward's all_reduce carry
+    assert row["bytes_per_step"] == {"forward_sent": 4 * payload_numel(4, 8), "forward_received": 4 * payload_numel(4, 8),
+                                     "backward_allreduce": 4 * 4 * 8 * 9}
+    assert payload_numel(4, 8) == 2 + 4 + 4 * 8 + 4 * 36
+    assert "SyncGroupWhitening vs GroupWhitening" in distributed.format_rows(doc)
+
+
+def test_distributed_needs_two_processes(capsys):
+    assert bench.main(["--distributed", "1", "--no-save"]) == 2
+    assert "--distributed needs at least 2 processes" in capsys.readouterr().err

@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--show", metavar="JSON", default=None,
                      help="print the table of a saved results file (e.g. benchmarks/results/<device>.json) "
                           "instead of running; --ops filters it")
+    ds = parser.add_argument_group("synchronised statistics")
+    ds.add_argument("--distributed", type=int, default=None, metavar="N",
+                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes "
+                         "(gloo with CPU tensors on the loopback interface; nccl with --device cuda and N "
+                         "GPUs) and report the bytes per layer and step; writes <device>-distributed.json")
     st = parser.add_argument_group("static report")
     st.add_argument("--static", action="store_true",
                     help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "
@@ -156,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         return _show(args)
     try:
         settings = settings_from_args(args)
+        if args.distributed is not None:
+            return _run_distributed(args, settings)
         if args.static:
             return _run_static(args, settings)
         return _run_selected(args, settings)
@@ -257,6 +264,35 @@ def _show(args) -> int:
 
 def _settings_dict(settings) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items() if k != "inject"}
+
+
+def _run_distributed(args, settings) -> int:
+    import json
+
+    import torch
+
+    from . import distributed, report
+
+    if args.distributed < 2:
+        raise UsageError(f"--distributed needs at least 2 processes; got {args.distributed}")
+    threads = args.threads if args.threads is not None else 1
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1; got {threads}")
+    out_dir, _ = _out_dir(args)                  # before the run: a wrong flag fails at once
+    device = torch.device(settings.device)
+    try:
+        doc = distributed.measure(args.distributed, quick=args.quick, device=device.type, reps=args.reps,
+                                  threads=threads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(distributed.format_rows(doc))
+    if out_dir is not None:
+        env = report.environment(device, "perf_counter median per process, slowest process")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{env['device_slug']}-distributed.json"
+        path.write_text(json.dumps({"environment": env, **doc}, indent=1) + "\n")
+        print(f"\nwrote {path}")
+    return 0
 
 
 def _run_static(args, settings) -> int:

@@ -1,0 +1,220 @@
+"""``sdecor bench --distributed N``: what synchronised statistics cost per training step.
+
+N worker processes (gloo on the loopback interface with CPU tensors; nccl with one GPU per process
+on a machine with N GPUs) time a training step (forward + backward) of SyncGroupWhitening and of
+GroupWhitening on the same per-process batches, interleaved round by round, and report the step
+time of the slowest process (a synchronised step ends when the last process is done), the ratio,
+and the bytes that one layer communicates per step:
+
+- forward: each process sends its packed statistics to the all_gather (count, scale, mean and the
+  upper triangle of the centred second moment: ``payload_numel(G, d)`` numbers) and receives
+  N - 1 of them;
+- backward: one all_reduce of (D, s), G d (d + 1) numbers.
+
+Cases: single layers at ResNet-like shapes (per process) and a torchvision resnet18 (all BatchNorms
+converted), each process with its own batch, in DDP in both variants, so that the difference is the
+synchronisation alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# (name, per-process shape (N, C, *S), group size d); "resnet18": batch N, images HW x HW
+LAYER_CASES = [
+    ("layer 32x256x14x14 d16", (32, 256, 14, 14), 16),
+    ("layer 4x256x28x28 d16", (4, 256, 28, 28), 16),
+    ("layer 32x512x7x7 d64", (32, 512, 7, 7), 64),
+]
+RESNET_CASE = ("resnet18 8x3x64x64 d16", 8, 64, 16)
+QUICK_LAYER_CASES = [("layer 8x64x14x14 d16", (8, 64, 14, 14), 16)]
+QUICK_RESNET_CASE = ("resnet18 2x3x32x32 d16", 2, 32, 16)
+
+
+def layer_bytes(C: int, d: int, world: int, esize: int = 4) -> dict:
+    """Bytes one whitening layer of C channels in groups of d moves per training step and process."""
+    from ..ops.whiten_sync import payload_numel
+
+    G = C // d
+    sent = payload_numel(G, d) * esize
+    return {"forward_sent": sent, "forward_received": (world - 1) * sent,
+            "backward_allreduce": G * d * (d + 1) * esize}
+
+
+def _median_ms(ts) -> float:
+    return 1e3 * statistics.median(ts)
+
+
+def _time_paths(paths: dict, reps: int, warmup: int) -> dict:
+    """{name: [seconds per step]} for step functions run in turn (the order rotates every round),
+    every process starting each step together."""
+    import torch.distributed as dist
+
+    names = list(paths)
+    for _ in range(warmup):
+        for name in names:
+            paths[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            dist.barrier()
+            start = time.perf_counter()
+            paths[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _layer_step(layer, x, g):
+    def step():
+        y = layer(x)
+        y.backward(g)
+        x.grad = None
+        layer.weight.grad = layer.bias.grad = None
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    return step
+
+
+def _worker(job: dict, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .. import convert_whitening
+    from ..nn import GroupWhitening, SyncGroupWhitening
+
+    cuda = job["pg_backend"] == "nccl"
+    dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    torch.set_num_threads(job["threads"])
+    dist.init_process_group(job["pg_backend"], init_method=f"file://{job['store']}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=job["timeout"]))
+    gen = torch.Generator().manual_seed(rank)
+    rows = []
+    try:
+        for name, shape, d in job["layers"]:
+            x = torch.randn(shape, generator=gen).to(dev).requires_grad_()
+            g = torch.randn(shape, generator=gen).to(dev)
+            sync = SyncGroupWhitening(shape[1], d).to(dev)
+            plain = GroupWhitening(shape[1], d).to(dev)
+            times = _time_paths({"GroupWhitening": _layer_step(plain, x, g),
+                                 "SyncGroupWhitening": _layer_step(sync, x, g)}, job["reps"], job["warmup"])
+            rows.append({"case": name, "layers": 1, "channels": [shape[1]], "d": d,
+                         "ms": {k: _median_ms(v) for k, v in times.items()}})
+        if job["resnet"] is not None:
+            import torchvision
+
+            name, n, hw, d = job["resnet"]
+            x = torch.randn(n, 3, hw, hw, generator=gen).to(dev)
+            y = torch.randint(0, 10, (n,), generator=gen).to(dev)
+            models = {}
+            for variant in ("GroupWhitening", "SyncGroupWhitening"):
+                torch.manual_seed(0)
+                net = torchvision.models.resnet18(num_classes=10)
+                convert_whitening(net, num_channels=d)
+                if variant == "SyncGroupWhitening":
+                    net = SyncGroupWhitening.convert_sync_whitening(net)
+                models[variant] = DDP(net.to(dev), device_ids=[dev.index] if cuda else None,
+                                      forward_sync_buffers=False)
+            channels = [m.num_features for m in models["GroupWhitening"].modules()
+                        if isinstance(m, GroupWhitening)]
+
+            def net_step(model):
+                def step():
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    model.zero_grad(set_to_none=True)
+                    if cuda:
+                        torch.cuda.synchronize(dev)
+                return step
+
+            times = _time_paths({k: net_step(m) for k, m in models.items()}, job["reps"], job["warmup"])
+            rows.append({"case": name, "layers": len(channels), "channels": channels, "d": d,
+                         "ms": {k: _median_ms(v) for k, v in times.items()}})
+    finally:
+        dist.destroy_process_group()
+    return {"rows": rows}
+
+
+def measure(world: int = 2, *, quick: bool = False, device: str = "cpu", reps: int | None = None,
+            threads: int = 1, timeout: float = 900.0, layers=None, resnet="default") -> dict:
+    """Run the workers and gather their timings: per case the slowest process's median step time
+    of each variant, the ratio, and the bytes per layer and step. ``layers`` (a list like
+    LAYER_CASES) and ``resnet`` (like RESNET_CASE, or None) replace the cases of the run."""
+    if world < 2:
+        raise ValueError(f"--distributed needs at least 2 processes; got {world}")
+    pg_backend = "nccl" if device == "cuda" else "gloo"
+    if pg_backend == "nccl" and torch.cuda.device_count() < world:
+        raise ValueError(f"--distributed {world} on cuda needs {world} GPUs (nccl: one per process); "
+                         f"{torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory(prefix="sdecor-bench-dist-") as tmp:
+        job = dict(pg_backend=pg_backend, store=str(Path(tmp) / "store"), threads=threads, timeout=120,
+                   reps=reps or (5 if quick else 15), warmup=1 if quick else 3,
+                   layers=layers if layers is not None else (QUICK_LAYER_CASES if quick else LAYER_CASES),
+                   resnet=(QUICK_RESNET_CASE if quick else RESNET_CASE) if resnet == "default" else resnet)
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS=str(threads))
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")      # steady CPU times: freed memory stays
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
+        procs = [subprocess.Popen([sys.executable, "-m", "sdecor.bench.distributed", tmp, str(r), str(world)],
+                                  env=env) for r in range(world)]
+        deadline = time.monotonic() + timeout
+        try:
+            for p in procs:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"the benchmark's {world} processes did not finish within {timeout:.0f} s")
+        if any(p.returncode for p in procs):
+            raise RuntimeError("a benchmark process failed (its error is printed above)")
+        results = [json.loads((Path(tmp) / f"out{r}.json").read_text()) for r in range(world)]
+    rows = []
+    for i, row in enumerate(results[0]["rows"]):
+        ms = {k: max(res["rows"][i]["ms"][k] for res in results) for k in row["ms"]}
+        per_layer = [layer_bytes(C, row["d"], world) for C in row["channels"]]
+        rows.append({"case": row["case"], "layers": row["layers"], "d": row["d"], "ms": ms,
+                     "ratio": ms["SyncGroupWhitening"] / ms["GroupWhitening"],
+                     "bytes_per_step": {k: sum(b[k] for b in per_layer) for k in per_layer[0]},
+                     "bytes_first_layer": per_layer[0]})
+    return {"world": world, "pg_backend": pg_backend, "threads_per_process": threads,
+            "reps": job["reps"], "rows": rows}
+
+
+def format_rows(doc: dict) -> str:
+    lines = [f"SyncGroupWhitening vs GroupWhitening, training step (forward + backward), {doc['world']} "
+             f"{doc['pg_backend']} processes, {doc['threads_per_process']} thread(s) each; median of "
+             f"{doc['reps']} interleaved rounds, slowest process",
+             f"{'case':<26} {'GroupWhitening':>15} {'Sync':>11} {'ratio':>7} {'fwd sent':>10} "
+             f"{'fwd recv':>10} {'bwd allreduce':>14}"]
+    for r in doc["rows"]:
+        b = r["bytes_per_step"]
+        lines.append(f"{r['case']:<26} {r['ms']['GroupWhitening']:>12.2f} ms {r['ms']['SyncGroupWhitening']:>8.2f} ms "
+                     f"{r['ratio']:>6.2f}x {b['forward_sent']:>9}B {b['forward_received']:>9}B "
+                     f"{b['backward_allreduce']:>13}B")
+    lines.append("bytes: per process and step, summed over the case's whitening layers")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tmp, rank, world = Path(argv[0]), int(argv[1]), int(argv[2])
+    job = json.loads((tmp / "job.json").read_text())
+    out = _worker(job, rank, world)
+    (tmp / f"out{rank}.json").write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
