@@ -86,6 +86,25 @@ def _layer_step(layer, x, g):
     return step
 
 
+def _collectives_only(C: int, d: int, dev):
+    """The layer's two collectives alone (an all_gather of the packed statistics, an all_reduce of
+    (D, s)) on buffers of their sizes: the communication floor of a synchronised step."""
+    import torch.distributed as dist
+
+    from ..ops.whiten_sync import _all_gather, payload_numel
+
+    G = C // d
+    packed = torch.zeros(payload_numel(G, d), device=dev)
+    reduced = torch.zeros(G * d * (d + 1), device=dev)
+
+    def step():
+        _all_gather(packed, None)
+        dist.all_reduce(reduced)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return step
+
+
 def _worker(job: dict, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -109,7 +128,8 @@ def _worker(job: dict, rank: int, world: int) -> dict:
             sync = SyncGroupWhitening(shape[1], d).to(dev)
             plain = GroupWhitening(shape[1], d).to(dev)
             times = _time_paths({"GroupWhitening": _layer_step(plain, x, g),
-                                 "SyncGroupWhitening": _layer_step(sync, x, g)}, job["reps"], job["warmup"])
+                                 "SyncGroupWhitening": _layer_step(sync, x, g),
+                                 "collectives": _collectives_only(shape[1], d, dev)}, job["reps"], job["warmup"])
             rows.append({"case": name, "layers": 1, "channels": [shape[1]], "d": d,
                          "ms": {k: _median_ms(v) for k, v in times.items()}})
         if job["resnet"] is not None:
@@ -186,6 +206,7 @@ def measure(world: int = 2, *, quick: bool = False, device: str = "cpu", reps: i
         per_layer = [layer_bytes(C, row["d"], world) for C in row["channels"]]
         rows.append({"case": row["case"], "layers": row["layers"], "d": row["d"], "ms": ms,
                      "ratio": ms["SyncGroupWhitening"] / ms["GroupWhitening"],
+                     "extra_ms": ms["SyncGroupWhitening"] - ms["GroupWhitening"],
                      "bytes_per_step": {k: sum(b[k] for b in per_layer) for k in per_layer[0]},
                      "bytes_first_layer": per_layer[0]})
     return {"world": world, "pg_backend": pg_backend, "threads_per_process": threads,
@@ -196,14 +217,16 @@ def format_rows(doc: dict) -> str:
     lines = [f"SyncGroupWhitening vs GroupWhitening, training step (forward + backward), {doc['world']} "
              f"{doc['pg_backend']} processes, {doc['threads_per_process']} thread(s) each; median of "
              f"{doc['reps']} interleaved rounds, slowest process",
-             f"{'case':<26} {'GroupWhitening':>15} {'Sync':>11} {'ratio':>7} {'fwd sent':>10} "
-             f"{'fwd recv':>10} {'bwd allreduce':>14}"]
+             f"{'case':<26} {'GroupWhitening':>15} {'Sync':>11} {'ratio':>7} {'collectives':>12} "
+             f"{'fwd sent':>10} {'fwd recv':>10} {'bwd allreduce':>14}"]
     for r in doc["rows"]:
         b = r["bytes_per_step"]
+        coll = r["ms"].get("collectives")
         lines.append(f"{r['case']:<26} {r['ms']['GroupWhitening']:>12.2f} ms {r['ms']['SyncGroupWhitening']:>8.2f} ms "
-                     f"{r['ratio']:>6.2f}x {b['forward_sent']:>9}B {b['forward_received']:>9}B "
-                     f"{b['backward_allreduce']:>13}B")
-    lines.append("bytes: per process and step, summed over the case's whitening layers")
+                     f"{r['ratio']:>6.2f}x {'-' if coll is None else f'{coll:.2f} ms':>12} "
+                     f"{b['forward_sent']:>9}B {b['forward_received']:>9}B {b['backward_allreduce']:>13}B")
+    lines.append("collectives: the layer's all_gather and all_reduce alone, on buffers of their sizes; bytes: per "
+                 "process and step, summed over the case's whitening layers")
     return "\n".join(lines)
 
 
