@@ -222,8 +222,9 @@ def mix_rows(blocks: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
     """A @ mat for the block-diagonal A of ``blocks`` (G, d, d) and mat (C, K), C <= G d."""
     G, d = blocks.shape[0], blocks.shape[-1]
     C, K = mat.shape
-    padded = nn.functional.pad(mat, (0, 0, 0, G * d - C)).reshape(G, d, K)
-    return (blocks @ padded).reshape(G * d, K)[:C]
+    if C < G * d:
+        mat = nn.functional.pad(mat, (0, 0, 0, G * d - C))
+    return (blocks @ mat.reshape(G, d, K)).reshape(G * d, K)[:C]
 
 
 def _groups_fit(sizes: list[int], group_width: int) -> bool:
@@ -241,35 +242,39 @@ def conv_groups(sizes: list[int]) -> int:
     """The largest number k of equal channel blocks such that every whitening group lies inside one
     block (k = G for groups of equal size)."""
     C = sum(sizes)
-    return max(k for k in range(1, C + 1) if C % k == 0 and _groups_fit(sizes, C // k))
+    return next(k for k in range(C, 0, -1) if C % k == 0 and _groups_fit(sizes, C // k))
 
 
 # ---------------------------------------------------------------------------------------------------
 # folding into the layer before
 
 
-def _fold_into(layer: nn.Module, blocks: torch.Tensor, shift: torch.Tensor) -> None:
-    """layer's output o -> A o + shift, by changing its weight and bias (in place, same Parameters
-    where they exist)."""
+def _folded_params(layer: nn.Module, blocks: torch.Tensor, shift: torch.Tensor):
+    """(weight, bias) of ``layer`` followed by the map o -> A o + shift, float64."""
     w = layer.weight.detach().to(torch.float64)
-    if isinstance(layer, _TRANSPOSED):
+    transposed = isinstance(layer, _TRANSPOSED)
+    if transposed:
         # (in, out / groups, *k) -> the convolution layout (out, in / groups, *k) of the same map
         g = layer.groups
-        cin, opg = w.shape[0], w.shape[1]
-        k = w.shape[2:]
+        cin, opg, k = w.shape[0], w.shape[1], w.shape[2:]
         w = w.reshape(g, cin // g, opg, *k).transpose(1, 2).reshape(g * opg, cin // g, *k)
-    out = w.shape[0]
-    new_w = mix_rows(blocks, w.reshape(out, -1)).reshape(w.shape)
-    if isinstance(layer, _TRANSPOSED):
+    new_w = mix_rows(blocks, w.reshape(w.shape[0], -1)).reshape(w.shape)
+    if transposed:
         new_w = new_w.reshape(g, opg, cin // g, *k).transpose(1, 2).reshape(layer.weight.shape)
     b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros_like(shift)
     new_b = mix_rows(blocks, b.unsqueeze(-1)).squeeze(-1) + shift
-    with torch.no_grad():
-        layer.weight.copy_(new_w)
-        if layer.bias is not None:
-            layer.bias.copy_(new_b)
-        else:
-            layer.bias = nn.Parameter(new_b.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    return new_w, new_b
+
+
+@torch.no_grad()
+def _set_params(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy into the layer's Parameters (kept, for optimizers and tied references); a bias is added
+    where there was none."""
+    layer.weight.copy_(weight)
+    if layer.bias is not None:
+        layer.bias.copy_(bias)
+    else:
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
 
 
 def _foldable_reason(layer: nn.Module, wl: GroupWhitening, rank: int | None) -> str | None:
@@ -426,15 +431,17 @@ def _fold(model: nn.Module, args) -> tuple[nn.Module, FoldReport]:
     if not layers:
         return model, report
     ranks = _input_ranks(model, layers, args) if args is not None else {}
-    pairs = _pairs(model, layers, ranks, report)
+    # (a model that is itself a whitening layer has no layer before it)
+    pairs = {} if isinstance(model, GroupWhitening) else _pairs(model, layers, ranks, report)
 
+    # Everything is computed before the model changes.
     replacement: dict[int, nn.Module] = {}
+    params = []
     for key, (wl, names) in layers.items():
         tail = _tail(wl)
         if key in pairs:
             prev, prev_name = pairs[key]
-            blocks, shift = affine_map(wl)
-            _fold_into(prev, blocks, shift)
+            params.append((prev, *_folded_params(prev, *affine_map(wl))))
             new = nn.Sequential(*tail) if tail else nn.Identity()
             report.folded.append((names[0], prev_name))
         else:
@@ -443,6 +450,8 @@ def _fold(model: nn.Module, args) -> tuple[nn.Module, FoldReport]:
             report.replaced.append((names[0], _describe(mapped)))
         replacement[key] = new
 
+    for prev, weight, bias in params:
+        _set_params(prev, weight, bias)
     root = replacement.get(id(model))
     for key, (wl, names) in layers.items():
         for name in names:
