@@ -68,8 +68,8 @@ def fold_whitening(model: nn.Module, example_inputs=None, *, inplace: bool = Fal
                    return_report: bool = False):
     """The model in eval mode with its whitening layers folded away.
 
-    Every :class:`~sdecor.nn.GroupWhitening` layer (SyncGroupWhitening and GroupWhiteningAct
-    included) becomes the affine map of its eval mode (running statistics, weight and bias):
+    Every :class:`~sdecor.nn.GroupWhitening` layer (SyncGroupWhitening, GroupWhiteningAct and
+    SyncGroupWhiteningAct included) becomes the affine map of its eval mode (running statistics, weight and bias):
 
     - folded into the Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear that computes its input, when
       torch.fx finds that layer's output used by the whitening layer alone, the layer called once and
@@ -80,7 +80,7 @@ def fold_whitening(model: nn.Module, example_inputs=None, *, inplace: bool = Fal
       grouped as finely as the whitening groups allow; with it unknown, a ``torch.fx.GraphModule``
       that runs such an ``nn.Conv1d`` on the input reshaped to (N, C, -1), for any rank.
 
-    A GroupWhiteningAct keeps its tail: ``nn.Sequential(drop, act)`` where it was folded,
+    A GroupWhiteningAct (or SyncGroupWhiteningAct) keeps its tail: ``nn.Sequential(drop, act)`` where it was folded,
     ``nn.Sequential(map, drop, act)`` otherwise.
 
     Args:
@@ -152,28 +152,27 @@ def _whitening_layers(model: nn.Module) -> dict[int, tuple[GroupWhitening, list[
     return found
 
 
-def _act_class():
-    # GroupWhiteningAct: GroupWhitening, then its submodules drop and act.
-    return getattr(sdecor_nn, "GroupWhiteningAct", None)
+def _act_classes() -> tuple[type, ...]:
+    # GroupWhiteningAct and SyncGroupWhiteningAct: the whitening layer, then its submodules drop and act.
+    return tuple(c for c in (getattr(sdecor_nn, name, None) for name in ("GroupWhiteningAct",
+                                                                        "SyncGroupWhiteningAct"))
+                 if c is not None)
 
 
 def _tail(layer: GroupWhitening) -> list[nn.Module]:
-    act_cls = _act_class()
-    if act_cls is not None and isinstance(layer, act_cls):
+    if isinstance(layer, _act_classes()):
         return [layer.drop, layer.act]
     return []
 
 
 def _check_layers(model: nn.Module) -> None:
     no_stats, unknown = [], []
-    act_cls = _act_class()
+    known = (GroupWhitening.forward, SyncGroupWhitening.forward) + tuple(c.forward for c in _act_classes())
     for layer, names in _whitening_layers(model).values():
         label = names[0] or "<the model itself>"
         if not layer.track_running_stats:
             no_stats.append(label)
-        known = type(layer).forward in (GroupWhitening.forward, SyncGroupWhitening.forward) or (
-            act_cls is not None and isinstance(layer, act_cls) and type(layer).forward is act_cls.forward)
-        if not known:
+        if type(layer).forward not in known:
             unknown.append(f"{label} ({type(layer).__name__})")
     if no_stats:
         raise ValueError(
