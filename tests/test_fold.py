@@ -448,15 +448,23 @@ MODELS = {
     "resnet18-d16": (lambda: torchvision.models.resnet18(num_classes=10), 16, (20, 0)),
     "mobilenet_v2-d8": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 8, (35, 17)),
     "timm-resnet10t-d8": (lambda: _timm("resnet10t"), 8, (14, 0)),
+    # BatchNormAct2d -> GroupWhiteningAct: the tails (drop, act) stay, after depthwise convolutions too
+    "timm-mobilenetv3_small_050-act-d8": (lambda: _timm("mobilenetv3_small_050"), 8, (23, 11)),
 }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_real_networks(name):
     make, d, (n_folded, n_replaced) = MODELS[name]
+    act = "-act-" in name
+    if act and not hasattr(sdecor.nn, "GroupWhiteningAct"):
+        pytest.skip("convert_whitening makes no GroupWhiteningAct here")
     net = make()
     conv = sdecor.convert_whitening(net, num_channels=d)
     assert conv.replaced and not conv.skipped
+    if act:
+        assert all(isinstance(m, sdecor.nn.GroupWhiteningAct) for m in net.modules()
+                   if isinstance(m, GroupWhitening))
     randomize(net, scale=0.2)
     x = torch.randn(2, 3, 32, 32)
     want = eval_out(net, x)
