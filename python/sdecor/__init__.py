@@ -1,9 +1,9 @@
 """sdecor: fused kernels for group-wise ZCA whitening, decorrelation and saliency-guided training.
 
 Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
-progressive_masks, convert_whitening. Modules (also in :mod:`sdecor.nn`): GroupWhitening,
-SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker, SaliencyDecor.
-Backend control: use_backend, info. Pure-PyTorch references of the functions live in
+progressive_masks, convert_whitening, fold_whitening (for inference). Modules (also in :mod:`sdecor.nn`):
+GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker,
+SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the functions live in
 :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
 
@@ -11,6 +11,7 @@ from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
 from .convert import ConversionReport, convert_whitening
+from .fold import FoldReport, fold_whitening
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ConversionReport",
+    "FoldReport",
     "GroupWhitening",
     "ProgressiveMasks",
     "SaliencyDecor",
@@ -29,6 +31,7 @@ __all__ = [
     "SyncGroupWhitening",
     "convert_whitening",
     "decorrelation_loss",
+    "fold_whitening",
     "group_cov",
     "group_whiten",
     "info",

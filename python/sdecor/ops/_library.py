@@ -34,11 +34,14 @@ import torch
 from .. import _backend
 from .._common import AUTOCAST_DEVICES, no_autocast
 
-__all__ = ["NAMESPACE", "TritonCustomOp", "register_no_autocast", "triton_custom_op"]
+__all__ = ["NAMESPACE", "TritonCustomOp", "register_custom_ops", "register_no_autocast", "triton_custom_op"]
 
 NAMESPACE = "sdecor"
 
 _lock = threading.Lock()
+
+# Every op defined so far (the op modules define theirs when imported), by qualified name.
+_defined: dict[str, "TritonCustomOp"] = {}
 
 # The registrations of register_no_autocast (a Library lives as long as its registrations).
 _autocast_lib = torch.library.Library(NAMESPACE, "IMPL")
@@ -78,6 +81,7 @@ class TritonCustomOp:
         self._op = None
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        _defined[self.qualname] = self
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         """Gradients of the op (``torch.library.register_autograd``), attached when it is registered;
@@ -122,3 +126,18 @@ def triton_custom_op(name: str, schema: str | None = None) -> Callable[[Callable
     def wrap(fn: Callable) -> TritonCustomOp:
         return TritonCustomOp(name, fn, schema)
     return wrap
+
+
+def register_custom_ops() -> list[str]:
+    """Register every op of the namespace now, e.g. before ``torch.export.load`` of a program that
+    holds them (an op is otherwise registered on its first call, and a program deserialised before
+    that cannot resolve it); the C++ ops come with the native extension, where it is built. Returns
+    the qualified names of the ops now registered."""
+    from .. import _ext, ops  # noqa: F401 -- defines the Python ops of every op module
+
+    _ext.load()
+    names = []
+    for custom in _defined.values():
+        custom.op
+        names.append(custom.qualname)
+    return sorted(names)
