@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "AUTOCAST_DEVICES",
     "CORR_VAR_FLOOR",
+    "channel_mask",
     "ZCAWhitening",
     "decorrelation",
     "decorrelation_from_cov",
@@ -25,15 +26,20 @@ __all__ = [
     "fill_values",
     "graph_backward",
     "grouped",
+    "join_groups",
     "like_format",
     "mask_scores",
     "no_autocast",
     "no_autocast_function",
+    "per_channel",
+    "per_group",
     "power_of_two",
     "scale_for_corr",
     "rank_order",
     "samples_per_channel",
     "shifted_cov",
+    "split_channels",
+    "split_groups",
     "stats_dtype",
     "sym",
     "zca_backward",
@@ -62,6 +68,50 @@ def grouped(x: torch.Tensor, num_channels: int) -> torch.Tensor:
     """View x (N, C, *S) as (N, G, d, L) with L = prod(S) (copies only for non-contiguous x)."""
     N, C = x.shape[:2]
     return x.reshape(N, C // num_channels, num_channels, math.prod(x.shape[2:]))
+
+
+def split_channels(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x_even, x_last, r): the channels of the G - 1 full groups of d and those of the last group,
+    r = C - (G - 1) d of them (r = d when d divides C), as views of x (N, C, *S).
+
+    With a smaller last group (IterNorm's flexible groups) it is whitened as a group of its own:
+    the paths that work on the (N, G, d, L) view of x run on each part (x_even has 0 channels when
+    C <= d)."""
+    C = x.shape[1]
+    r = C - (-(-C // num_channels) - 1) * num_channels
+    return x[:, :C - r], x[:, C - r:], r
+
+
+def split_groups(t: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group values of G groups of d in the padded layout, (G,), (G, d) or (G, d, d), as (those
+    of the G - 1 full groups, the last group's (1,), (1, r) or (1, r, r) block)."""
+    return t[:-1], t[(slice(-1, None),) + (slice(None, r),) * (t.dim() - 1)]
+
+
+def join_groups(even: torch.Tensor | None, last: torch.Tensor, d: int) -> torch.Tensor:
+    """The inverse of :func:`split_groups`: the G - 1 full groups' values (None: no full group) and
+    the last group's as (G,), (G, d) or (G, d, d), its block top-left and zeros in its padding
+    (differentiable)."""
+    if last.dim() > 1:
+        last = torch.nn.functional.pad(last, [0, d - last.shape[-1]] * (last.dim() - 1))
+    return last if even is None else torch.cat([even, last])
+
+
+def per_group(t: torch.Tensor, G: int, d: int) -> torch.Tensor:
+    """A per-channel vector (C,) as (G, d), zeros in the padding of a smaller last group."""
+    C = t.shape[0]
+    return (t if C == G * d else torch.nn.functional.pad(t, (0, G * d - C))).reshape(G, d)
+
+
+def per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
+    """The inverse of :func:`per_group`: (G, d) as the (C,) values of the channels that exist."""
+    return t.reshape(-1)[:C]
+
+
+def channel_mask(G: int, d: int, C: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(G, d): 1 for the channels of the groups that exist, 0 for the padding of a smaller last group
+    (channel g d + i exists when g d + i < C)."""
+    return (torch.arange(G * d, device=device) < C).reshape(G, d).to(dtype)
 
 
 def like_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
