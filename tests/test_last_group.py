@@ -52,21 +52,28 @@ def _layout_id(item):
     return _id(item[0]) + ("-channels_last" if item[1] else "")
 
 
-def _input(shape, dtype=torch.float32, channels_last=False):
-    return _layout((torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5).to(dtype), channels_last)
+def _input(shape, dtype=torch.float32, channels_last=False, device="cpu"):
+    x = (torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5).to(device=device, dtype=dtype)
+    return _layout(x, channels_last)
 
 
 def _grad_out(y):
-    return torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).reshape(y.shape).sin()
+    return torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape).sin()
+
+
+def _on(backend, device):
+    """Where a backend's test runs: triton on the device fixture's device (the GPU, or the CPU through
+    the interpreter), torch on the CPU."""
+    return device if backend == "triton" else torch.device("cpu")
 
 
 def _affine(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _padding_mask(C, d):
+def _padding_mask(C, d, device="cpu"):
     G = -(-C // d)
-    return (torch.arange(G * d) >= C).reshape(G, d)
+    return (torch.arange(G * d, device=device) >= C).reshape(G, d)
 
 
 def _reference(x, d, method, weight, bias, T=5):
@@ -142,32 +149,32 @@ def test_torch_backend_matches_reference(layout_case, method, dtype):
 
 @pytest.mark.parametrize("method", ["newton", "zca"])
 @pytest.mark.parametrize("layout_case", LAYOUT_CASES, ids=_layout_id)
-def test_triton_backend_matches_reference(layout_case, method, poison):
+def test_triton_backend_matches_reference(layout_case, method, device, poison):
     (shape, d), channels_last = layout_case
-    x = _input(shape, torch.float32, channels_last)
-    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    x = _input(shape, torch.float32, channels_last, device)
+    weight, bias = torch.rand(shape[1], device=device) + 0.5, torch.randn(shape[1], device=device)
     got = _backend_run("triton", x, d, method, weight, bias)
     want = _reference(x, d, method, weight, bias)
     for name, a, b in zip(NAMES, got, want):
         assert torch.isfinite(a).all(), name                      # padding written (outputs NaN-poisoned)
         assert_close(a, b, msg=f"{name} differs from the reference")
     assert got[0].stride() == x.stride()
-    pad = _padding_mask(shape[1], d)
+    pad = _padding_mask(shape[1], d, device)
     assert not got[1][pad].any() and not got[2][pad].any() and not got[2].transpose(-1, -2)[pad].any()
 
 
-def test_triton_large_group_tiled_newton(poison):
+def test_triton_large_group_tiled_newton(device, poison):
     """d above the Newton kernels' register limit (scratch tiles, unfused from the statistics) with
     a smaller last group of 5 channels."""
-    x = _input((3, 45, 3), torch.float32)
-    weight, bias = torch.rand(45) + 0.5, torch.randn(45)
+    x = _input((3, 45, 3), torch.float32, device=device)
+    weight, bias = torch.rand(45, device=device) + 0.5, torch.randn(45, device=device)
     got = _backend_run("triton", x, 40, "newton", weight, bias, T=2)
     want = _reference(x, 40, "newton", weight, bias, T=2)
     for name, a, b in zip(NAMES, got, want):
         assert_close(a, b, msg=f"{name} differs from the reference")
 
 
-def test_whitening_kernels_keep_the_padding_block_decoupled():
+def test_whitening_kernels_keep_the_padding_block_decoupled(device):
     """Newton-Schulz (forward and backward kernels) and the zca eigensolvers on the padded (G, d, d)
     matrices of a smaller last group give the r x r results of the group alone, zeros in the padding."""
     from sdecor_kernels import newton
@@ -175,11 +182,11 @@ def test_whitening_kernels_keep_the_padding_block_decoupled():
     from sdecor import _ext
 
     d, r = 8, 3
-    a = torch.randn(2, d, 20)
+    a = torch.randn(2, d, 20, device=device)
     cov = a @ a.transpose(-1, -2) / 20
     cov[-1, r:] = 0
     cov[-1, :, r:] = 0
-    gw = torch.randn(2, d, d)
+    gw = torch.randn(2, d, d, device=device)
     gw[-1, r:] = 0
     gw[-1, :, r:] = 0
     C = d + r
@@ -191,10 +198,11 @@ def test_whitening_kernels_keep_the_padding_block_decoupled():
     assert_close(w[-1:, :r, :r], w_r)
     assert_close(g[-1:, :r, :r], c.grad)
     assert not w[-1, r:].any() and not w[-1, :, r:].any() and not g[-1, r:].any() and not g[-1, :, r:].any()
-    eighs = [torch.linalg.eigh] + ([whiten._native_eigh] if _ext.available() else [])
-    for eigh in eighs:
-        evals, evecs, wz = whiten._zca_scaled(cov, 1e-5, torch.ones(2), C, eigh)
-        gz = whiten.zca_backward_masked(gw, evals, evecs, 1e-5, torch.ones(2), C)
+    native = _ext.available() and (device.type == "cpu" or _ext.has_cuda())
+    one = torch.ones(2, device=device)
+    for eigh in [torch.linalg.eigh] + ([whiten._native_eigh] if native else []):
+        evals, evecs, wz = whiten._zca_scaled(cov, 1e-5, one, C, eigh)
+        gz = whiten.zca_backward_masked(gw, evals, evecs, 1e-5, one, C)
         c = cov[-1:, :r, :r].clone().requires_grad_()
         wz_r = ref.whitening_matrix(c, "zca", 1e-5)
         wz_r.backward(gw[-1:, :r, :r])
@@ -204,8 +212,8 @@ def test_whitening_kernels_keep_the_padding_block_decoupled():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_group_cov_and_decorrelation_loss(backend, poison):
-    x = _input((5, 24, 3, 2), torch.float32).requires_grad_()
+def test_group_cov_and_decorrelation_loss(backend, device, poison):
+    x = _input((5, 24, 3, 2), torch.float32, device=_on(backend, device)).requires_grad_()
     with sdecor.use_backend(backend):
         mean, cov = sdecor.group_cov(x, 16, last_group="smaller")
     mean_r, cov_r = ref.group_cov(x, 16, last_group="smaller")
@@ -214,13 +222,26 @@ def test_group_cov_and_decorrelation_loss(backend, poison):
     g = torch.autograd.grad((mean.sin().sum() + cov.square().sum()), x)[0]
     g_r = torch.autograd.grad((mean_r.sin().sum() + cov_r.square().sum()), x)[0]
     assert_close(g, g_r)
+    # the mean over the G groups of each group's own penalty (the last one over its 8 channels)
+    for kind in ("decov", "corr"):
+        with sdecor.use_backend(backend):
+            loss = sdecor.decorrelation_loss(x, 16, kind, last_group="smaller")
+        want = torch.stack([ref.decorrelation_loss(c, c.shape[1], kind) for c in torch.split(x, 16, 1)]).mean()
+        assert_close(ref.decorrelation_loss(x, 16, kind, last_group="smaller"), want)
+        assert_close(loss, want)
+        assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(want, x)[0])
+    with pytest.raises(ValueError, match="kind='corr' needs groups of at least 2 channels; the last group"):
+        sdecor.decorrelation_loss(x[:, :17], 16, "corr", last_group="smaller")
+    with pytest.raises(ValueError, match='last_group="smaller"'):
+        sdecor.decorrelation_loss(x, 16)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_double_backward_matches_reference(backend):
+def test_double_backward_matches_reference(backend, device):
     """A gradient penalty through the training path (create_graph=True)."""
-    x = _input((6, 5, 2), torch.float32)
-    weight = torch.rand(5) + 0.5
+    dev = _on(backend, device)
+    x = _input((6, 5, 2), torch.float32, device=dev)
+    weight = torch.rand(5, device=dev) + 0.5
     outs = {}
     for name in (backend, "reference"):
         xx = x.clone().requires_grad_()
@@ -242,34 +263,35 @@ def test_double_backward_matches_reference(backend):
 
 @pytest.mark.parametrize("method", ["newton", "zca"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_module_running_stats_and_eval(backend, method, poison):
+def test_module_running_stats_and_eval(backend, method, device, poison):
     C, d, r = 24, 16, 8
-    layer = GroupWhitening(C, d, method=method, momentum=0.5, last_group="smaller")
+    dev = _on(backend, device)
+    layer = GroupWhitening(C, d, method=method, momentum=0.5, last_group="smaller", device=dev)
     assert layer.num_groups == 2 and layer.last_group == "smaller"
     assert layer.running_mean.shape == (2, d, 1) and layer.running_wm.shape == (2, d, d)
-    want_wm = torch.eye(d).repeat(2, 1, 1)
+    want_wm = torch.eye(d, device=dev).repeat(2, 1, 1)
     want_wm[-1, r:, r:] = 0
     assert torch.equal(layer.running_wm, want_wm) and not layer.running_mean.any()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
-    xs = [_input((4, C, 3, 3)) for _ in range(2)]
+    xs = [_input((4, C, 3, 3), device=dev) for _ in range(2)]
     with sdecor.use_backend(backend):
         for x in xs:
             layer(x)
     # running <- 0.5 running + 0.5 batch, from the reference's batch statistics
-    mean_run, wm_run = torch.zeros(2, d), want_wm.clone()
+    mean_run, wm_run = torch.zeros(2, d, device=dev), want_wm.clone()
     for x in xs:
         mean_b, cov_b = ref.group_cov(x, d, last_group="smaller")
         mean_run = 0.5 * mean_run + 0.5 * mean_b
         wm_run = 0.5 * wm_run + 0.5 * ref._group_whitening(cov_b, C, method, 1e-5, 5)
     assert_close(layer.running_mean.squeeze(-1), mean_run)
     assert_close(layer.running_wm, wm_run)
-    pad = _padding_mask(C, d)
+    pad = _padding_mask(C, d, dev)
     assert not layer.running_mean.squeeze(-1)[pad].any()
     assert not layer.running_wm[pad].any() and not layer.running_wm.transpose(-1, -2)[pad].any()
     layer.eval()
-    x = _input((3, C, 2, 2), channels_last=True).requires_grad_()
+    x = _input((3, C, 2, 2), channels_last=True, device=dev).requires_grad_()
     with sdecor.use_backend(backend):
         y = layer(x)
     y_ref = ref.apply_whitening(x, layer.running_mean.squeeze(-1), layer.running_wm)
@@ -302,12 +324,13 @@ def test_module_cumulative_average_keeps_padding_zero():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_smaller_bitwise_equal_to_even_where_d_divides_c(backend):
-    x = _input((3, 16, 3, 3))
+def test_smaller_bitwise_equal_to_even_where_d_divides_c(backend, device):
+    dev = _on(backend, device)
+    x = _input((3, 16, 3, 3), device=dev)
     layers = {}
     for last_group in ("even", "smaller"):
         torch.manual_seed(1)
-        layer = GroupWhitening(16, 8, method="zca", last_group=last_group)
+        layer = GroupWhitening(16, 8, method="zca", last_group=last_group, device=dev)
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5)
         xx = x.clone().requires_grad_()
@@ -320,8 +343,9 @@ def test_smaller_bitwise_equal_to_even_where_d_divides_c(backend):
     assert "last_group='smaller'" in repr(GroupWhitening(16, 8, last_group="smaller"))
     for a, b in zip(layers["even"], layers["smaller"]):
         assert torch.equal(a, b)
-    y_even = sdecor.group_whiten(x, 8)
-    assert torch.equal(sdecor.group_whiten(x, 8, last_group="smaller"), y_even)
+    with sdecor.use_backend(backend):
+        y_even = sdecor.group_whiten(x, 8)
+        assert torch.equal(sdecor.group_whiten(x, 8, last_group="smaller"), y_even)
 
 
 def test_errors_name_the_option():
@@ -372,10 +396,11 @@ def world_of_one(tmp_path_factory):
 @pytest.mark.parametrize("method", ["newton", "zca"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", [((4, 24, 3, 3), 16), ((9, 5), 8)], ids=_id)
-def test_sync_passes_match_group_whitening(world_of_one, case, backend, method):
+def test_sync_passes_match_group_whitening(world_of_one, case, backend, method, device):
     shape, d = case
-    x = _input(shape, channels_last=len(shape) == 4)
-    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    dev = _on(backend, device)
+    x = _input(shape, channels_last=len(shape) == 4, device=dev)
+    weight, bias = torch.rand(shape[1], device=dev) + 0.5, torch.randn(shape[1], device=dev)
     runs = []
     for sync in (True, False):
         xx, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))

@@ -259,11 +259,16 @@ def check_whitening_args(method: str, eps: float, T: int) -> None:
         raise ValueError(f"T (Newton-Schulz steps) must be an int in [1, {MAX_NEWTON_STEPS}]; got {T!r}")
 
 
-def check_decor_args(num_channels, kind: str) -> None:
+def check_decor_args(num_channels, kind: str, C: int | None = None) -> None:
+    """kind, and groups of at least 2 channels for "corr" (with C given and checked against d: the
+    last group too, which holds C - (G - 1) d channels with last_group="smaller")."""
     if kind not in DECOR_KINDS:
         raise ValueError(f"kind must be one of {DECOR_KINDS}; got {kind!r}")
     if kind == "corr" and isinstance(num_channels, int) and num_channels < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
+    if kind == "corr" and C is not None and group_layout(C, num_channels)[1] < 2:
+        raise ValueError(f"kind='corr' needs groups of at least 2 channels; the last group of C={C} "
+                         f"channels in groups of num_channels={num_channels} holds 1")
 
 
 def resolve_k(D: int | None, ratio, k) -> int | None:

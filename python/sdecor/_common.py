@@ -22,6 +22,7 @@ __all__ = [
     "ZCAWhitening",
     "decorrelation",
     "decorrelation_from_cov",
+    "decorrelation_per_group",
     "eye_like",
     "fill_values",
     "graph_backward",
@@ -436,24 +437,36 @@ def scale_for_corr(x: torch.Tensor, num_channels: int) -> torch.Tensor:
     return x * scale.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
-def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
+def decorrelation_per_group(cov: torch.Tensor, kind: str) -> torch.Tensor:
+    """The penalty of every group (G,) from its covariance (G, d, d)."""
     diag = cov.diagonal(dim1=-2, dim2=-1)                            # (G, d)
     if kind == "decov":
         # 0.5 (||cov||_F^2 - ||diag cov||^2) summed as the off-diagonal squares (no cancellation)
         off = cov - torch.diag_embed(diag)
-        per_group = 0.5 * off.square().sum((-2, -1))
-    else:
-        d = cov.shape[-1]
-        std = diag.clamp_min(CORR_VAR_FLOOR).sqrt()
-        corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
-        per_group = (corr - eye_like(corr)).square().sum((-2, -1)) / (d * (d - 1))
-    return per_group.mean()
+        return 0.5 * off.square().sum((-2, -1))
+    d = cov.shape[-1]
+    std = diag.clamp_min(CORR_VAR_FLOOR).sqrt()
+    corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+    return (corr - eye_like(corr)).square().sum((-2, -1)) / (d * (d - 1))
+
+
+def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
+    return decorrelation_per_group(cov, kind).mean()
 
 
 def decorrelation(x: torch.Tensor, num_channels: int, kind: str, group_cov) -> torch.Tensor:
     """decorrelation_loss of checked arguments, with the covariance from ``group_cov(x, d)`` (the
-    reference's or the selected backend's); "corr" on x scaled by :func:`scale_for_corr`."""
-    if kind == "corr":                                               # scale-free: keep it finite
-        x = scale_for_corr(x, num_channels)
-    _, cov = group_cov(x, num_channels)
-    return decorrelation_from_cov(cov, kind)
+    reference's or the selected backend's); "corr" on x scaled by :func:`scale_for_corr`. A smaller
+    last group (d does not divide C) is a group of its own: the mean is over all G groups."""
+    x_even, x_last, r = split_channels(x, num_channels)
+    if r == num_channels:
+        parts = [(x, num_channels)]
+    else:
+        parts = [(x_even, num_channels)] * bool(x_even.shape[1]) + [(x_last, r)]
+    per_group = []
+    for xp, dp in parts:
+        if kind == "corr":                                           # scale-free: keep it finite
+            xp = scale_for_corr(xp, dp)
+        _, cov = group_cov(xp, dp)
+        per_group.append(decorrelation_per_group(cov, kind))
+    return torch.cat(per_group).mean()

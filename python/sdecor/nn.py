@@ -122,7 +122,8 @@ class GroupWhitening(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_channels={self.num_channels}, method={self.method!r}, "
                 f"T={self.T}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, last_group={self.last_group!r}")
+                f"track_running_stats={self.track_running_stats}"
+                + (f", last_group={self.last_group!r}" if self.last_group != "even" else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The options were checked in __init__; the input is checked here, once.

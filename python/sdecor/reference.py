@@ -218,16 +218,20 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
 
 
 @no_autocast
-def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
+def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
+                       last_group: str = "even") -> torch.Tensor:
     """Mean over groups of a decorrelation penalty on the group covariance.
 
     "decov": 0.5 (||cov||_F^2 - ||diag cov||^2).
     "corr":  ||R - I||_F^2 / (d (d - 1)), R the correlation matrix (variances floored at 1e-12).
     R does not depend on the scale of x: groups with max |x| >= 2^48 are first divided by a power of
     two (exact), so that "corr" stays finite at any finite scale.
+    last_group="smaller": a last group of r < d channels is a group of its own (its penalty over its
+    r channels, "corr" with r (r - 1), which needs r >= 2); the mean is over all G groups.
     """
     checks.check_decor_args(num_channels, kind)
     checks.check_input(x)
-    checks.check_groups(num_channels, x.shape[1])
+    checks.check_groups(num_channels, x.shape[1], last_group)
+    checks.check_decor_args(num_channels, kind, x.shape[1])
     checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, _group_cov)

@@ -408,13 +408,16 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: flo
     x_even, x_last, r = split_channels(x, num_channels)
     if r == num_channels:
         return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
+    # the full groups' channels and the last group's, each through the even path (views of x)
     d, c0 = num_channels, x_even.shape[1]
-    parts = [(x_last, r, slice(c0, None))] if c0 == 0 else [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
+    parts = [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
+    if c0 == 0:                                                      # C < d: one group of C channels
+        parts = parts[1:]
     outs = [_GroupWhitenTrain.apply(xp, None if weight is None else weight[sl],
                                     None if bias is None else bias[sl], dp, method, float(eps), int(T))
             for xp, dp, sl in parts]
     y = like_format(torch.cat([o[0] for o in outs], 1).contiguous(), x)
-    (_, mean_r, wm_r) = outs[-1]
+    _, mean_r, wm_r = outs[-1]
     mean_e, wm_e = (outs[0][1], outs[0][2]) if c0 else (None, None)
     return y, join_groups(mean_e, mean_r, d), join_groups(wm_e, wm_r, d)
 
