@@ -10,8 +10,9 @@ Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z; W = Z
 Both take the channel count C: a smaller last group (dg = C - (G-1) d < d channels, zero padded in cov)
 gets Se = cov + eps I over its own dg channels, the trace of those and the identity of those, so that
 its padding stays zero in every iterate and the top-left dg x dg block is its own result (the padding
-of W and dL/dcov is written as zeros). With HAS_SCALE both take the group's power-of-two scale c (see :mod:`sdecor_kernels.stats`): cov is
-then cov / c^2, eps becomes eps / c^2, W is divided by c, dL/dcov divided by c.
+of W and dL/dcov is written as zeros). With HAS_SCALE both take the group's power-of-two scale c (see
+:mod:`sdecor_kernels.stats`): cov is then cov / c^2, eps becomes eps / c^2, W is divided by c, dL/dcov
+divided by c.
 
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
 multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill). The

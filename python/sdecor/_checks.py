@@ -20,6 +20,7 @@ __all__ = [
     "METHODS",
     "REDUCES",
     "check_affine",
+    "check_corr_groups",
     "check_cov",
     "check_decor_args",
     "check_float_tensor",
@@ -39,7 +40,6 @@ __all__ = [
     "check_training_samples",
     "check_whitening_args",
     "divisors",
-    "group_layout",
     "is_finite_number",
     "is_number",
     "resolve_k",
@@ -109,7 +109,7 @@ def check_last_group(last_group) -> None:
         raise ValueError(f"last_group must be one of {LAST_GROUPS}; got {last_group!r}")
 
 
-def group_layout(C: int, d: int) -> tuple[int, int]:
+def _group_layout(C: int, d: int) -> tuple[int, int]:
     """(G, r) of C channels in groups of d: G = ceil(C / d) groups, the last one of r = C - (G - 1) d
     channels (r = d when d divides C)."""
     G = -(-C // d)
@@ -132,7 +132,7 @@ def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
             f"num_channels (group size d={num_channels}) must divide the channel count C={C}; "
             f"valid group sizes for C={C} are {divisors(C)}, or pass last_group=\"smaller\" for a "
             f"last group of C % d = {C % num_channels} channels")
-    return group_layout(C, num_channels)[0]
+    return _group_layout(C, num_channels)[0]
 
 
 def check_training_samples(x: torch.Tensor) -> int:
@@ -259,14 +259,16 @@ def check_whitening_args(method: str, eps: float, T: int) -> None:
         raise ValueError(f"T (Newton-Schulz steps) must be an int in [1, {MAX_NEWTON_STEPS}]; got {T!r}")
 
 
-def check_decor_args(num_channels, kind: str, C: int | None = None) -> None:
-    """kind, and groups of at least 2 channels for "corr" (with C given and checked against d: the
-    last group too, which holds C - (G - 1) d channels with last_group="smaller")."""
+def check_decor_args(num_channels, kind: str) -> None:
     if kind not in DECOR_KINDS:
         raise ValueError(f"kind must be one of {DECOR_KINDS}; got {kind!r}")
     if kind == "corr" and isinstance(num_channels, int) and num_channels < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
-    if kind == "corr" and C is not None and group_layout(C, num_channels)[1] < 2:
+
+
+def check_corr_groups(num_channels: int, C: int) -> None:
+    """kind='corr' with last_group="smaller": the last group, of C - (G - 1) d channels, needs 2 too."""
+    if _group_layout(C, num_channels)[1] < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; the last group of C={C} "
                          f"channels in groups of num_channels={num_channels} holds 1")
 

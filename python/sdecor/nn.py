@@ -23,7 +23,8 @@ class GroupWhitening(nn.Module):
     contiguous channels; d must divide C unless ``last_group="smaller"`` (IterNorm's flexible
     groups): then G = ceil(C / d) and the last group holds the r = C - (G - 1) d remaining channels
     and is whitened as a group of its own (its mean, its r x r covariance, Se = cov + eps I_r; with
-    r = d, i.e. d dividing C, this is exactly ``"even"``). For input x of shape (N, C, *S) (0 to 3 trailing dims) and each group g,
+    r = d, i.e. d dividing C, this is exactly ``"even"``). For input x of shape (N, C, *S) (0 to 3
+    trailing dims) and each group g,
 
     .. math:: y_g = \mathrm{weight}_g \odot W_g (x_g - \mu_g) + \mathrm{bias}_g
 

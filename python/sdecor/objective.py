@@ -37,7 +37,8 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
     _checks.check_decor_args(num_channels, kind)
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1], last_group)
-    _checks.check_decor_args(num_channels, kind, x.shape[1])
+    if kind == "corr":
+        _checks.check_corr_groups(num_channels, x.shape[1])
     _checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, run_group_cov)
 

@@ -232,6 +232,7 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
     checks.check_decor_args(num_channels, kind)
     checks.check_input(x)
     checks.check_groups(num_channels, x.shape[1], last_group)
-    checks.check_decor_args(num_channels, kind, x.shape[1])
+    if kind == "corr":
+        checks.check_corr_groups(num_channels, x.shape[1])
     checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, _group_cov)

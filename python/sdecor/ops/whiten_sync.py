@@ -20,9 +20,10 @@ The kernels are the ones of GroupWhitening (``triton``: :mod:`sdecor_kernels` th
 collectives sit between them. A smaller last group (d does not divide C) travels in the padded
 (G, d) / (G, d, d) layout (zeros in its padding, which the combination keeps zero); the triton kernels
 mask it themselves, the torch passes run on the full groups' channels and on the last group's as on
-two inputs (see :mod:`sdecor.ops.whiten_torch`), and the d x d math of both takes the channel mask. Ranks may hold any number of samples, 0 included; fewer than 2 on all
-ranks together leave the running statistics untouched (the counts are only known on the device, and
-reading them would wait for it). Nothing here synchronises with the host.
+two inputs (see :mod:`sdecor.ops.whiten_torch`), and the d x d math of both takes the channel mask.
+Ranks may hold any number of samples, 0 included; fewer than 2 on all ranks together leave the
+running statistics untouched (the counts are only known on the device, and reading them would wait
+for it). Nothing here synchronises with the host.
 
 A rank that fails between the two collectives of a step (an exception, a killed process) leaves the
 others waiting in their next collective until the process group's timeout, as with SyncBatchNorm.
