@@ -6,6 +6,13 @@ both read in place, without a transposed copy. Sample j in [0, m), m = N * L, is
 Group g holds channels [g*d, (g+1)*d); every kernel works on tiles [BD, BM] (channels x samples) with
 BD = next power of two >= d (masked), and accumulates in fp32.
 
+A smaller last group (IterNorm's flexible groups): the kernels take the channel count C, and group g
+holds dg = min(d, C - g*d) channels (:func:`_group_size`); loads of x, dy, weight and bias are masked
+by dg, so the last group's padding reads as zeros, and its statistics and d x d matrices (G, d[, d])
+hold zeros there (written, never left unwritten). With zero padding and the identity of the group's
+own channels, the padding block stays zero and decoupled in every d x d computation (Newton-Schulz,
+its backward), so the top-left dg x dg block is exactly the smaller group's own result.
+
 Matrix products use ``tl.dot`` when BD >= 16 and a broadcast-and-sum otherwise (tl.dot needs 16).
 
 Every launcher goes through :func:`launch`, the one place where kernels are wrapped with
@@ -36,19 +43,26 @@ def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _tile(g, j0, d, m, L, sn, sc, sl, BD: tl.constexpr, BM: tl.constexpr):
-    """Offsets [BD, BM] (int64) and mask of the samples j0 .. j0+BM of group g."""
-    return _tile_rows(g, tl.arange(0, BD), j0, d, m, L, sn, sc, sl, BM)
+def _group_size(g, d, C):
+    """dg: the channels of group g, d but for a smaller last group (C - g d < d)."""
+    return tl.minimum(d, C - g * d)
 
 
 @triton.jit
-def _tile_rows(g, c, j0, d, m, L, sn, sc, sl, BM: tl.constexpr):
-    """Offsets [len(c), BM] (int64) and mask of the channels c (of group g) of samples j0 .. j0+BM."""
+def _tile(g, j0, d, dg, m, L, sn, sc, sl, BD: tl.constexpr, BM: tl.constexpr):
+    """Offsets [BD, BM] (int64) and mask of the samples j0 .. j0+BM of group g (dg channels)."""
+    return _tile_rows(g, tl.arange(0, BD), j0, d, dg, m, L, sn, sc, sl, BM)
+
+
+@triton.jit
+def _tile_rows(g, c, j0, d, dg, m, L, sn, sc, sl, BM: tl.constexpr):
+    """Offsets [len(c), BM] (int64) and mask of the channels c (of group g, dg channels) of samples
+    j0 .. j0+BM."""
     j = j0 + tl.arange(0, BM).to(tl.int64)
     n = j // L
     l = j - n * L
     off = (g * d + c).to(tl.int64)[:, None] * sc + (n * sn + l * sl)[None, :]
-    mask = (c < d)[:, None] & (j < m)[None, :]
+    mask = (c < dg)[:, None] & (j < m)[None, :]
     return off, mask
 
 
@@ -208,7 +222,7 @@ def pass_setup(config: type[PassConfig], x: torch.Tensor, L: int, d: int):
     m, dev = x.shape[0] * L, x.device
     cfg = config.for_group(d, dev.type == "cuda")
     n_blocks = -(-m // cfg.BM)
-    P, bpp = splits(n_blocks, x.shape[1] // d, dev)
+    P, bpp = splits(n_blocks, -(-x.shape[1] // d), dev)
     return cfg, m, n_blocks, P, bpp
 
 
@@ -287,8 +301,8 @@ SPEC_DS = (2, 3, 4, 8, 16, 32, 48, 64, 128)
 BF16 = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "weight_ptr": "*bf16",
         "bias_ptr": "*bf16"}
 # the arguments of a pass over x: layout of x (and of dy), sample blocks of each program
-X_ARGS = "d m L sn sc sl n_blocks bpp"
-XT_ARGS = "d m L sn sc sl tn tc tl_ n_blocks bpp"
+X_ARGS = "d C m L sn sc sl n_blocks bpp"
+XT_ARGS = "d C m L sn sc sl tn tc tl_ n_blocks bpp"
 
 
 def signature(names: str, types: dict | None = None) -> dict:

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BF16, SPEC_DS, XT_ARGS, ProductPassConfig, ReducePassConfig, _block_range, _inv_pow2, _mm,
-                      _tile, _tile_rows, f32, flat_view, launch, pass_setup, signature)
+from ._common import (BF16, SPEC_DS, XT_ARGS, ProductPassConfig, ReducePassConfig, _block_range, _group_size,
+                      _inv_pow2, _mm, _tile, _tile_rows, f32, flat_view, launch, pass_setup, signature)
 
 __all__ = ["STATIC_SPECS", "whiten_bwd_dx", "whiten_bwd_reduce"]
 
@@ -32,14 +32,15 @@ __all__ = ["STATIC_SPECS", "whiten_bwd_dx", "whiten_bwd_reduce"]
 
 
 @triton.jit
-def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, dp_ptr, sp_ptr, d, m, L, sn, sc, sl, tn,
+def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, dp_ptr, sp_ptr, d, C, m, L, sn, sc, sl, tn,
                              tc, tl_, n_blocks, bpp, P, HAS_SCALE: tl.constexpr, BD: tl.constexpr,
                              BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                              HALVES: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
-    mu = tl.load(mean_ptr + g.to(tl.int64) * d + c, mask=c < d, other=0.0)
+    dg = _group_size(g, d, C)
+    mu = tl.load(mean_ptr + g.to(tl.int64) * d + c, mask=c < dg, other=0.0)
     if HAS_SCALE:
         # (x - mean) / c = x / c - mean / c (one FMA, exact), c the group's power-of-two scale: D / c
         # stays finite where D would not
@@ -56,16 +57,16 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, dp_ptr, sp_ptr,
         accSB = tl.zeros((BD // 2,), dtype=tl.float32)
         for b in range(b0, b1):
             j0 = b * BM
-            off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
+            off, mask = _tile(g, j0, d, dg, m, L, sn, sc, sl, BD, BM)
             xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 xt = xt * rc
             xcT = tl.trans(tl.where(mask, xt - mu[:, None], 0.0))
-            offT, maskT = _tile_rows(g, h, j0, d, m, L, tn, tc, tl_, BM)
+            offT, maskT = _tile_rows(g, h, j0, d, dg, m, L, tn, tc, tl_, BM)
             dyT = tl.load(dy_ptr + offT, mask=maskT, other=0.0).to(tl.float32)
             accST += tl.sum(dyT, axis=1)
             accT += _mm(dyT, xcT, USE_DOT, PREC)
-            offB, maskB = _tile_rows(g, h + BD // 2, j0, d, m, L, tn, tc, tl_, BM)
+            offB, maskB = _tile_rows(g, h + BD // 2, j0, d, dg, m, L, tn, tc, tl_, BM)
             dyB = tl.load(dy_ptr + offB, mask=maskB, other=0.0).to(tl.float32)
             accSB += tl.sum(dyB, axis=1)
             accB += _mm(dyB, xcT, USE_DOT, PREC)
@@ -78,8 +79,8 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, dp_ptr, sp_ptr,
     accS = tl.zeros((BD,), dtype=tl.float32)
     for b in range(b0, b1):
         j0 = b * BM
-        off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
-        offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+        off, mask = _tile(g, j0, d, dg, m, L, sn, sc, sl, BD, BM)
+        offd, _ = _tile(g, j0, d, dg, m, L, tn, tc, tl_, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
@@ -92,14 +93,15 @@ def whiten_bwd_reduce_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, dp_ptr, sp_ptr,
 
 
 @triton.jit
-def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, scale_ptr, d, m, L, sn, sc,
+def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, scale_ptr, d, C, m, L, sn, sc,
                          sl, tn, tc, tl_, n_blocks, bpp, HAS_DY: tl.constexpr, HAS_SCALE: tl.constexpr,
                          BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                          MAT_IN_LOOP: tl.constexpr, RB: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
-    cm = c < d
+    dg = _group_size(g, d, C)
+    cm = c < dg
     m2 = cm[:, None] & cm[None, :]
     gd = g.to(tl.int64) * d
     mat = gd * d + c[:, None] * d + c[None, :]
@@ -118,7 +120,7 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, s
     b0, b1 = _block_range(s, n_blocks, bpp)
     for b in range(b0, b1):
         j0 = b * BM
-        off, mask = _tile(g, j0, d, m, L, sn, sc, sl, BD, BM)
+        off, mask = _tile(g, j0, d, dg, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             xc = tl.where(mask, xt * rc - mu[:, None], 0.0)
@@ -126,26 +128,26 @@ def whiten_bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, v_ptr, s
             xc = tl.where(mask, xt - mu[:, None], 0.0)
         if RB < BD:
             if HAS_DY:
-                offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+                offd, _ = _tile(g, j0, d, dg, m, L, tn, tc, tl_, BD, BM)
                 dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
             # output rows in blocks of RB: rows of A (and B) reloaded per block, xc and dy reused
             for rb in range(BD // RB):
                 r = rb * RB + tl.arange(0, RB)
-                rm = r < d
+                rm = r < dg
                 matr = gd * d + r[:, None] * d + c[None, :]
                 m2r = rm[:, None] & cm[None, :]
                 out = _mm(tl.load(a_ptr + matr, mask=m2r, other=0.0), xc, USE_DOT, PREC)
                 out += tl.load(v_ptr + gd + r, mask=rm, other=0.0)[:, None]
                 if HAS_DY:
                     out += _mm(tl.load(b_ptr + matr, mask=m2r, other=0.0), dyt, USE_DOT, PREC)
-                offr, maskr = _tile_rows(g, r, j0, d, m, L, sn, sc, sl, BM)
+                offr, maskr = _tile_rows(g, r, j0, d, dg, m, L, sn, sc, sl, BM)
                 tl.store(dx_ptr + offr, out.to(dx_ptr.dtype.element_ty), mask=maskr)
         else:
             if MAT_IN_LOOP:
                 A = tl.load(a_ptr + mat, mask=m2, other=0.0)
             out = _mm(A, xc, USE_DOT, PREC) + v[:, None]
             if HAS_DY:
-                offd, _ = _tile(g, j0, d, m, L, tn, tc, tl_, BD, BM)
+                offd, _ = _tile(g, j0, d, dg, m, L, tn, tc, tl_, BD, BM)
                 dyt = tl.load(dy_ptr + offd, mask=mask, other=0.0).to(tl.float32)
                 if MAT_IN_LOOP:
                     B = tl.load(b_ptr + mat, mask=m2, other=0.0)
@@ -178,7 +180,7 @@ def whiten_bwd_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sca
     sp = f32(G, P, BD, device=dev)
     mean = mean.to(torch.float32).contiguous()
     launch(whiten_bwd_reduce_kernel, (P, G), dy, x, mean, _scale_arg(scale, mean), dp, sp,
-           d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, P, HAS_SCALE=scale is not None, **cfg.meta())
+           d, x.shape[1], m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, P, HAS_SCALE=scale is not None, **cfg.meta())
     return dp.sum(1)[:, :d, :d], sp.sum(1)[:, :d]
 
 
@@ -205,7 +207,7 @@ def whiten_bwd_dx(dy: torch.Tensor | None, x: torch.Tensor, mean: torch.Tensor, 
     launch(whiten_bwd_dx_kernel, (P, G), dy, x, dx, mean, a,
            b.to(torch.float32).contiguous() if b is not None else a,
            v.to(torch.float32).contiguous(), _scale_arg(scale, mean),
-           d, m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, HAS_DY=dy_given, HAS_SCALE=scale is not None,
+           d, x.shape[1], m, L, sn, sc, sl, tn, tc, tl_, n_blocks, bpp, HAS_DY=dy_given, HAS_SCALE=scale is not None,
            **cfg.meta())
     return dx
 

@@ -7,8 +7,12 @@ Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z; W = Z
 - ``newton_bwd_kernel`` grid (G,): dL/dcov from dL/dW (the exact derivative of the coupled
   iteration, iterates kept in a global scratch buffer).
 
-With HAS_SCALE both take the group's power-of-two scale c (see :mod:`sdecor_kernels.stats`): cov is
-then cov / c^2, eps becomes eps / c^2, W is divided by c, dL/dcov divided by c.
+Both take the channel count C: a smaller last group (dg = C - (G-1) d < d channels, zero padded in cov)
+gets Se = cov + eps I over its own dg channels, the trace of those and the identity of those, so that
+its padding stays zero in every iterate and the top-left dg x dg block is its own result (the padding
+of W and dL/dcov is written as zeros). With HAS_SCALE both take the group's power-of-two scale c (see
+:mod:`sdecor_kernels.stats`): cov is then cov / c^2, eps becomes eps / c^2, W is divided by c, dL/dcov
+divided by c.
 
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
 multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill). The
@@ -25,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SPEC_DS, MatrixConfig, _eye, _inv_pow2, _mm, f32, launch, pow2, signature
+from ._common import SPEC_DS, MatrixConfig, _eye, _group_size, _inv_pow2, _mm, f32, launch, pow2, signature
 
 __all__ = ["STATIC_SPECS", "NewtonBwdConfig", "NewtonFwdConfig", "newton_backward", "newton_forward"]
 
@@ -277,19 +281,19 @@ def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_se_tiled(cov_ptr, Yp, Zp, d, eps, BD: tl.constexpr, BT: tl.constexpr):
-    """Y = Se / tr(Se), Z = I into scratch (zero padded); returns tr(Se)."""
+def _load_se_tiled(cov_ptr, Yp, Zp, d, dg, eps, BD: tl.constexpr, BT: tl.constexpr):
+    """Y = Se / tr(Se), Z = I of the group's dg channels into scratch (zero padded); returns tr(Se)."""
     r = tl.arange(0, BT)
     tr = 0.0
     for i in range(BD // BT):
         ri = i * BT + r
-        diag = tl.load(cov_ptr + ri * d + ri, mask=ri < d, other=0.0) + eps
-        tr += tl.sum(tl.where(ri < d, diag, 0.0), axis=0)
+        diag = tl.load(cov_ptr + ri * d + ri, mask=ri < dg, other=0.0) + eps
+        tr += tl.sum(tl.where(ri < dg, diag, 0.0), axis=0)
     for i in range(BD // BT):
         for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
-            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            m2 = (ri < dg)[:, None] & (rj < dg)[None, :]
             eye = ((ri[:, None] == rj[None, :]) & m2).to(tl.float32)
             S = tl.load(cov_ptr + ri[:, None] * d + rj[None, :], mask=m2, other=0.0) + eps * eye
             off = ri[:, None] * BD + rj[None, :]
@@ -317,12 +321,13 @@ def _store_tiled(src, dst, scale, d, BD: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, eps, T, HAS_SCALE: tl.constexpr,
+def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, C, eps, T, HAS_SCALE: tl.constexpr,
                       BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     """W of cov + eps I; HAS_SCALE: cov is in units of the group's power-of-two scale c (cov / c^2),
     and W = W(cov / c^2 + eps / c^2 I) / c."""
     g = tl.program_id(0)
     gd = g.to(tl.int64) * d
+    dg = _group_size(g, d, C)
     r = 1.0
     if HAS_SCALE:
         r = _inv_pow2(tl.load(scale_ptr + g))
@@ -330,8 +335,9 @@ def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, eps, T, HAS_SCA
     if BD <= BT:
         c = tl.arange(0, BD)
         m2 = (c < d)[:, None] & (c < d)[None, :]
-        eye = _eye(BD, d)
-        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
+        m2g = (c < dg)[:, None] & (c < dg)[None, :]
+        eye = _eye(BD, dg)
+        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2g, other=0.0) + eps * eye
         W = _newton_regs(S, eye, T, USE_DOT, PREC)
         if HAS_SCALE:
             W = W * r
@@ -343,7 +349,7 @@ def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, eps, T, HAS_SCA
         Zp = Yp + sz
         Mp = Zp + sz
         Xp = Mp + sz
-        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, eps, BD, BT)
+        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, dg, eps, BD, BT)
         Z = _ns_forward(Yp, Zp, Mp, Xp, None, None, T, None, BD, BT, USE_DOT, PREC, False, False)
         rs = 1.0 / tl.sqrt(tr)
         if HAS_SCALE:
@@ -352,7 +358,7 @@ def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, eps, T, HAS_SCA
 
 
 @triton.jit
-def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, d, eps, T,
+def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, d, C, eps, T,
                       HAS_SCALE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr,
                       PREC: tl.constexpr):
     """dL/dcov of W = Newton-Schulz(cov + eps I, T): reverse mode through the coupled iteration
@@ -361,6 +367,7 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, 
     power-of-two scale), and the result is divided by c."""
     g = tl.program_id(0)
     gd = g.to(tl.int64) * d
+    dg = _group_size(g, d, C)
     sz = BD * BD
     hist = hist_ptr + g.to(tl.int64) * T * 2 * sz
     r = 1.0
@@ -370,11 +377,12 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, 
     if BD <= BT:
         c = tl.arange(0, BD)
         m2 = (c < d)[:, None] & (c < d)[None, :]
-        eye = _eye(BD, d)
-        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0) + eps * eye
+        m2g = (c < dg)[:, None] & (c < dg)[None, :]
+        eye = _eye(BD, dg)
+        S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2g, other=0.0) + eps * eye
         tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
         Z = _ns_forward(S / tr, eye, None, None, None, hist, T, eye, BD, BT, USE_DOT, PREC, True, True)
-        gW = tl.load(gw_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2, other=0.0)
+        gW = tl.load(gw_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2g, other=0.0)
         gY, g_tr = _ns_backward(gW, Z, S, tr, hist, T, eye, None, None, None, None, None, None, BD, BT,
                                 USE_DOT, PREC, True)
         gS = gY / tr + g_tr * eye
@@ -392,43 +400,43 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, 
         t1 = wk + 5 * sz
         t2 = wk + 6 * sz
         # Y0, Z0 in hist slots 0, 1; Z_T ends in t2
-        tr = _load_se_tiled(cov_ptr + gd * d, hist, hist + sz, d, eps, BD, BT)
+        tr = _load_se_tiled(cov_ptr + gd * d, hist, hist + sz, d, dg, eps, BD, BT)
         _tiled_axpy(hist, hist, Sp, tr, 0.0, BD, BT)                     # S = Y0 * tr
         Z = _ns_forward(hist, hist + sz, Mp, t1, t2, hist, T, None, BD, BT, USE_DOT, PREC, False, True)
-        _load_padded_tiled(gw_ptr + gd * d, gZp, d, BD, BT)
+        _load_padded_tiled(gw_ptr + gd * d, gZp, d, dg, BD, BT)
         gY, g_tr = _ns_backward(gZp, Z, Sp, tr, hist, T, None, Mp, gYp, gZp, gMp, t1, t2, BD, BT,
                                 USE_DOT, PREC, False)
         rt = 1.0 / tr
         if HAS_SCALE:
             rt = rt * r
             g_tr = g_tr * r
-        _store_grad_tiled(gY, gcov_ptr + gd * d, rt, g_tr, d, BD, BT)
+        _store_grad_tiled(gY, gcov_ptr + gd * d, rt, g_tr, d, dg, BD, BT)
 
 
 @triton.jit
-def _load_padded_tiled(src, dst, d, BD: tl.constexpr, BT: tl.constexpr):
-    """dst (BD x BD scratch) = src (d x d) zero padded (then a barrier)."""
+def _load_padded_tiled(src, dst, d, dg, BD: tl.constexpr, BT: tl.constexpr):
+    """dst (BD x BD scratch) = the dg x dg block of src (d x d), zero padded (then a barrier)."""
     r = tl.arange(0, BT)
     for i in range(BD // BT):
         for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
-            m2 = (ri < d)[:, None] & (rj < d)[None, :]
+            m2 = (ri < dg)[:, None] & (rj < dg)[None, :]
             v = tl.load(src + ri[:, None] * d + rj[None, :], mask=m2, other=0.0)
             tl.store(dst + ri[:, None] * BD + rj[None, :], v)
     tl.debug_barrier()
 
 
 @triton.jit
-def _store_grad_tiled(src, dst, scale, diag, d, BD: tl.constexpr, BT: tl.constexpr):
-    """dst (d x d) = scale * src + diag * I."""
+def _store_grad_tiled(src, dst, scale, diag, d, dg, BD: tl.constexpr, BT: tl.constexpr):
+    """dst (d x d) = scale * src + diag * I_dg (the identity of the group's dg channels)."""
     r = tl.arange(0, BT)
     for i in range(BD // BT):
         for jb in range(BD // BT):
             ri = i * BT + r
             rj = jb * BT + r
             m2 = (ri < d)[:, None] & (rj < d)[None, :]
-            eye = (ri[:, None] == rj[None, :]).to(tl.float32)
+            eye = ((ri[:, None] == rj[None, :]) & (ri < dg)[:, None]).to(tl.float32)
             v = scale * tl.load(src + ri[:, None] * BD + rj[None, :]) + diag * eye
             tl.store(dst + ri[:, None] * d + rj[None, :], v, mask=m2)
 
@@ -470,15 +478,21 @@ class NewtonFwdConfig(_NewtonConfig):
 class NewtonBwdConfig(_NewtonConfig):
     """newton_bwd_kernel (see _NewtonConfig)."""
 
-    TABLE = ((16, TILE, 8, 2), (REG_BD, TILE, 8, 1), (64, 32, 4, 3), (math.inf, 16, 2, 3))
+    # num_stages=3 at BD <= 16: with 2, the HAS_SCALE variant spilled 8 bytes at 64 registers on sm_90
+    # once the kernel took each group's channel count (3: 77-80 registers, no spill on sm_80 and sm_90)
+    TABLE = ((16, TILE, 8, 3), (REG_BD, TILE, 8, 1), (64, 32, 4, 3), (math.inf, 16, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------
 # launchers
 
 
-def newton_forward(cov: torch.Tensor, eps: float, T: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+def newton_forward(cov: torch.Tensor, eps: float, T: int, scale: torch.Tensor | None = None,
+                   C: int | None = None) -> torch.Tensor:
     """W (G, d, d) = Newton-Schulz whitening matrix of cov (G, d, d) fp32 + eps I, T steps.
+
+    ``C`` (default G d): channels of the G groups; a smaller last group of C - (G-1) d channels, zero
+    padded in cov, gets the W of its own block (zeros in the padding).
 
     With ``scale`` (G,), powers of two c: cov holds cov_true / c^2, and W is the whitening matrix of
     cov_true + eps I in its own units, W(cov + eps / c^2 I) / c (finite where cov_true is not).
@@ -490,14 +504,16 @@ def newton_forward(cov: torch.Tensor, eps: float, T: int, scale: torch.Tensor | 
     BD = cfg.BD
     w = f32(G, d, d, device=dev)
     scratch = f32(1, device=dev) if cfg.in_registers else f32(G, 4, BD, BD, device=dev)
-    launch(newton_fwd_kernel, (G,), cov, w, scratch, _scale_arg(scale, w), d, float(eps), int(T),
+    launch(newton_fwd_kernel, (G,), cov, w, scratch, _scale_arg(scale, w), d, G * d if C is None else int(C),
+           float(eps), int(T),
            HAS_SCALE=scale is not None, **cfg.meta())
     return w
 
 
 def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dcov (G, d, d) from dL/dW for W = newton_forward(cov, eps, T) (the exact derivative).
+                    scale: torch.Tensor | None = None, C: int | None = None) -> torch.Tensor:
+    """dL/dcov (G, d, d) from dL/dW for W = newton_forward(cov, eps, T, scale, C) (the exact
+    derivative; zeros in the padding of a smaller last group).
 
     With ``scale`` (G,), powers of two c: cov holds cov_true / c^2 and grad_w is dL/dW' for
     W' = W(cov + eps / c^2 I), the whitening matrix in units of c; returns dL/dSe' / c, Se' = cov +
@@ -512,8 +528,8 @@ def newton_backward(cov: torch.Tensor, grad_w: torch.Tensor, eps: float, T: int,
     gcov = f32(G, d, d, device=dev)
     hist = f32(G, int(T), 2, BD, BD, device=dev)
     work = f32(1, device=dev) if cfg.in_registers else f32(G, 7, BD, BD, device=dev)
-    launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, _scale_arg(scale, gcov), d, float(eps),
-           int(T), HAS_SCALE=scale is not None, **cfg.meta())
+    launch(newton_bwd_kernel, (G,), cov, grad_w, gcov, hist, work, _scale_arg(scale, gcov), d,
+           G * d if C is None else int(C), float(eps), int(T), HAS_SCALE=scale is not None, **cfg.meta())
     return gcov
 
 
@@ -525,16 +541,16 @@ def _scale_arg(scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
-_BWD_ARGS = "cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr scale_ptr d eps T"
+_BWD_ARGS = "cov_ptr gw_ptr gcov_ptr hist_ptr work_ptr scale_ptr d C eps T"
 
 STATIC_SPECS = [
     dict(name="newton_fwd_kernel", kernel=newton_fwd_kernel, ds=SPEC_DS,
-         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d eps T", {"eps": "fp32"}),
+         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d C eps T", {"eps": "fp32"}),
          config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=False)),
     # with a scale: the training path above REG_BD (below it, W comes from the statistics finalize)
     dict(name="newton_fwd_kernel[HAS_SCALE]", kernel=newton_fwd_kernel,
          ds=tuple(d for d in SPEC_DS if pow2(d) > REG_BD),
-         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d eps T", {"eps": "fp32"}),
+         signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d C eps T", {"eps": "fp32"}),
          config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=True)),
     dict(name="newton_bwd_kernel", kernel=newton_bwd_kernel, ds=SPEC_DS,
          signature=signature(_BWD_ARGS, {"eps": "fp32"}),

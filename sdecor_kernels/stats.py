@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from . import newton
-from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _exp2i, _eye, _mm,
-                      _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, pow2, signature)
+from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _exp2i, _eye,
+                      _group_size, _mm, _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, pow2,
+                      signature)
 from .newton import _newton_regs
 
 __all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"]
@@ -49,14 +50,15 @@ def _rescaled(e_run, xs):
 
 
 @triton.jit
-def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, C, m, L, sn, sc, sl, n_blocks, bpp, P,
                                BD: tl.constexpr, BM: tl.constexpr, USE_DOT: tl.constexpr,
                                PREC: tl.constexpr, HALVES: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.arange(0, BD)
+    dg = _group_size(g, d, C)
     # shift = sample j = 0 of each channel
-    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < d, other=0.0).to(tl.float32)
+    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < dg, other=0.0).to(tl.float32)
     base = (g * P + s).to(tl.int64)
     # The sums are of xs / 2^e, e the running scale exponent of this program (_scale_exp of the
     # largest |x - shift| so far): grown like a running max, the sums rescaled by exact powers of two.
@@ -68,8 +70,8 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, s
     if HALVES:
         # the rows of the second moment in two accumulators of BD/2 rows (same sums)
         h = tl.arange(0, BD // 2)
-        kT = tl.load(x_ptr + (g * d + h).to(tl.int64) * sc, mask=h < d, other=0.0).to(tl.float32)
-        kB = tl.load(x_ptr + (g * d + BD // 2 + h).to(tl.int64) * sc, mask=h + BD // 2 < d,
+        kT = tl.load(x_ptr + (g * d + h).to(tl.int64) * sc, mask=h < dg, other=0.0).to(tl.float32)
+        kB = tl.load(x_ptr + (g * d + BD // 2 + h).to(tl.int64) * sc, mask=h + BD // 2 < dg,
                      other=0.0).to(tl.float32)
         accT = tl.zeros((BD // 2, BD), dtype=tl.float32)
         accB = tl.zeros((BD // 2, BD), dtype=tl.float32)
@@ -77,7 +79,7 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, s
         accSB = tl.zeros((BD // 2,), dtype=tl.float32)
         b0, b1 = _block_range(s, n_blocks, bpp)
         for b in range(b0, b1):
-            off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
+            off, mask = _tile(g, b * BM, d, dg, m, L, sn, sc, sl, BD, BM)
             xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
             xs = tl.where(mask, xt - k[:, None], 0.0)
             e, f = _rescaled(e_run, xs)
@@ -88,12 +90,12 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, s
             e_run = e
             r = _exp2i(-e_run)
             xsT = tl.trans(xs * r)                                           # [BM, BD]
-            offT, maskT = _tile_rows(g, h, b * BM, d, m, L, sn, sc, sl, BM)
+            offT, maskT = _tile_rows(g, h, b * BM, d, dg, m, L, sn, sc, sl, BM)
             xT = tl.load(x_ptr + offT, mask=maskT, other=0.0).to(tl.float32)
             xT = tl.where(maskT, xT - kT[:, None], 0.0) * r
             accT += _mm(xT, xsT, USE_DOT, PREC)
             accST += tl.sum(xT, axis=1)
-            offB, maskB = _tile_rows(g, h + BD // 2, b * BM, d, m, L, sn, sc, sl, BM)
+            offB, maskB = _tile_rows(g, h + BD // 2, b * BM, d, dg, m, L, sn, sc, sl, BM)
             xB = tl.load(x_ptr + offB, mask=maskB, other=0.0).to(tl.float32)
             xB = tl.where(maskB, xB - kB[:, None], 0.0) * r
             accB += _mm(xB, xsT, USE_DOT, PREC)
@@ -108,7 +110,7 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, s
     acc2 = tl.zeros((BD, BD), dtype=tl.float32)
     b0, b1 = _block_range(s, n_blocks, bpp)
     for b in range(b0, b1):
-        off, mask = _tile(g, b * BM, d, m, L, sn, sc, sl, BD, BM)
+        off, mask = _tile(g, b * BM, d, dg, m, L, sn, sc, sl, BD, BM)
         xt = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xs = tl.where(mask, xt - k[:, None], 0.0)                        # [BD, BM]
         e, f = _rescaled(e_run, xs)
@@ -124,14 +126,15 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, m, L, sn, sc, s
 
 
 @triton.jit
-def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr, scale_ptr, w_ptr, d, m,
+def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr, scale_ptr, w_ptr, d, C, m,
                                 sc, P, eps, T, SCALED: tl.constexpr, NEWTON: tl.constexpr,
                                 BD: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     g = tl.program_id(0)
     c = tl.arange(0, BD)
     cm = c < d
     m2 = cm[:, None] & cm[None, :]
-    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=cm, other=0.0).to(tl.float32)
+    dg = _group_size(g, d, C)
+    k = tl.load(x_ptr + (g * d + c).to(tl.int64) * sc, mask=c < dg, other=0.0).to(tl.float32)
     # the group's scale 2^e: the largest of its programs'
     e = 0
     for s in range(0, P):
@@ -158,7 +161,8 @@ def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr
     if NEWTON:
         # W = W(cov / 4^e + eps / 4^e I) / 2^e: Newton-Schulz is homogeneous of degree -1/2 in Se
         r = _exp2i(-e)
-        eye = _eye(BD, d)
+        # the identity of the group's own dg channels: a smaller last group's padding stays zero
+        eye = _eye(BD, dg)
         W = _newton_regs(cov + (eps * r * r) * eye, eye, T, USE_DOT, PREC)
         tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W * r, mask=m2)
 
@@ -206,7 +210,7 @@ def group_stats_newton(x: torch.Tensor, d: int, eps: float, T: int):
     in registers (BD <= newton.REG_BD), else from newton.newton_forward."""
     mean, cov, scale, w = _group_stats(x, d, (eps, T), scaled=True)
     if w is None:
-        w = newton.newton_forward(cov, eps, T, scale)
+        w = newton.newton_forward(cov, eps, T, scale, x.shape[1])
     return mean, cov, scale, w
 
 
@@ -214,13 +218,14 @@ def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None,
     """(mean, cov, scale, W or None): cov / scale^2 when ``scaled``; W only when newton_args =
     (eps, T) is given and fused in finalize."""
     x, sn, sc, sl, L = flat_view(x)
-    G, dev = x.shape[1] // d, x.device
+    C, dev = x.shape[1], x.device
+    G = -(-C // d)
     cfg, m, n_blocks, P, bpp = pass_setup(ReducePassConfig, x, L, d)
     BD = cfg.BD
     s1 = f32(G, P, BD, device=dev)
     s2 = f32(G, P, BD, BD, device=dev)
     ep = torch.empty(G, P, dtype=torch.int32, device=dev)
-    launch(group_stats_partial_kernel, (P, G), x, s1, s2, ep, d, m, L, sn, sc, sl, n_blocks, bpp, P,
+    launch(group_stats_partial_kernel, (P, G), x, s1, s2, ep, d, C, m, L, sn, sc, sl, n_blocks, bpp, P,
            **cfg.meta())
     mean = f32(G, d, device=dev)
     cov = f32(G, d, d, device=dev)
@@ -228,7 +233,7 @@ def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None,
     fused = newton_args is not None and BD <= newton.REG_BD
     w = f32(G, d, d, device=dev) if fused else cov
     eps, T = newton_args if newton_args is not None else (0.0, 0)
-    launch(group_stats_finalize_kernel, (G,), x, s1, s2, ep, mean, cov, scale, w, d, m, sc, P, float(eps),
+    launch(group_stats_finalize_kernel, (G,), x, s1, s2, ep, mean, cov, scale, w, d, C, m, sc, P, float(eps),
            int(T), SCALED=scaled, NEWTON=fused, **FinalizeConfig.for_group(d).meta())
     return mean, cov, scale, (w if fused else None)
 
@@ -237,7 +242,7 @@ def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None,
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
 _PARTIAL_ARGS = f"x_ptr s1_ptr s2_ptr ep_ptr {X_ARGS} P"
-_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr ep_ptr mean_ptr cov_ptr scale_ptr w_ptr d m sc P eps T"
+_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr ep_ptr mean_ptr cov_ptr scale_ptr w_ptr d C m sc P eps T"
 _EP = {"ep_ptr": "*i32", "eps": "fp32"}
 
 STATIC_SPECS = [

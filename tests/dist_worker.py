@@ -115,7 +115,8 @@ def case_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def layer_kwargs(case: dict) -> dict:
     return dict(method=case["method"], affine=case.get("affine", True), momentum=case.get("momentum", 0.1),
-                track_running_stats=case.get("track", True), dtype=case.get("param_dtype", torch.float32))
+                track_running_stats=case.get("track", True), dtype=case.get("param_dtype", torch.float32),
+                last_group=case.get("last_group", "even"))
 
 
 def init_layer(layer, case: dict):

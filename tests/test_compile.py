@@ -16,6 +16,7 @@ def small_net():
         nn.Conv2d(3, 16, 3),
         GroupWhitening(16, 8, momentum=0.2),
         nn.ReLU(inplace=True),
+        GroupWhitening(16, 6, momentum=0.3, last_group="smaller"),     # groups of 6, 6 and 4 channels
         nn.Conv2d(16, 16, 1),
         GroupWhitening(16, 4, method="zca", momentum=None),
         nn.AdaptiveAvgPool2d(1),

@@ -45,6 +45,9 @@ CASES_2 = [
     case("triton-newton", backend="triton", shape=(16, 2, 3), seed=12),
     case("triton-zca", backend="triton", method="zca", shape=(16, 2, 3), seed=13),
     case("triton-newton-d16", backend="triton", shape=(32, 3), d=16, spread=50.0, seed=14),
+    # a smaller last group (24 channels at d=16: 16 + 8), padded statistics combined
+    case("torch-smaller-last-group", shape=(24, 3), d=16, method="zca", last_group="smaller", seed=15),
+    case("triton-smaller-last-group", backend="triton", shape=(24, 3), d=16, last_group="smaller", seed=16),
 ]
 CASES_3 = [
     case("torch-newton", seed=20),
@@ -97,7 +100,7 @@ def _check_case(ranks, c, world):
     ref = reference(c)
     tol_x = tol(c["dtype"])
     tol_p = tol(c.get("param_dtype", F32))
-    G, d = c["shape"][0] // c["d"], c["d"]
+    G, d = -(-c["shape"][0] // c["d"]), c["d"]
     for step in range(c["steps"]):
         grads_w, grads_b = [], []
         for rank, (lo, hi) in enumerate(offsets(c["sizes"])):

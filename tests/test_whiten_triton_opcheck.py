@@ -60,6 +60,20 @@ def test_whiten_train(ops, device, method):
     _check(ops.whiten_train, (x, 4, method, 1e-5, 3, w, b))
 
 
+@pytest.mark.parametrize("method", ["newton", "zca"])
+def test_whiten_train_smaller_last_group(ops, device, method):
+    # C = 6 in groups of 4: a last group of 2 channels (GroupWhitening's last_group="smaller")
+    x = _x(device, (3, 6, 3, 3)).requires_grad_()
+    w = torch.randn(6, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    _check(ops.whiten_train, (x, 4, method, 1e-5, 3, w, b))
+
+
+def test_newton_backward_smaller_last_group(ops, device):
+    mean, cov = ref.group_cov(_x(device, (3, 6, 3, 3)), 4, last_group="smaller")
+    _check(ops.newton_backward, (cov, torch.randn_like(cov), 1e-5, 3, None, 6))
+
+
 def test_whiten_train_no_affine(ops, device):
     _check(ops.whiten_train, (_x(device, (4, 8)).requires_grad_(), 4, "newton", 1e-5, 2, None, None))
 

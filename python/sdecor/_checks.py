@@ -15,10 +15,12 @@ __all__ = [
     "DECOR_KINDS",
     "FILLS",
     "LABEL_DTYPES",
+    "LAST_GROUPS",
     "MAX_NEWTON_STEPS",
     "METHODS",
     "REDUCES",
     "check_affine",
+    "check_corr_groups",
     "check_cov",
     "check_decor_args",
     "check_float_tensor",
@@ -30,6 +32,7 @@ __all__ = [
     "check_input",
     "check_label_range",
     "check_labels",
+    "check_last_group",
     "check_mask_args",
     "check_mask_options",
     "check_module_input",
@@ -47,6 +50,7 @@ FILLS = ("zero", "constant", "mean", "uniform", "baseline")
 REDUCES = ("mean", None)
 DECOR_KINDS = ("decov", "corr")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+LAST_GROUPS = ("even", "smaller")
 MAX_NEWTON_STEPS = 100
 
 
@@ -99,15 +103,36 @@ def check_module_input(x, num_features: int, module: str) -> None:
         raise TypeError(f"input must be a floating-point tensor; got dtype {x.dtype}")
 
 
-def check_groups(num_channels: int, C: int) -> int:
-    """Validate the group size d against C channels and return G = C // d."""
+def check_last_group(last_group) -> None:
+    """last_group: "even" (d must divide C) or "smaller" (the last group may hold fewer channels)."""
+    if not isinstance(last_group, str) or last_group not in LAST_GROUPS:
+        raise ValueError(f"last_group must be one of {LAST_GROUPS}; got {last_group!r}")
+
+
+def _group_layout(C: int, d: int) -> tuple[int, int]:
+    """(G, r) of C channels in groups of d: G = ceil(C / d) groups, the last one of r = C - (G - 1) d
+    channels (r = d when d divides C)."""
+    G = -(-C // d)
+    return G, C - (G - 1) * d
+
+
+def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
+    """Validate the group size d against C channels and return the number of groups G.
+
+    last_group="even": d must divide C, G = C // d. "smaller": any d >= 1, G = ceil(C / d), the last
+    group holding the r = C - (G - 1) d remaining channels (IterNorm's flexible groups).
+    """
+    check_last_group(last_group)
     if isinstance(num_channels, bool) or not isinstance(num_channels, int):
         raise TypeError(f"num_channels must be an int; got {type(num_channels).__name__}")
-    if num_channels < 1 or C % num_channels != 0:
+    if num_channels < 1:
+        raise ValueError(f"num_channels (group size d) must be a positive int; got {num_channels}")
+    if last_group == "even" and C % num_channels != 0:
         raise ValueError(
             f"num_channels (group size d={num_channels}) must divide the channel count C={C}; "
-            f"valid group sizes for C={C} are {divisors(C)}")
-    return C // num_channels
+            f"valid group sizes for C={C} are {divisors(C)}, or pass last_group=\"smaller\" for a "
+            f"last group of C % d = {C % num_channels} channels")
+    return _group_layout(C, num_channels)[0]
 
 
 def check_training_samples(x: torch.Tensor) -> int:
@@ -181,15 +206,19 @@ def check_float_tensor(t, name: str, x: torch.Tensor) -> None:
 
 
 def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
-    """Given statistics of group whitening: wm (G, d, d) and mean (G, d) or (G, d, 1), G*d = C.
+    """Given statistics of group whitening: wm (G, d, d) and mean (G, d) or (G, d, 1), for the C
+    channels of x in G groups of d, the last of which may be smaller ((G - 1) d < C <= G d, its
+    statistics in the top-left block, as GroupWhitening's buffers with last_group="smaller").
     Returns (G, d)."""
     check_float_tensor(mean, "mean", x)
     check_float_tensor(wm, "wm", x)
     if wm.dim() != 3 or wm.shape[-1] != wm.shape[-2]:
         raise ValueError(f"wm must have shape (G, d, d); got {tuple(wm.shape)}")
     G, d = wm.shape[0], wm.shape[-1]
-    if G * d != x.shape[1]:
-        raise ValueError(f"wm of shape {tuple(wm.shape)} gives G*d = {G * d} channels; x has C={x.shape[1]}")
+    C = x.shape[1]
+    if not (G - 1) * d < C <= G * d:
+        raise ValueError(f"wm of shape {tuple(wm.shape)} gives G*d = {G * d} channels; x has C={C} "
+                         f"(G groups of d, the last one possibly smaller: (G-1)*d < C <= G*d)")
     if mean.shape not in ((G, d), (G, d, 1)):
         raise ValueError(f"mean must have shape (G, d) = ({G}, {d}) (or (G, d, 1)); got {tuple(mean.shape)}")
     return G, d
@@ -235,6 +264,13 @@ def check_decor_args(num_channels, kind: str) -> None:
         raise ValueError(f"kind must be one of {DECOR_KINDS}; got {kind!r}")
     if kind == "corr" and isinstance(num_channels, int) and num_channels < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; got num_channels={num_channels}")
+
+
+def check_corr_groups(num_channels: int, C: int) -> None:
+    """kind='corr' with last_group="smaller": the last group, of C - (G - 1) d channels, needs 2 too."""
+    if _group_layout(C, num_channels)[1] < 2:
+        raise ValueError(f"kind='corr' needs groups of at least 2 channels; the last group of C={C} "
+                         f"channels in groups of num_channels={num_channels} holds 1")
 
 
 def resolve_k(D: int | None, ratio, k) -> int | None:

@@ -18,22 +18,29 @@ import torch
 __all__ = [
     "AUTOCAST_DEVICES",
     "CORR_VAR_FLOOR",
+    "channel_mask",
     "ZCAWhitening",
     "decorrelation",
     "decorrelation_from_cov",
+    "decorrelation_per_group",
     "eye_like",
     "fill_values",
     "graph_backward",
     "grouped",
+    "join_groups",
     "like_format",
     "mask_scores",
     "no_autocast",
     "no_autocast_function",
+    "per_channel",
+    "per_group",
     "power_of_two",
     "scale_for_corr",
     "rank_order",
     "samples_per_channel",
     "shifted_cov",
+    "split_channels",
+    "split_groups",
     "stats_dtype",
     "sym",
     "zca_backward",
@@ -62,6 +69,50 @@ def grouped(x: torch.Tensor, num_channels: int) -> torch.Tensor:
     """View x (N, C, *S) as (N, G, d, L) with L = prod(S) (copies only for non-contiguous x)."""
     N, C = x.shape[:2]
     return x.reshape(N, C // num_channels, num_channels, math.prod(x.shape[2:]))
+
+
+def split_channels(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x_even, x_last, r): the channels of the G - 1 full groups of d and those of the last group,
+    r = C - (G - 1) d of them (r = d when d divides C), as views of x (N, C, *S).
+
+    With a smaller last group (IterNorm's flexible groups) it is whitened as a group of its own:
+    the paths that work on the (N, G, d, L) view of x run on each part (x_even has 0 channels when
+    C <= d)."""
+    C = x.shape[1]
+    r = C - (-(-C // num_channels) - 1) * num_channels
+    return x[:, :C - r], x[:, C - r:], r
+
+
+def split_groups(t: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group values of G groups of d in the padded layout, (G,), (G, d) or (G, d, d), as (those
+    of the G - 1 full groups, the last group's (1,), (1, r) or (1, r, r) block)."""
+    return t[:-1], t[(slice(-1, None),) + (slice(None, r),) * (t.dim() - 1)]
+
+
+def join_groups(even: torch.Tensor | None, last: torch.Tensor, d: int) -> torch.Tensor:
+    """The inverse of :func:`split_groups`: the G - 1 full groups' values (None: no full group) and
+    the last group's as (G,), (G, d) or (G, d, d), its block top-left and zeros in its padding
+    (differentiable)."""
+    if last.dim() > 1:
+        last = torch.nn.functional.pad(last, [0, d - last.shape[-1]] * (last.dim() - 1))
+    return last if even is None else torch.cat([even, last])
+
+
+def per_group(t: torch.Tensor, G: int, d: int) -> torch.Tensor:
+    """A per-channel vector (C,) as (G, d), zeros in the padding of a smaller last group."""
+    C = t.shape[0]
+    return (t if C == G * d else torch.nn.functional.pad(t, (0, G * d - C))).reshape(G, d)
+
+
+def per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
+    """The inverse of :func:`per_group`: (G, d) as the (C,) values of the channels that exist."""
+    return t.reshape(-1)[:C]
+
+
+def channel_mask(G: int, d: int, C: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(G, d): 1 for the channels of the groups that exist, 0 for the padding of a smaller last group
+    (channel g d + i exists when g d + i < C)."""
+    return (torch.arange(G * d, device=device) < C).reshape(G, d).to(dtype)
 
 
 def like_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -386,24 +437,36 @@ def scale_for_corr(x: torch.Tensor, num_channels: int) -> torch.Tensor:
     return x * scale.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
-def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
+def decorrelation_per_group(cov: torch.Tensor, kind: str) -> torch.Tensor:
+    """The penalty of every group (G,) from its covariance (G, d, d)."""
     diag = cov.diagonal(dim1=-2, dim2=-1)                            # (G, d)
     if kind == "decov":
         # 0.5 (||cov||_F^2 - ||diag cov||^2) summed as the off-diagonal squares (no cancellation)
         off = cov - torch.diag_embed(diag)
-        per_group = 0.5 * off.square().sum((-2, -1))
-    else:
-        d = cov.shape[-1]
-        std = diag.clamp_min(CORR_VAR_FLOOR).sqrt()
-        corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
-        per_group = (corr - eye_like(corr)).square().sum((-2, -1)) / (d * (d - 1))
-    return per_group.mean()
+        return 0.5 * off.square().sum((-2, -1))
+    d = cov.shape[-1]
+    std = diag.clamp_min(CORR_VAR_FLOOR).sqrt()
+    corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+    return (corr - eye_like(corr)).square().sum((-2, -1)) / (d * (d - 1))
+
+
+def decorrelation_from_cov(cov: torch.Tensor, kind: str) -> torch.Tensor:
+    return decorrelation_per_group(cov, kind).mean()
 
 
 def decorrelation(x: torch.Tensor, num_channels: int, kind: str, group_cov) -> torch.Tensor:
     """decorrelation_loss of checked arguments, with the covariance from ``group_cov(x, d)`` (the
-    reference's or the selected backend's); "corr" on x scaled by :func:`scale_for_corr`."""
-    if kind == "corr":                                               # scale-free: keep it finite
-        x = scale_for_corr(x, num_channels)
-    _, cov = group_cov(x, num_channels)
-    return decorrelation_from_cov(cov, kind)
+    reference's or the selected backend's); "corr" on x scaled by :func:`scale_for_corr`. A smaller
+    last group (d does not divide C) is a group of its own: the mean is over all G groups."""
+    x_even, x_last, r = split_channels(x, num_channels)
+    if r == num_channels:
+        parts = [(x, num_channels)]
+    else:
+        parts = [(x_even, num_channels)] * bool(x_even.shape[1]) + [(x_last, r)]
+    per_group = []
+    for xp, dp in parts:
+        if kind == "corr":                                           # scale-free: keep it finite
+            xp = scale_for_corr(xp, dp)
+        _, cov = group_cov(xp, dp)
+        per_group.append(decorrelation_per_group(cov, kind))
+    return torch.cat(per_group).mean()

@@ -20,7 +20,11 @@ class GroupWhitening(nn.Module):
     r"""Group-wise whitening of the channels, with running statistics and an affine map (IterNorm).
 
     The C = ``num_features`` channels are split into G = C / d groups of d = ``num_channels``
-    contiguous channels. For input x of shape (N, C, *S) (0 to 3 trailing dims) and each group g,
+    contiguous channels; d must divide C unless ``last_group="smaller"`` (IterNorm's flexible
+    groups): then G = ceil(C / d) and the last group holds the r = C - (G - 1) d remaining channels
+    and is whitened as a group of its own (its mean, its r x r covariance, Se = cov + eps I_r; with
+    r = d, i.e. d dividing C, this is exactly ``"even"``). For input x of shape (N, C, *S) (0 to 3
+    trailing dims) and each group g,
 
     .. math:: y_g = \mathrm{weight}_g \odot W_g (x_g - \mu_g) + \mathrm{bias}_g
 
@@ -32,7 +36,9 @@ class GroupWhitening(nn.Module):
     (``momentum=None``: the cumulative average over all batches seen, like BatchNorm).
 
     Buffers (IterNorm's names and shapes): ``running_mean`` (G, d, 1), ``running_wm`` (G, d, d),
-    initially the identity, and ``num_batches_tracked``. Parameters ``weight`` and ``bias`` have
+    initially the identity, and ``num_batches_tracked``. A smaller last group keeps its values in
+    ``running_mean[-1, :r]`` and ``running_wm[-1, :r, :r]``; every padding entry is 0 (also
+    initially: the identity of its r channels only). Parameters ``weight`` and ``bias`` have
     shape (C,) like BatchNorm's; IterNorm's (1, C, 1, 1) / (1, C) shapes are accepted by
     ``load_state_dict``. With ``track_running_stats=False`` there are no buffers and batch
     statistics are used in eval mode as well.
@@ -47,11 +53,11 @@ class GroupWhitening(nn.Module):
 
     def __init__(self, num_features: int, num_channels: int = 16, *, method: str = "newton", T: int = 5,
                  eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None):
+                 track_running_stats: bool = True, last_group: str = "even", device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")
-        G = _checks.check_groups(num_channels, num_features)
+        G = _checks.check_groups(num_channels, num_features, last_group)
         _checks.check_whitening_args(method, eps, T)
         _checks.check_float_dtype(dtype)
         if momentum is not None and (not _checks.is_number(momentum) or not 0.0 <= momentum <= 1.0):
@@ -64,6 +70,7 @@ class GroupWhitening(nn.Module):
         self.num_features = num_features
         self.num_channels = num_channels
         self.num_groups = G
+        self.last_group = last_group
         self.method = method
         self.T = T
         self.eps = float(eps)
@@ -79,7 +86,7 @@ class GroupWhitening(nn.Module):
         if track_running_stats:
             d = num_channels
             self.register_buffer("running_mean", torch.zeros(G, d, 1, **factory))
-            self.register_buffer("running_wm", torch.eye(d, **factory).expand(G, d, d).clone())
+            self.register_buffer("running_wm", self._initial_wm(factory))
             self.register_buffer("num_batches_tracked",
                                  torch.tensor(0, dtype=torch.long, device=device))
         else:
@@ -88,12 +95,23 @@ class GroupWhitening(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    # the option of layers made before it existed (unpickled whole modules)
+    last_group = "even"
+
+    def _initial_wm(self, factory: dict) -> torch.Tensor:
+        """The identity of every group's own channels (G, d, d): zeros in the padding of a smaller
+        last group."""
+        G, d = self.num_groups, self.num_channels
+        mask = (torch.arange(G * d, device=factory["device"]) < self.num_features).reshape(G, d)
+        return torch.diag_embed(mask.to(factory["dtype"] or torch.get_default_dtype()))
+
     def reset_running_stats(self) -> None:
-        """Running mean 0, running whitening matrices the identity, no batches tracked."""
+        """Running mean 0, running whitening matrices the identity (of each group's own channels),
+        no batches tracked."""
         if self.track_running_stats:
             self.running_mean.zero_()
-            self.running_wm.copy_(torch.eye(self.num_channels, dtype=self.running_wm.dtype,
-                                            device=self.running_wm.device).expand_as(self.running_wm))
+            self.running_wm.copy_(self._initial_wm({"device": self.running_wm.device,
+                                                    "dtype": self.running_wm.dtype}))
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
@@ -105,7 +123,8 @@ class GroupWhitening(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_channels={self.num_channels}, method={self.method!r}, "
                 f"T={self.T}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}"
+                + (f", last_group={self.last_group!r}" if self.last_group != "even" else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The options were checked in __init__; the input is checked here, once.
@@ -180,9 +199,11 @@ class SyncGroupWhitening(GroupWhitening):
 
     def __init__(self, num_features: int, num_channels: int = 16, *, method: str = "newton", T: int = 5,
                  eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+                 track_running_stats: bool = True, last_group: str = "even", process_group=None, device=None,
+                 dtype=None):
         super().__init__(num_features, num_channels, method=method, T=T, eps=eps, momentum=momentum,
-                         affine=affine, track_running_stats=track_running_stats, device=device, dtype=dtype)
+                         affine=affine, track_running_stats=track_running_stats, last_group=last_group,
+                         device=device, dtype=dtype)
         self.process_group = process_group
 
     def _sync_world_size(self) -> int:
@@ -249,7 +270,7 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
             return done[id(layer)]
         new = target.__new__(target)
         nn.Module.__init__(new)
-        for key in ("num_features", "num_channels", "num_groups", "method", "T", "eps", "momentum",
+        for key in ("num_features", "num_channels", "num_groups", "last_group", "method", "T", "eps", "momentum",
                     "affine", "track_running_stats"):
             setattr(new, key, getattr(layer, key))
         for key, value in extra.items():

@@ -27,11 +27,18 @@ from .ops.topk import topk_mask
 
 
 @no_autocast
-def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
-    """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov)."""
+def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
+                       last_group: str = "even") -> torch.Tensor:
+    """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov).
+
+    last_group="smaller": d need not divide C; the last group of r = C - (G - 1) d channels is a
+    group of its own (its penalty over its r channels, "corr" normalised by r (r - 1)), and the mean
+    is over all G groups."""
     _checks.check_decor_args(num_channels, kind)
     _checks.check_input(x)
-    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_groups(num_channels, x.shape[1], last_group)
+    if kind == "corr":
+        _checks.check_corr_groups(num_channels, x.shape[1])
     _checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, run_group_cov)
 

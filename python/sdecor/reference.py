@@ -3,6 +3,10 @@
 Each function follows the equations in the design contract line by line; read it next to them.
 Notation: x has shape (N, C, *S) with 0 to 3 trailing dims, m = N * prod(S) samples per channel,
 d = ``num_channels`` channels per group, G = C / d groups, group g = channels [g*d, (g+1)*d).
+With ``last_group="smaller"`` d need not divide C: G = ceil(C / d), and the last group holds the
+r = C - (G - 1) d remaining channels and is whitened as a group of its own (IterNorm's flexible
+groups); its statistics are padded to the (G, d) / (G, d, d) layout (its block top-left, zeros in
+the padding).
 
 These functions run anywhere (CPU or GPU, float32 or float64; float16/bfloat16 inputs are computed
 in float32, also under torch.autocast, which they turn off: outputs keep the dtypes they have without
@@ -24,12 +28,15 @@ from ._common import (
     eye_like,
     fill_values,
     grouped,
+    join_groups,
     like_format,
     mask_scores,
     no_autocast,
     rank_order,
     samples_per_channel,
     shifted_cov,
+    split_channels,
+    split_groups,
     stats_dtype,
 )
 
@@ -53,18 +60,30 @@ __all__ = [
 
 
 @no_autocast
-def group_cov(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_cov(x: torch.Tensor, num_channels: int, last_group: str = "even") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (G, d) and biased covariance (G, d, d) = Xc Xc^T / m of every channel group.
 
     Accumulates in float32 (float64 for float64 input); the outputs have that dtype.
+    last_group="smaller": the last group of r < d channels in the top-left (r,) / (r, r) block of
+    its entry, zeros in the padding.
     """
     checks.check_input(x)
-    checks.check_groups(num_channels, x.shape[1])
+    checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_training_samples(x)
     return _group_cov(x, num_channels)
 
 
 def _group_cov(x, num_channels):
+    x_even, x_last, r = split_channels(x, num_channels)
+    if r == num_channels:
+        return _even_group_cov(x, num_channels)
+    # a smaller last group: the full groups, then the last group's r channels as a group of their own
+    mean, cov = _even_group_cov(x_even, num_channels)
+    mean_r, cov_r = _even_group_cov(x_last, r)
+    return join_groups(mean, mean_r, num_channels), join_groups(cov, cov_r, num_channels)
+
+
+def _even_group_cov(x, num_channels):
     m = samples_per_channel(x)
     xg = grouped(x, num_channels).to(stats_dtype(x.dtype))       # (N, G, d, L)
     mean = xg.mean(dim=(0, 3))                                    # (G, d)
@@ -110,11 +129,24 @@ def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-
     return _whitening_matrix(cov, method, eps, T)
 
 
-def _whitening_matrix(cov, method, eps, T):
+def _whitening_matrix(cov, method, eps, T, eigh=torch.linalg.eigh):
     se = shifted_cov(cov, eps)
     if method == "zca":
-        return ZCAWhitening.apply(se, float(eps), torch.linalg.eigh)
+        return ZCAWhitening.apply(se, float(eps), eigh)
     return newton_schulz(se, T)
+
+
+def _group_whitening(cov, C, method, eps, T, eigh=torch.linalg.eigh):
+    """W (G, d, d) of the groups of C channels from their covariances (G, d, d) (padded layout): with
+    a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding.
+    ``eigh``: the eigensolver of zca."""
+    G, d = cov.shape[0], cov.shape[-1]
+    r = C - (G - 1) * d
+    if r == d:
+        return _whitening_matrix(cov, method, eps, T, eigh)
+    cov_even, cov_last = split_groups(cov, r)
+    return join_groups(_whitening_matrix(cov_even, method, eps, T, eigh),
+                       _whitening_matrix(cov_last, method, eps, T, eigh), d)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,27 +155,34 @@ def _whitening_matrix(cov, method, eps, T):
 
 @no_autocast
 def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
-                 T: int = 5) -> torch.Tensor:
+                 T: int = 5, last_group: str = "even") -> torch.Tensor:
     """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x.
 
-    Gradients flow through the mean, the covariance and W.
+    Gradients flow through the mean, the covariance and W. last_group="smaller": a last group of
+    r < d channels is whitened on its own (its mean, its r x r covariance, Se = cov + eps I_r).
     """
     checks.check_input(x)
-    checks.check_groups(num_channels, x.shape[1])
+    checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_whitening_args(method, eps, T)
     checks.check_training_samples(x)
     mean, cov = _group_cov(x, num_channels)
-    w = _whitening_matrix(cov, method, eps, T)                        # (G, d, d)
+    w = _group_whitening(cov, x.shape[1], method, eps, T)            # (G, d, d)
     return apply_whitening(x, mean, w)
 
 
 @no_autocast
 def apply_whitening(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y_g = W_g (x_g - mean_g) for given statistics mean (G, d) and W (G, d, d)."""
+    """y_g = W_g (x_g - mean_g) for given statistics mean (G, d) and W (G, d, d); a smaller last
+    group (C < G d) uses the top-left block of its entries."""
     G, d = mean.shape
-    xg = grouped(x, d).to(mean.dtype)                                 # (N, G, d, L)
-    y = torch.matmul(w, xg - mean[None, :, :, None])                  # (N, G, d, L)
-    return like_format(y.reshape(x.shape).to(x.dtype), x)
+    x_even, x_last, r = split_channels(x, d)
+    if r == d:
+        xg = grouped(x, d).to(mean.dtype)                             # (N, G, d, L)
+        y = torch.matmul(w, xg - mean[None, :, :, None])              # (N, G, d, L)
+        return like_format(y.reshape(x.shape).to(x.dtype), x)
+    (mean_even, mean_last), (w_even, w_last) = split_groups(mean, r), split_groups(w, r)
+    y = torch.cat([apply_whitening(x_even, mean_even, w_even), apply_whitening(x_last, mean_last, w_last)], 1)
+    return like_format(y.contiguous(), x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,16 +218,21 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
 
 
 @no_autocast
-def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov") -> torch.Tensor:
+def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
+                       last_group: str = "even") -> torch.Tensor:
     """Mean over groups of a decorrelation penalty on the group covariance.
 
     "decov": 0.5 (||cov||_F^2 - ||diag cov||^2).
     "corr":  ||R - I||_F^2 / (d (d - 1)), R the correlation matrix (variances floored at 1e-12).
     R does not depend on the scale of x: groups with max |x| >= 2^48 are first divided by a power of
     two (exact), so that "corr" stays finite at any finite scale.
+    last_group="smaller": a last group of r < d channels is a group of its own (its penalty over its
+    r channels, "corr" with r (r - 1), which needs r >= 2); the mean is over all G groups.
     """
     checks.check_decor_args(num_channels, kind)
     checks.check_input(x)
-    checks.check_groups(num_channels, x.shape[1])
+    checks.check_groups(num_channels, x.shape[1], last_group)
+    if kind == "corr":
+        checks.check_corr_groups(num_channels, x.shape[1])
     checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, _group_cov)

@@ -24,10 +24,13 @@ __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]
 SUPPORTS = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
 
 
-def group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
-    """Mean (G, d) and biased covariance (G, d, d) of every group of ``num_channels`` channels."""
+def group_cov(x: Tensor, num_channels: int, last_group: str = "even") -> tuple[Tensor, Tensor]:
+    """Mean (G, d) and biased covariance (G, d, d) of every group of ``num_channels`` channels.
+
+    last_group="smaller": d need not divide C; the last group's r = C - (G - 1) d channels are a group
+    of their own, in the top-left block of its entries (zeros in the padding)."""
     _checks.check_input(x)
-    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_groups(num_channels, x.shape[1], last_group)
     _checks.check_training_samples(x)
     return run_group_cov(x, num_channels)
 

@@ -35,8 +35,11 @@ from .. import _backend, _checks, _native
 from .. import reference as ref
 from .._common import (
     ZCAWhitening,
+    channel_mask,
     graph_backward,
     no_autocast,
+    per_channel,
+    per_group,
     samples_per_channel,
     shifted_cov,
     zca_backward_scaled,
@@ -92,25 +95,31 @@ def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: 
 
 
 def group_whiten(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
-                 T: int = 5) -> Tensor:
-    """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x."""
+                 T: int = 5, last_group: str = "even") -> Tensor:
+    """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x.
+
+    last_group="smaller": d need not divide C; a last group of r = C - (G - 1) d channels is
+    whitened as a group of its own."""
     _checks.check_input(x)
-    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_groups(num_channels, x.shape[1], last_group)
     _checks.check_whitening_args(method, eps, T)
     _checks.check_training_samples(x)
     return run_train(x, num_channels, method, eps, T, None, None, op="group_whiten")[0]
 
 
 def group_whiten_train(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
-                       T: int = 5, weight: Tensor | None = None, bias: Tensor | None = None):
+                       T: int = 5, weight: Tensor | None = None, bias: Tensor | None = None,
+                       last_group: str = "even"):
     """Training-mode group whitening with batch statistics, for the GroupWhitening module.
 
     Returns (y, mean, wm): y = weight * W (x - mean) + bias (weight, bias shaped (C,), optional),
     differentiable w.r.t. x, weight and bias; mean (G, d) and wm (G, d, d) fp32 (fp64 for fp64 x on
-    the torch backend), detached, computed in the same pass as y (for running statistics).
+    the torch backend), detached, computed in the same pass as y (for running statistics). With
+    last_group="smaller" a last group of r < d channels is whitened on its own, its statistics in
+    the top-left block of its entries and zeros in the padding.
     """
     _checks.check_input(x)
-    _checks.check_groups(num_channels, x.shape[1])
+    _checks.check_groups(num_channels, x.shape[1], last_group)
     _checks.check_whitening_args(method, eps, T)
     _checks.check_affine(weight, "weight", x)
     _checks.check_affine(bias, "bias", x)
@@ -121,7 +130,8 @@ def group_whiten_train(x: Tensor, num_channels: int, method: str = "newton", eps
 def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None = None,
                       bias: Tensor | None = None) -> Tensor:
     """y = weight * wm (x - mean) + bias per group with given statistics (mean (G, d) or (G, d, 1),
-    wm (G, d, d)); differentiable w.r.t. x, weight and bias (and mean, wm)."""
+    wm (G, d, d); a smaller last group, (G - 1) d < C < G d, in the top-left block of its entries);
+    differentiable w.r.t. x, weight and bias (and mean, wm)."""
     _checks.check_input(x)
     _checks.check_stats(mean, wm, x)
     _checks.check_affine(weight, "weight", x)
@@ -164,6 +174,39 @@ def _eigh_for(device: torch.device):
     return _native_eigh if _backend.reason("native", device) is None else torch.linalg.eigh
 
 
+def _last_group_mask(cov: Tensor, C: int) -> Tensor | None:
+    """The channel mask (G, d) of a smaller last group (:func:`sdecor._common.channel_mask`), or None
+    when d divides C."""
+    G, d = cov.shape[0], cov.shape[-1]
+    return None if C == G * d else channel_mask(G, d, C, cov.dtype, cov.device)
+
+
+def _zca_scaled(cov: Tensor, eps: float, scale: Tensor, C: int, eigh):
+    """(evals, evecs, W) of zca on cov / c^2 (G, d, d) (c = scale), for C channels.
+
+    A smaller last group (zero padded in cov): its padding block of Se / c^2 is the identity, decoupled
+    from its own block (eps / c^2 added to its own channels only) and positive; eigh of the block
+    diagonal matrix gives the eigenpairs of both blocks, W of its own block is exact, and the padding
+    of W is set to zero."""
+    inv = scale.reciprocal()
+    se = shifted_cov(cov, (eps * inv * inv)[:, None, None])
+    mask = _last_group_mask(cov, C)
+    if mask is None:
+        evals, evecs = eigh(se)
+        return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale)
+    keep = mask.unsqueeze(-1) * mask.unsqueeze(-2)
+    evals, evecs = eigh(se * keep + torch.diag_embed(1 - mask))
+    return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale) * keep
+
+
+def zca_backward_masked(grad_w: Tensor, evals: Tensor, evecs: Tensor, eps: float, scale: Tensor, C: int) -> Tensor:
+    """:func:`sdecor._common.zca_backward_scaled` of :func:`_zca_scaled`'s eigenpairs: the padding of
+    a smaller last group set to zero (the block-diagonal derivative is zero there in exact arithmetic)."""
+    g = zca_backward_scaled(grad_w, evals, evecs, eps, scale)
+    mask = _last_group_mask(g, C)
+    return g if mask is None else g * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+
+
 # ---------------------------------------------------------------------------------------------------
 # triton backend: the ops and their autograd
 
@@ -176,13 +219,15 @@ def newton_op(cov: Tensor, eps: float, T: int) -> Tensor:
     return newton.newton_forward(cov, eps, T)
 
 
-@triton_custom_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T, Tensor? scale=None) -> Tensor")
-def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int, scale: Tensor | None = None) -> Tensor:
-    """dL/dcov from dL/dW for W = newton(cov, eps, T); with scale, in its units (see
-    :func:`sdecor_kernels.newton.newton_backward`)."""
+@triton_custom_op("newton_backward", "(Tensor cov, Tensor grad_w, float eps, int T, Tensor? scale=None, "
+                                     "int? C=None) -> Tensor")
+def newton_backward_op(cov: Tensor, grad_w: Tensor, eps: float, T: int, scale: Tensor | None = None,
+                       C: int | None = None) -> Tensor:
+    """dL/dcov from dL/dW for W = newton(cov, eps, T); with scale, in its units; C: the channels of
+    the groups when the last one is smaller (see :func:`sdecor_kernels.newton.newton_backward`)."""
     from sdecor_kernels import newton
 
-    return newton.newton_backward(cov, grad_w, eps, T, scale)
+    return newton.newton_backward(cov, grad_w, eps, T, scale, C)
 
 
 def _newton_setup(ctx, inputs, output):
@@ -230,6 +275,9 @@ def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: 
                     bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, W, cov / c^2, evals, evecs, c); evals/evecs (zca, of Se / c^2) are empty for newton.
 
+    d need not divide C: a smaller last group of r = C - (G-1) d channels is whitened on its own, in
+    the same kernels (masked by each group's channel count, see :mod:`sdecor_kernels._common`).
+
     c (G,): each group's power-of-two scale of the statistics (1 unless max |x - shift| >= 1, see
     :func:`sdecor_kernels.stats.group_stats_scaled`). The d x d math runs on Se / c^2 = cov / c^2 +
     eps / c^2 I, finite up to |x| ~ 3e38 where cov itself overflows fp32 from |x| ~ 1e19; W (true
@@ -243,9 +291,7 @@ def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: 
         evecs = cov.new_empty((0,))
     else:
         mean, cov, scale = stats.group_stats_scaled(x, d)
-        inv = scale.reciprocal()
-        evals, evecs = _eigh_for(x.device)(shifted_cov(cov, (eps * inv * inv)[:, None, None]))
-        w = zca_from_eigh_scaled(evals, evecs, eps, scale)
+        evals, evecs, w = _zca_scaled(cov, eps, scale, x.shape[1], _eigh_for(x.device))
     y = apply.whiten_apply(x, mean, w, weight, bias)
     return y, mean, w, cov, evals, evecs, scale
 
@@ -271,12 +317,12 @@ def _whiten_train_backward(ctx, dy, *_):
     # In units of the scales c of the statistics (cov is cov / c^2): D / c, dL/dW' = dL/dW / c for
     # W' = c W, dL/dSe' / c and c A, all finite where D, dL/dSe and A (~1e-60 at |x| ~ 1e30) are not.
     D, s = whiten_bwd_reduce_op(dy, x, mean, scale)                # D / c
-    gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
+    gamma = per_group(weight.to(torch.float32), G, d) if ctx.has_weight else torch.ones_like(mean)
     grad_w = gamma.unsqueeze(-1) * D                                # dL/dW' = diag(gamma) D / c
     if ctx.method == "newton":
-        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T, scale)
+        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T, scale, x.shape[1])
     else:
-        grad_se = zca_backward_scaled(grad_w, evals, evecs, ctx.eps, scale)
+        grad_se = zca_backward_masked(grad_w, evals, evecs, ctx.eps, scale, x.shape[1])
     a = (grad_se + grad_se.transpose(-1, -2)) / m                   # through cov = Xc Xc^T / m
     b = w.transpose(-1, -2) * gamma.unsqueeze(-2)                   # W^T diag(gamma)
     v = -(b @ s.unsqueeze(-1)).squeeze(-1) / m                      # through the mean
@@ -284,9 +330,9 @@ def _whiten_train_backward(ctx, dy, *_):
     grad_weight = grad_bias = None
     if ctx.has_weight:
         # sum_j dy * W (x - mean) = (D / c) (c W)
-        grad_weight = (D * (w * scale[:, None, None])).sum(-1).reshape(-1).to(weight.dtype)
+        grad_weight = per_channel((D * (w * scale[:, None, None])).sum(-1), x.shape[1]).to(weight.dtype)
     if ctx.has_bias:
-        grad_bias = s.reshape(-1).to(dy.dtype)
+        grad_bias = per_channel(s, x.shape[1]).to(dy.dtype)
     return dx, None, None, None, None, grad_weight, grad_bias
 
 
@@ -316,7 +362,7 @@ def _whiten_apply_backward(ctx, dy):
         return tuple(graph_backward(whiten_torch.group_whiten_eval, (x, mean, wm, weight, bias),
                                     ctx.needs_input_grad, (dy,)))
     G, d = mean.shape
-    gamma = weight.to(torch.float32).reshape(G, d) if ctx.has_weight else torch.ones_like(mean)
+    gamma = per_group(weight.to(torch.float32), G, d) if ctx.has_weight else torch.ones_like(mean)
     b = wm.to(torch.float32).transpose(-1, -2) * gamma.unsqueeze(-2)
     zeros = torch.zeros_like(b)
     need = ctx.needs_input_grad
@@ -324,14 +370,19 @@ def _whiten_apply_backward(ctx, dy):
     grad_mean = grad_wm = grad_weight = grad_bias = None
     if any(need[1:]):
         D, s = whiten_bwd_reduce_op(dy, x, mean)
+        # a smaller last group: its padding entries of mean and wm are not read (zero gradient)
+        mask = _last_group_mask(b, x.shape[1])
         if need[1]:
-            grad_mean = -(b @ s.unsqueeze(-1)).squeeze(-1).to(mean.dtype)
+            grad_mean = -(b @ s.unsqueeze(-1)).squeeze(-1)
+            grad_mean = (grad_mean if mask is None else grad_mean * mask).to(mean.dtype)
         if need[2]:
-            grad_wm = (gamma.unsqueeze(-1) * D).to(wm.dtype)
+            grad_wm = gamma.unsqueeze(-1) * D
+            grad_wm = (grad_wm if mask is None else grad_wm * (mask.unsqueeze(-1) * mask.unsqueeze(-2)))
+            grad_wm = grad_wm.to(wm.dtype)
         if need[3] and ctx.has_weight:
-            grad_weight = (D * wm).sum(-1).reshape(-1).to(weight.dtype)
+            grad_weight = per_channel((D * wm).sum(-1), x.shape[1]).to(weight.dtype)
         if need[4] and ctx.has_bias:
-            grad_bias = s.reshape(-1).to(dy.dtype)
+            grad_bias = per_channel(s, x.shape[1]).to(dy.dtype)
     return dx, grad_mean, grad_wm, grad_weight, grad_bias
 
 

@@ -17,9 +17,13 @@ backward  the backend's reduce pass over the local (dy, x): D = sum dy (x - mean
 
 The kernels are the ones of GroupWhitening (``triton``: :mod:`sdecor_kernels` through the ops of
 :mod:`sdecor.ops.whiten`; ``torch``: the blocked passes of :mod:`sdecor.ops.whiten_torch`); the
-collectives sit between them. Ranks may hold any number of samples, 0 included; fewer than 2 on all
-ranks together leave the running statistics untouched (the counts are only known on the device, and
-reading them would wait for it). Nothing here synchronises with the host.
+collectives sit between them. A smaller last group (d does not divide C) travels in the padded
+(G, d) / (G, d, d) layout (zeros in its padding, which the combination keeps zero); the triton kernels
+mask it themselves, the torch passes run on the full groups' channels and on the last group's as on
+two inputs (see :mod:`sdecor.ops.whiten_torch`), and the d x d math of both takes the channel mask.
+Ranks may hold any number of samples, 0 included; fewer than 2 on all ranks together leave the
+running statistics untouched (the counts are only known on the device, and reading them would wait
+for it). Nothing here synchronises with the host.
 
 A rank that fails between the two collectives of a step (an exception, a killed process) leaves the
 others waiting in their next collective until the process group's timeout, as with SyncBatchNorm.
@@ -35,13 +39,17 @@ from torch import Tensor
 
 from .. import _backend
 from .._common import (
+    channel_mask,
+    join_groups,
+    like_format,
     no_autocast,
     no_autocast_function,
+    per_channel,
+    per_group,
     power_of_two,
-    shifted_cov,
+    split_channels,
+    split_groups,
     stats_dtype,
-    zca_backward_scaled,
-    zca_from_eigh_scaled,
 )
 from . import whiten, whiten_torch
 
@@ -52,64 +60,113 @@ __all__ = ["combine", "payload_numel", "run_train_sync"]
 # the large-tensor passes of each backend, all in units of a per-group power-of-two scale c
 
 
+def _by_part(d: int, fn, channels: list, groups: list) -> list:
+    """fn(d_part, *channels_part, *groups_part) for each part of the channels: the full groups' and
+    the last group's when it is smaller (the torch passes work on the (N, G, d, L) view, which then
+    does not exist), else the whole. ``channels``: tensors (N, C, *S) split along dim 1 (views);
+    ``groups``: per-group tensors (G, ...) in the padded layout, split by
+    :func:`sdecor._common.split_groups`. Returns [the result] without a smaller last group, else
+    [the full groups' result (None when C < d), the last group's]."""
+    x_even, _, r = split_channels(channels[0], d)
+    if r == d:
+        return [fn(d, *channels, *groups)]
+    ce = x_even.shape[1]
+    split = [split_groups(t, r) for t in groups]
+    even = fn(d, *[t[:, :ce] for t in channels], *[s[0] for s in split]) if ce else None
+    return [even, fn(r, *[t[:, ce:] for t in channels], *[s[1] for s in split])]
+
+
+def _joined(results: list, d: int) -> tuple:
+    """The per-group results of :func:`_by_part`'s parts in the padded layout."""
+    if len(results) == 1:
+        return results[0]
+    even, last = results
+    even = (None,) * len(last) if even is None else even
+    return tuple(join_groups(e, t, d) for e, t in zip(even, last))
+
+
+def _cat_channels(results: list, like: Tensor) -> Tensor:
+    """The parts' outputs of :func:`_by_part` along the channels, in the memory format of ``like``."""
+    if len(results) == 1:
+        return results[0]
+    return like_format(torch.cat([t for t in results if t is not None], 1).contiguous(), like)
+
+
 class _TorchPasses:
-    """The blocked torch passes of :mod:`sdecor.ops.whiten_torch`."""
+    """The blocked torch passes of :mod:`sdecor.ops.whiten_torch` (a smaller last group: on the
+    full groups' channels and on the last group's, see :func:`_by_part`)."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
         """(mean (G, d), cov / c^2 (G, d, d), c (G,)) of the local x (at least one sample)."""
-        xg = whiten_torch._regrouped(x, d)
-        center, c, _, ms, cov = whiten_torch.scaled_stats(xg, xg.shape[0] * xg.shape[3])
-        return center + c[:, None] * ms, cov, c
+        def part(dp, xp):
+            xg = whiten_torch._regrouped(xp, dp)
+            center, c, _, ms, cov = whiten_torch.scaled_stats(xg, xg.shape[0] * xg.shape[3])
+            return center + c[:, None] * ms, cov, c
+
+        return _joined(_by_part(d, part, [x], []), d)
 
     @staticmethod
-    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int):
+    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int):
         """W (true units) of cov c^2 + eps I, and what :meth:`whitening_backward` needs."""
         inv_c = c.reciprocal()                                       # exact: c is a power of two
         eps_s = whiten_torch.scaled_eps(eps, inv_c)
-        w, small, history = whiten_torch.whitening_scaled(cov, eps_s, method, T)
+        w, small, history = whiten_torch.whitening_scaled(cov, eps_s, method, T, _mask(cov, C))
         return w * inv_c[:, None, None], (eps_s, *small, *history)
 
     @staticmethod
     def whitening_backward(grad_w: Tensor, state, cov: Tensor, c: Tensor, method: str, eps: float,
-                           T: int) -> Tensor:
+                           T: int, C: int) -> Tensor:
         """dL/dSe' / c from dL/dW' (W' = c W, Se' = Se / c^2)."""
         eps_s, *rest = state
-        g = whiten_torch.whitening_scaled_backward(grad_w, rest, eps_s, method, T)
+        g = whiten_torch.whitening_scaled_backward(grad_w, rest, eps_s, method, T, _mask(cov, C))
         return g * c.reciprocal()[:, None, None]
 
     @staticmethod
     def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """y = diag(weight) W (x - mean) + bias."""
         G, d = mean.shape
-        xg = whiten_torch._regrouped(x, d)
-        a = w if weight is None else weight.to(w.dtype).reshape(G, d, 1) * w
+        a = w if weight is None else per_group(weight.to(w.dtype), G, d).unsqueeze(-1) * w
         shift = (torch.zeros(G, d, 1, dtype=w.dtype, device=w.device) if bias is None
-                 else bias.to(w.dtype).reshape(G, d, 1))
-        return whiten_torch.apply_pass(x, xg, a, mean, shift)
+                 else per_group(bias.to(w.dtype), G, d).unsqueeze(-1))
+
+        def part(dp, xp, a, mean, shift):
+            return whiten_torch.apply_pass(xp, whiten_torch._regrouped(xp, dp), a, mean, shift)
+
+        return _cat_channels(_by_part(d, part, [x], [a, mean, shift]), x)
 
     @staticmethod
     def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
         """(D / c = sum dy (x - mean)^T / c (G, d, d), s = sum dy (G, d))."""
-        d = mean.shape[1]
-        xg = whiten_torch._regrouped(x, d)
-        gy = whiten_torch._regrouped(dy, d).contiguous()
-        s, D = whiten_torch.reduce_pass(gy, xg, mean, c.reciprocal())
-        return D, s
+        def part(dp, xp, dyp, mean, c):
+            xg = whiten_torch._regrouped(xp, dp)
+            gy = whiten_torch._regrouped(dyp, dp).contiguous()
+            s, D = whiten_torch.reduce_pass(gy, xg, mean, c.reciprocal())
+            return D, s
+
+        return _joined(_by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
 
     @staticmethod
     def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
         """dx_j = B dy_j + A (x_j - mean) / c + v."""
-        d = mean.shape[1]
-        xg = whiten_torch._regrouped(x, d)
-        gy = whiten_torch._regrouped(dy, d).contiguous()
-        dx = whiten_torch.dx_pass(gy, xg, mean, c.reciprocal(), b, a, v.unsqueeze(-1))
-        return dx.reshape(dy.shape).to(dy.dtype)
+        def part(dp, xp, dyp, mean, c, a, b, v):
+            xg = whiten_torch._regrouped(xp, dp)
+            gy = whiten_torch._regrouped(dyp, dp).contiguous()
+            dx = whiten_torch.dx_pass(gy, xg, mean, c.reciprocal(), b, a, v.unsqueeze(-1))
+            return dx.reshape(dyp.shape).to(dy.dtype)
+
+        return _cat_channels(_by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
+
+
+def _mask(cov: Tensor, C: int) -> Tensor | None:
+    """The channel mask (G, d) of a smaller last group (None when d divides C)."""
+    G, d = cov.shape[0], cov.shape[-1]
+    return None if C == G * d else channel_mask(G, d, C, cov.dtype, cov.device)
 
 
 class _TritonPasses:
     """The Triton kernels of GroupWhitening's triton path (:func:`sdecor.ops.whiten.whiten_train_op`
-    and its backward)."""
+    and its backward); a smaller last group is masked in the kernels."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
@@ -118,22 +175,21 @@ class _TritonPasses:
         return stats.group_stats_scaled(x, d)
 
     @staticmethod
-    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int):
+    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int):
         if method == "newton":
             from sdecor_kernels import newton
 
-            return newton.newton_forward(cov, eps, T, c), ()
-        inv = c.reciprocal()
-        evals, evecs = whiten._eigh_for(cov.device)(shifted_cov(cov, (eps * inv * inv)[:, None, None]))
-        return zca_from_eigh_scaled(evals, evecs, eps, c), (evals, evecs)
+            return newton.newton_forward(cov, eps, T, c, C), ()
+        evals, evecs, w = whiten._zca_scaled(cov, eps, c, C, whiten._eigh_for(cov.device))
+        return w, (evals, evecs)
 
     @staticmethod
     def whitening_backward(grad_w: Tensor, state, cov: Tensor, c: Tensor, method: str, eps: float,
-                           T: int) -> Tensor:
+                           T: int, C: int) -> Tensor:
         if method == "newton":
-            return whiten.newton_backward_op(cov, grad_w, eps, T, c)
+            return whiten.newton_backward_op(cov, grad_w, eps, T, c, C)
         evals, evecs = state
-        return zca_backward_scaled(grad_w, evals, evecs, eps, c)
+        return whiten.zca_backward_masked(grad_w, evals, evecs, eps, c, C)
 
     @staticmethod
     def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -242,7 +298,7 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, passes, d, method, eps, T, group):
         N, C = x.shape[:2]
-        G = C // d
+        G = -(-C // d)                                               # the last group may be smaller
         m = N * math.prod(x.shape[2:])
         sd = stats_dtype(x.dtype)
         if m > 0:
@@ -253,7 +309,7 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
             c_r = torch.ones(G, dtype=sd, device=x.device)
         gathered = _all_gather(_pack(m, mean_r.to(sd), cov_r.to(sd), c_r.to(sd)), group)
         mean, cov, c, n = combine(gathered, G, d)
-        w, state = passes.whitening(cov, c, method, eps, T)
+        w, state = passes.whitening(cov, c, method, eps, T, C)
         if m > 0:
             y = passes.apply(x, mean, w, weight, bias)
         else:
@@ -273,7 +329,7 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
         passes, d, method, eps, T, m, group, has_weight, has_bias = ctx.meta
         x, mean, cov, c, n, w, weight, bias, *state = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        G = mean.shape[0]
+        G, C = mean.shape[0], x.shape[1]
         if m > 0:
             D, s = passes.reduce(grad_y, x, mean, c)                  # local: D / c, sum dy
         else:
@@ -282,16 +338,16 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
         # the parameters' gradients of this rank's loss terms: DDP sums them over the ranks
         grad_weight = grad_bias = grad_x = None
         if has_weight and need_weight:
-            grad_weight = (D * (w * c[:, None, None])).sum(-1).reshape(-1).to(weight.dtype)
+            grad_weight = per_channel((D * (w * c[:, None, None])).sum(-1), C).to(weight.dtype)
         if has_bias and need_bias:
-            grad_bias = s.reshape(-1).to(bias.dtype)
+            grad_bias = per_channel(s, C).to(bias.dtype)
         if need_x:
             # every rank's samples feed the statistics of all: sum (D, s) over the ranks
             flat = torch.cat([D.reshape(-1), s.reshape(-1)])
             dist.all_reduce(flat, group=group)
             D, s = flat[:G * d * d].reshape(G, d, d), flat[G * d * d:].reshape(G, d)
-            gamma = weight.to(w.dtype).reshape(G, d) if has_weight else torch.ones_like(s)
-            grad_se = passes.whitening_backward(gamma.unsqueeze(-1) * D, state, cov, c, method, eps, T)
+            gamma = per_group(weight.to(w.dtype), G, d) if has_weight else torch.ones_like(s)
+            grad_se = passes.whitening_backward(gamma.unsqueeze(-1) * D, state, cov, c, method, eps, T, C)
             a = (grad_se + grad_se.transpose(-1, -2)) / n             # through cov = Xc Xc^T / n
             b = w.transpose(-1, -2) * gamma.unsqueeze(-2)             # W^T diag(gamma)
             v = -(b @ s.unsqueeze(-1)).squeeze(-1) / n                # through the mean

@@ -17,6 +17,13 @@ Backward, given gy:
 (the mean's own contribution vanishes because the rows of Xc sum to zero).
 A backward with create_graph=True (double backward) instead differentiates the reference composition
 recomputed from the saved x (:func:`train_graph_backward`), so that the gradients carry a graph.
+
+A smaller last group (d does not divide C, IterNorm's flexible groups): the passes over x work on
+its (N, G, d, L) view, which then does not exist, so :func:`group_whiten_train` runs them on the
+channels of the full groups and on those of the last group (views of x, the last group as G = 1
+group of r channels) and concatenates the outputs: one extra write of y, and the statistics padded
+to the (G, d) / (G, d, d) layout. The d x d functions take a channel mask instead (the padding block
+decoupled and zero), for the synchronised statistics.
 """
 
 from __future__ import annotations
@@ -27,14 +34,14 @@ import torch
 
 from .. import reference as ref
 from .._common import (
-    ZCAWhitening,
     eye_like,
     graph_backward,
     grouped,
+    join_groups,
     like_format,
     no_autocast_function,
     power_of_two,
-    shifted_cov,
+    split_channels,
     stats_dtype,
     zca_backward,
     zca_from_eigh,
@@ -48,14 +55,15 @@ __all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_
 # the d x d part: whitening matrix and its exact backward
 
 
-def newton_forward(se: torch.Tensor, T: int):
+def newton_forward(se: torch.Tensor, T: int, eye: torch.Tensor | None = None):
     """IterNorm's W = P_T / sqrt(tr Se) by the coupled iteration of the reference.
 
     Returns (W, trace, Z_T, ys, zs, ms) where ys[k], zs[k], ms[k] are Y_k, Z_k and M_k of step k,
-    kept for :func:`newton_backward`.
+    kept for :func:`newton_backward`. ``eye``: the identity of each group's own channels (G, d, d)
+    where a smaller last group is zero padded (its padding then stays zero in every iterate).
     """
     trace = se.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]   # tr(Se): (G, 1, 1)
-    eye = eye_like(se)
+    eye = eye_like(se) if eye is None else eye
     y = se / trace                                                   # Y_0 = Sn
     z = eye.expand_as(se)                                            # Z_0 = I
     ys, zs, ms = [], [], []
@@ -70,8 +78,9 @@ def newton_forward(se: torch.Tensor, T: int):
 
 
 def newton_backward(grad_w: torch.Tensor, se: torch.Tensor, trace: torch.Tensor, z_last: torch.Tensor,
-                    ys, zs, ms) -> torch.Tensor:
-    """dL/dSe for W = Z_T / sqrt(tr Se): the recurrence of :func:`newton_forward` run in reverse."""
+                    ys, zs, ms, eye: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dSe for W = Z_T / sqrt(tr Se): the recurrence of :func:`newton_forward` run in reverse
+    (``eye`` as there)."""
     rsqrt_tr = trace.rsqrt()
     gz = grad_w * rsqrt_tr                                           # through W = Z_T / sqrt(tr)
     g_tr = -0.5 * (grad_w * z_last).sum((-2, -1), keepdim=True) * rsqrt_tr / trace
@@ -86,7 +95,7 @@ def newton_backward(grad_w: torch.Tensor, se: torch.Tensor, trace: torch.Tensor,
         gy = gy_new - 0.5 * (z.transpose(-1, -2) @ gm)
     # Y_0 = Se / tr(Se)
     g_tr = g_tr - (gy * se).sum((-2, -1), keepdim=True) / (trace * trace)
-    return gy / trace + g_tr * eye_like(se)
+    return gy / trace + g_tr * (eye_like(se) if eye is None else eye)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,26 +253,42 @@ def scaled_eps(eps: float, inv_c: torch.Tensor) -> torch.Tensor:
     return (eps * inv_c * inv_c).clamp_min(torch.finfo(inv_c.dtype).tiny ** 0.5)
 
 
-def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int):
+def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int,
+                     mask: torch.Tensor | None = None):
     """W' = f(cov' + eps' I) (G, d, d) in units of the scales, and what its backward
-    (:func:`whitening_scaled_backward`) needs: (W', small, history)."""
-    se = cov + eps_s[:, None, None] * eye_like(cov)
+    (:func:`whitening_scaled_backward`) needs: (W', small, history).
+
+    ``mask`` (G, d) (:func:`sdecor._common.channel_mask`): a smaller last group, zero padded in cov;
+    its W' is that of its own block (eps' I and the trace over its channels), zeros in the padding.
+    For zca the padding block of the matrix given to eigh is the identity (decoupled from the real
+    block, and positive), and W' is masked after."""
+    eye = eye_like(cov) if mask is None else torch.diag_embed(mask)
+    se = cov + eps_s[:, None, None] * eye
     if method == "zca":
-        evals, evecs = torch.linalg.eigh(se)
-        return zca_from_eigh(evals, evecs, eps_s[:, None]), (evals, evecs), ()
-    w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T)
+        evals, evecs = torch.linalg.eigh(se if mask is None else se + torch.diag_embed(1 - mask))
+        w = zca_from_eigh(evals, evecs, eps_s[:, None])
+        return (w if mask is None else _masked(w, mask)), (evals, evecs), ()
+    w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T, None if mask is None else eye)
     return w, (se, trace, z_last), (*ys, *zs, *ms_hist)
 
 
+def _masked(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a (G, d, d) with the rows and columns of the padding (mask 0) set to zero."""
+    return a * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+
+
 def whitening_scaled_backward(grad_w: torch.Tensor, rest, eps_s: torch.Tensor, method: str,
-                              T: int) -> torch.Tensor:
-    """dL/dSe' from dL/dW' for W' of :func:`whitening_scaled` (``rest``: its small and history)."""
+                              T: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dSe' from dL/dW' for W' of :func:`whitening_scaled` (``rest``: its small and history;
+    ``mask`` as there)."""
     if method == "zca":
         evals, evecs = rest
-        return zca_backward(grad_w, evals, evecs, eps_s[:, None])
+        g = zca_backward(grad_w, evals, evecs, eps_s[:, None])
+        return g if mask is None else _masked(g, mask)
     se, trace, z_last = rest[:3]
     hist = rest[3:]
-    return newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:])
+    return newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:],
+                           None if mask is None else torch.diag_embed(mask))
 
 
 @no_autocast_function
@@ -357,8 +382,7 @@ def train_composition(x, weight, bias, num_channels: int, method: str, eps: floa
     """y = weight * W(cov(x)) (x - mean) + bias by differentiable torch ops: the reference's composition,
     whose autograd gives the double backward of the training paths (``eigh``: the zca eigensolver)."""
     mean, cov = ref._group_cov(x, num_channels)
-    se = shifted_cov(cov, eps)
-    w = ZCAWhitening.apply(se, float(eps), eigh) if method == "zca" else ref.newton_schulz(se, T)
+    w = ref._group_whitening(cov, x.shape[1], method, eps, T, eigh)
     return group_whiten_eval(x, mean, w, weight, bias)
 
 
@@ -379,8 +403,23 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: flo
 
     y has x's shape, dtype and memory format and is differentiable w.r.t. x, weight and bias; mean
     (G, d) and wm (G, d, d) are the batch statistics (float32, float64 for float64 input), detached.
+    A smaller last group (d does not divide C): see the module docstring.
     """
-    return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
+    x_even, x_last, r = split_channels(x, num_channels)
+    if r == num_channels:
+        return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
+    # the full groups' channels and the last group's, each through the even path (views of x)
+    d, c0 = num_channels, x_even.shape[1]
+    parts = [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
+    if c0 == 0:                                                      # C < d: one group of C channels
+        parts = parts[1:]
+    outs = [_GroupWhitenTrain.apply(xp, None if weight is None else weight[sl],
+                                    None if bias is None else bias[sl], dp, method, float(eps), int(T))
+            for xp, dp, sl in parts]
+    y = like_format(torch.cat([o[0] for o in outs], 1).contiguous(), x)
+    _, mean_r, wm_r = outs[-1]
+    mean_e, wm_e = (outs[0][1], outs[0][2]) if c0 else (None, None)
+    return y, join_groups(mean_e, mean_r, d), join_groups(wm_e, wm_r, d)
 
 
 def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
