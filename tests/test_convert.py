@@ -1,13 +1,14 @@
 """convert_whitening: which layers are replaced, what carries over, argument checks, real networks."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from sdecor.convert import ConversionReport, convert_whitening
-from sdecor.nn import GroupWhitening
+from sdecor.nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 from sdecor.testing import assert_close
 
 
@@ -186,3 +187,254 @@ def test_torchvision_networks(arch):
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
     gws = [m for m in model.modules() if isinstance(m, GroupWhitening)]
     assert all(int(m.num_batches_tracked) == 1 for m in gws)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers for whole networks: cheap random weights, non-trivial BatchNorm state, output comparison
+
+
+def randomize_batchnorms(model):
+    """Non-trivial running statistics and affine maps in every BatchNorm layer, so that a conversion
+    that loses or misplaces any part of a layer's function shows in the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                if m.track_running_stats:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+_POOL = torch.rand(1_000_003, generator=torch.Generator().manual_seed(0)) * 2 - 1   # a prime length
+
+
+def fill_parameters(model):
+    """Every parameter from a fixed pseudo-random pool in [-1, 1) (copies, no random draws per
+    element: a 600M-parameter network fills in well under a second), weights scaled by
+    sqrt(6 / fan_in) as Kaiming's uniform initialisation; then randomize_batchnorms."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            flat, done = p.view(-1), 0
+            while done < flat.numel():
+                k = min(flat.numel() - done, _POOL.numel() - offset)
+                flat[done:done + k].copy_(_POOL[offset:offset + k])
+                done, offset = done + k, (offset + k) % _POOL.numel()
+            p.mul_((6.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    return randomize_batchnorms(model)
+
+
+@pytest.fixture
+def no_weight_init(monkeypatch):
+    """torch.nn.init's functions do nothing inside the test: networks are built at the cost of
+    allocating them, and fill_parameters gives every parameter its value."""
+    for name, fn in vars(nn.init).items():
+        if callable(fn) and name.endswith("_") and not name.startswith("_"):
+            monkeypatch.setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+
+
+def assert_same_function(after, before, msg=None):
+    """fp32 outputs of a network before and after conversion agree to fp32 rounding, relative to the
+    output's scale (a deep network amplifies rounding, not a lost activation or statistic)."""
+    assert torch.isfinite(before).all() and before.abs().max() > 0, msg
+    scale = before.abs().max()
+    assert_close(after / scale, before / scale, msg=msg)
+
+
+def layer_types(model):
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNorm subclasses: known ones keep their behaviour, unknown ones that override forward are skipped
+
+
+class RenamedBatchNorm2d(nn.BatchNorm2d):
+    """A subclass that adds nothing to the computation."""
+
+    def extra_repr(self):
+        return "renamed " + super().extra_repr()
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A subclass whose forward does more than BatchNorm: converting it would change the function."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class SubclassOfRenamed(RenamedBatchNorm2d):
+    pass
+
+
+def _net_with(*layers):
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), *layers)
+    return randomize_batchnorms(net).eval()
+
+
+def test_subclass_without_forward_converted_as_its_base():
+    net = _net_with(RenamedBatchNorm2d(16), nn.ReLU(), SubclassOfRenamed(16))
+    x = torch.randn(2, 3, 5, 5)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.replaced] == ["1", "3"] and report.skipped == []
+    assert type(net[1]) is GroupWhitening and type(net[3]) is GroupWhitening
+    assert "SubclassOfRenamed(16) -> GroupWhitening(16" in report.replaced[1][1]
+    assert_same_function(net(x), before)
+
+
+def test_subclass_overriding_forward_skipped_with_reason():
+    scaled = ScaledBatchNorm2d(16)
+    net = _net_with(scaled, nn.BatchNorm2d(16))
+    x = torch.randn(2, 3, 5, 5)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.replaced] == ["2"]
+    assert [n for n, _ in report.skipped] == ["1"]
+    reason = report.skipped[0][1]
+    assert "ScaledBatchNorm2d" in reason and "its own forward" in reason
+    assert net[1] is scaled
+    assert_same_function(net(x), before)
+    assert "skipped:" in str(report) and "ScaledBatchNorm2d" in str(report)
+
+
+def test_subclass_of_a_known_variant_that_overrides_forward_is_skipped():
+    timm = pytest.importorskip("timm")
+
+    class MyBatchNormAct(timm.layers.BatchNormAct2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    class RenamedBatchNormAct(timm.layers.BatchNormAct2d):
+        pass
+
+    net = _net_with(MyBatchNormAct(16), RenamedBatchNormAct(16, act_layer=nn.SiLU))
+    x = torch.randn(2, 3, 5, 5)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.skipped] == ["1"] and "MyBatchNormAct" in report.skipped[0][1]
+    assert [n for n, _ in report.replaced] == ["2"] and type(net[2]) is GroupWhiteningAct
+    assert isinstance(net[2].act, nn.SiLU)
+    assert_same_function(net(x), before)
+
+
+def test_instance_level_changes_are_skipped():
+    hooked, patched, parametrized = nn.BatchNorm2d(16), nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    patched.forward = lambda x: x
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", _Double())
+    net = _net_with(hooked, patched, parametrized)
+    report = convert_whitening(net, num_channels=4)
+    assert report.replaced == []
+    reasons = dict(report.skipped)
+    assert "forward hooks" in reasons["1"]
+    assert "forward is replaced on the instance" in reasons["2"]
+    assert "parametrized" in reasons["3"]
+    assert net[1] is hooked and net[2] is patched
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_lazy_batchnorm_reported_until_initialized():
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.LazyBatchNorm2d(), nn.ReLU())
+    report = convert_whitening(net, num_channels=4)
+    assert report.replaced == [] and [n for n, _ in report.skipped] == ["1"]
+    assert "LazyBatchNorm2d is not initialized yet" in report.skipped[0][1]
+    assert "first forward pass" in report.skipped[0][1]
+    assert "skipped 1" in str(report) and "LazyBatchNorm2d" in str(report)
+    assert isinstance(net[1], nn.LazyBatchNorm2d)
+    net(torch.randn(2, 3, 4, 4))                          # materialises it as a BatchNorm2d
+    randomize_batchnorms(net).eval()
+    x = torch.randn(2, 3, 4, 4)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.replaced] == ["1"] and type(net[1]) is GroupWhitening
+    assert_same_function(net(x), before)
+
+
+def test_sync_batchnorm_becomes_sync_whitening_in_its_process_group():
+    group = object()                   # any object stands for a process group until a collective runs
+    net = _net_with(nn.SyncBatchNorm(16, process_group=group), nn.ReLU(), nn.SyncBatchNorm(16))
+    x = torch.randn(2, 3, 5, 5)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.replaced] == ["1", "3"]
+    assert "SyncBatchNorm(16) -> SyncGroupWhitening(16" in report.replaced[0][1]
+    assert "in its process group" in report.replaced[0][1]
+    assert type(net[1]) is SyncGroupWhitening and net[1].process_group is group
+    assert type(net[3]) is SyncGroupWhitening and net[3].process_group is None
+    assert_same_function(net(x), before)            # eval mode: no communication
+
+
+def test_frozen_batchnorm_is_reported():
+    torchvision = pytest.importorskip("torchvision")
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(16)
+    net = _net_with(frozen, nn.BatchNorm2d(16))
+    report = convert_whitening(net, num_channels=4)
+    assert [n for n, _ in report.replaced] == ["2"]
+    assert [n for n, _ in report.skipped] == ["1"] and "frozen" in report.skipped[0][1]
+    assert net[1] is frozen
+
+
+def test_eps_override_keeps_the_eval_function():
+    """The running W is built with the BatchNorm's own eps; the new eps applies to batch statistics."""
+    net = _net_with(nn.BatchNorm2d(16, eps=1e-1))
+    x = torch.randn(2, 3, 5, 5)
+    before = net(x)
+    convert_whitening(net, num_channels=4, eps=1e-5)
+    assert net[1].eps == 1e-5
+    assert_same_function(net(x), before)
+
+
+def test_options_that_change_the_eval_function_are_noted():
+    net = _net_with(nn.BatchNorm2d(16), nn.BatchNorm2d(16, track_running_stats=False))
+    report = convert_whitening(net, num_channels=4, affine=False)
+    first, second = (reason for _, reason in report.replaced)
+    assert "affine map is dropped" in first and "no running statistics" not in first
+    assert "no running statistics" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# GroupWhiteningAct
+
+
+def test_group_whitening_act_forward_and_state():
+    act, drop = nn.SiLU(), nn.Dropout(0.5)
+    layer = GroupWhiteningAct(16, 4, drop=drop, act=act, eps=1e-3).eval()
+    assert layer.act is act and layer.drop is drop
+    plain = GroupWhitening(16, 4, eps=1e-3).eval()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items()})
+    x = torch.randn(3, 16, 4, 4)
+    assert_close(layer(x), act(plain(x)))                 # eval: dropout is the identity
+    assert set(layer.state_dict()) == set(plain.state_dict())
+    prelu = GroupWhiteningAct(16, 4, act=nn.PReLU())
+    assert "act.weight" in prelu.state_dict() and isinstance(prelu.drop, nn.Identity)
+    assert isinstance(GroupWhiteningAct(16, 4).act, nn.Identity)
+    with pytest.raises(TypeError, match="act must be a torch.nn.Module"):
+        GroupWhiteningAct(16, 4, act=torch.relu)
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    plain.train()
+    assert_close(y, act(drop(plain(x))))
+
+
+def test_sync_conversion_keeps_drop_and_act():
+    act = nn.Hardswish()
+    net = nn.Sequential(GroupWhiteningAct(16, 4, act=act), GroupWhitening(16, 4))
+    SyncGroupWhitening.convert_sync_whitening(net)
+    assert type(net[0]) is SyncGroupWhiteningAct and net[0].act is act
+    assert type(net[1]) is SyncGroupWhitening
+    x = torch.randn(3, 16, 2, 2)
+    net.eval()
+    y = net(x)
+    SyncGroupWhitening.revert_sync_whitening(net)
+    assert type(net[0]) is GroupWhiteningAct and net[0].act is act and type(net[1]) is GroupWhitening
+    assert_close(net(x), y)

@@ -1,8 +1,9 @@
 """sdecor: fused kernels for group-wise ZCA whitening, decorrelation and saliency-guided training.
 
 Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
-progressive_masks, convert_whitening. Modules (also in :mod:`sdecor.nn`): GroupWhitening,
-SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker, SaliencyDecor.
+progressive_masks, convert_whitening, convert_iternorm. Modules (also in :mod:`sdecor.nn`):
+GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker,
+SaliencyDecor.
 Backend control: use_backend, info. Pure-PyTorch references of the functions live in
 :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
@@ -10,7 +11,7 @@ Backend control: use_backend, info. Pure-PyTorch references of the functions liv
 from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
-from .convert import ConversionReport, convert_whitening
+from .convert import ConversionReport, convert_iternorm, convert_whitening
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
@@ -27,6 +28,7 @@ __all__ = [
     "SaliencyDecorTerms",
     "SaliencyMasker",
     "SyncGroupWhitening",
+    "convert_iternorm",
     "convert_whitening",
     "decorrelation_loss",
     "group_cov",
