@@ -213,8 +213,12 @@ _POOL = torch.rand(1_000_003, generator=torch.Generator().manual_seed(0)) * 2 - 
 
 def fill_parameters(model):
     """Every parameter from a fixed pseudo-random pool in [-1, 1) (copies, no random draws per
-    element: a 600M-parameter network fills in well under a second), weights scaled by
-    sqrt(6 / fan_in) as Kaiming's uniform initialisation; then randomize_batchnorms."""
+    element: a 600M-parameter network fills in under a second), weights scaled to variance 1 / fan_in
+    (LeCun's uniform initialisation), then randomize_batchnorms.
+
+    Kaiming's variance 2 / fan_in makes the deepest of these networks chaotic in fp32: efficientnet_v2
+    then amplifies rounding so much that its fp32 output is O(1) away from its fp64 output, with or
+    without conversion; at 1 / fan_in every network here reproduces its output to ~1e-6."""
     offset = 0
     with torch.no_grad():
         for p in model.parameters():
@@ -223,7 +227,7 @@ def fill_parameters(model):
                 k = min(flat.numel() - done, _POOL.numel() - offset)
                 flat[done:done + k].copy_(_POOL[offset:offset + k])
                 done, offset = done + k, (offset + k) % _POOL.numel()
-            p.mul_((6.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+            p.mul_((3.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
     return randomize_batchnorms(model)
 
 
@@ -438,3 +442,347 @@ def test_sync_conversion_keeps_drop_and_act():
     SyncGroupWhitening.revert_sync_whitening(net)
     assert type(net[0]) is GroupWhiteningAct and net[0].act is act and type(net[1]) is GroupWhitening
     assert_close(net(x), y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# every torchvision classification network: the same function right after conversion (eval mode)
+
+try:
+    import torchvision
+    TORCHVISION_CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
+except ImportError:
+    TORCHVISION_CLASSIFIERS = []
+
+# the smallest inputs the networks take: 32 x 32 but for these
+_INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224}
+_BUILD_OPTIONS = {"inception_v3": {"aux_logits": False, "init_weights": False},
+                  "googlenet": {"aux_logits": False, "init_weights": False}}
+
+
+def _has_batchnorm_on_meta(arch):
+    """Whether a network has BatchNorm layers, from a copy built on the meta device (no memory, no
+    initialisation); None where the builder needs real tensors."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None, num_classes=10)
+    except NotImplementedError:
+        return None, None
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), model
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_CLASSIFIERS)
+def test_every_torchvision_classifier_computes_the_same(arch, no_weight_init):
+    has_bn, meta_model = _has_batchnorm_on_meta(arch)
+    if has_bn is False:
+        # Nothing to convert (ViT, Swin, ConvNeXt, ...): the conversion must leave every module in place.
+        layout = layer_types(meta_model)
+        report = convert_whitening(meta_model, num_channels=8)
+        assert report.replaced == [] and report.skipped == [] and layer_types(meta_model) == layout
+        return
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10, **_BUILD_OPTIONS.get(arch, {}))
+    fill_parameters(model).eval()
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    size = _INPUT_SIZE.get(arch, 32)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+        report = convert_whitening(model, num_channels=8)
+        after = model(x)
+    assert len(report.replaced) + len(report.skipped) == n_bn
+    assert len(report.replaced) > 0
+    for name, reason in report.skipped:
+        assert "not divisible by num_channels=8" in reason, (name, reason)
+    assert_same_function(after, before, msg=str(report))
+
+
+# ---------------------------------------------------------------------------------------------------
+# timm networks (random weights, no downloads): plain BatchNorm and BatchNorm + drop + act layers
+
+# one small network per family: resnet, efficientnet, mobilenetv3, regnet, cspnet, dla, densenet,
+# byobnet, dpn (some channel counts not divisible by 8), levit (BatchNorm1d over tokens)
+TIMM_NETWORKS = ["test_resnet", "test_efficientnet", "mobilenetv3_small_050", "regnetx_002",
+                 "cs3darknet_focus_s", "dla46_c", "densenet121", "test_byobnet", "dpn48b", "levit_128s"]
+
+
+@pytest.mark.parametrize("arch", TIMM_NETWORKS)
+def test_timm_networks_compute_the_same(arch, no_weight_init):
+    timm = pytest.importorskip("timm")
+    model = fill_parameters(timm.create_model(arch, pretrained=False)).eval()
+    norm_act = {name: (m.drop, m.act) for name, m in model.named_modules()
+                if type(m) is timm.layers.BatchNormAct2d}
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    size = 224 if arch.startswith("levit") else 64          # levit's attention biases fix its input size
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+        report = convert_whitening(model, num_channels=8)
+        after = model(x)
+    assert len(report.replaced) + len(report.skipped) == n_bn and len(report.replaced) > 0
+    for name, reason in report.skipped:
+        assert "not divisible by num_channels=8" in reason, (name, reason)
+    skipped = {name for name, _ in report.skipped}
+    for name, (drop, act) in norm_act.items():       # the very drop and act modules, in the new layer
+        if name not in skipped:
+            new = model.get_submodule(name)
+            assert type(new) is GroupWhiteningAct and new.drop is drop and new.act is act, name
+    assert_same_function(after, before, msg=str(report))
+
+
+def test_timm_network_trains_after_conversion():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=5)
+    report = convert_whitening(model, num_channels=8)
+    assert report.skipped == []
+    model.train()
+    out = model(torch.randn(4, 3, 32, 32))
+    out.square().mean().backward()
+    layers = [m for m in model.modules() if isinstance(m, GroupWhiteningAct)]
+    assert layers and all(int(m.num_batches_tracked) == 1 for m in layers)
+    assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in layers)
+
+
+def test_known_timm_classes_exist_under_their_table_names():
+    """The table names timm's classes by module and qualified name: they must still be there."""
+    pytest.importorskip("timm")
+    import importlib
+
+    from sdecor.convert import _KNOWN
+    names = [name for name in _KNOWN if name.startswith("timm.")]
+    assert len(names) >= 4
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), cls), type), name
+
+
+def test_timm_sync_batchnorm_act_and_split_batchnorm():
+    timm = pytest.importorskip("timm")
+    group = object()
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), timm.layers.BatchNormAct2d(16, act_layer=nn.GELU),
+                        nn.Conv2d(16, 16, 1), timm.layers.SplitBatchNorm2d(16, num_splits=2))
+    randomize_batchnorms(net).eval()
+    timm.layers.convert_sync_batchnorm(net, process_group=group)
+    assert type(net[1]) is timm.layers.SyncBatchNormAct
+    act = net[1].act
+    x = torch.randn(2, 3, 4, 4)
+    before = net(x)
+    report = convert_whitening(net, num_channels=4)
+    assert type(net[1]) is SyncGroupWhiteningAct and net[1].process_group is group and net[1].act is act
+    assert "keeping its drop (Identity) and act (GELU), in its process group" in report.replaced[0][1]
+    # timm's convert_sync_batchnorm made the SplitBatchNorm2d a SyncBatchNorm that still holds the
+    # auxiliary BatchNorms as (unused) submodules: they go with it
+    assert type(net[3]) is SyncGroupWhitening and not hasattr(net[3], "aux_bn")
+    assert [n for n, _ in report.replaced] == ["1", "3"] and report.skipped == []
+    assert "without its unused submodules ['aux_bn']" in report.replaced[1][1]
+    assert_same_function(net(x), before)
+
+
+def test_timm_split_batchnorm_is_skipped_with_its_auxiliary_layers():
+    timm = pytest.importorskip("timm")
+    split = timm.layers.SplitBatchNorm2d(16, num_splits=2)
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), split)
+    report = convert_whitening(net, num_channels=4)
+    assert report.replaced == [] and [n for n, _ in report.skipped] == ["1"]
+    assert "SplitBatchNorm2d" in report.skipped[0][1] and "auxiliary" in report.skipped[0][1]
+    assert net[1] is split and type(split.aux_bn[0]) is nn.BatchNorm2d
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert_iternorm: IterNorm-pytorch's layers (stand-ins written from the algorithm and state layout)
+
+import iternorm_flexgroup_standin  # noqa: E402
+import iternorm_standin  # noqa: E402
+
+from sdecor.convert import convert_iternorm  # noqa: E402
+
+
+def _iternorm_net(kind, C=32, d=8, dim=4, **kw):
+    module = {"even": iternorm_standin, "flex": iternorm_flexgroup_standin}[kind]
+    layer = module.IterNorm(C, d, dim=dim, dtype=torch.float64, **kw)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    return nn.Sequential(nn.Identity(), layer)
+
+
+def _iternorm_input(dim, C=32, N=6):
+    shape = (N, C, 3, 5) if dim == 4 else (N * 8, C)
+    return torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+
+
+def _running_stats(layer):
+    """running_mean (G, d, 1) and running_wm (G, d, d) of either stand-in, the flexible one's groups
+    zero-padded to d as GroupWhitening's buffers."""
+    if not hasattr(layer, "iterNorm_Groups"):
+        return layer.running_mean, layer.running_wm
+    G, d = layer.num_groups, layer.num_channels
+    mean, wm = torch.zeros(G, d, 1, dtype=torch.float64), torch.zeros(G, d, d, dtype=torch.float64)
+    for g, single in enumerate(layer.iterNorm_Groups):
+        c = single.num_features
+        mean[g, :c], wm[g, :c, :c] = single.running_mean, single.running_wm
+    return mean, wm
+
+
+def _assert_same_layers(converted, original, x):
+    """Eval output, then a training step (output, input gradient, running statistics), then eval again."""
+    for step, training in enumerate((False, True, False)):
+        converted.train(training)
+        original.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = converted(xa), original(xb)
+        assert_close(ya, yb, msg=f"output, step {step}")
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        assert_close(xa.grad, xb.grad, msg=f"input gradient, step {step}")
+        mean, wm = _running_stats(original[1])
+        assert_close(converted[1].running_mean, mean, msg=f"running_mean, step {step}")
+        assert_close(converted[1].running_wm, wm, msg=f"running_wm, step {step}")
+
+
+@pytest.mark.parametrize("kind, dim, trained", [
+    ("even", 4, False), ("even", 4, True), ("even", 2, True), ("flex", 4, True), ("flex", 2, False),
+], ids=["even-fresh", "even-trained", "even-2d", "flex-trained", "flex-2d-fresh"])
+def test_iternorm_converted_to_the_same_layer(kind, dim, trained):
+    original = _iternorm_net(kind, dim=dim, T=7, eps=1e-3, momentum=0.3)
+    x = _iternorm_input(dim)
+    if trained:                           # non-trivial running statistics
+        original.train()
+        original(_iternorm_input(dim) * 3 - 1)
+    elif kind == "even":                  # the buffer as IterNorm makes it: one matrix, stride 0
+        assert original[1].running_wm.stride(0) == 0
+    original.eval()
+    converted = copy.deepcopy(original)
+    report = convert_iternorm(converted)
+    assert [n for n, _ in report.replaced] == ["1"] and report.skipped == []
+    assert report.function == "convert_iternorm" and str(report).startswith("convert_iternorm: replaced 1")
+    layer = converted[1]
+    assert type(layer) is GroupWhitening and layer.method == "newton"
+    assert (layer.num_features, layer.num_channels, layer.T, layer.eps, layer.momentum) == (32, 8, 7, 1e-3, 0.3)
+    assert layer.running_wm.dtype == torch.float64 and not layer.training
+    assert layer.running_wm.is_contiguous()
+    _assert_same_layers(converted, original, x)
+
+
+def test_iternorm_without_affine():
+    original = _iternorm_net("even", affine=False)
+    converted = copy.deepcopy(original)
+    convert_iternorm(converted)
+    assert converted[1].weight is None
+    _assert_same_layers(converted, original, _iternorm_input(4))
+
+
+def test_flexible_iternorm_with_a_smaller_last_group():
+    """C = 30 in groups of 8: 3 groups of 8 and one of 6 -> GroupWhitening(last_group="smaller")."""
+    original = _iternorm_net("flex", C=30, d=8)
+    original.train()
+    original(_iternorm_input(4, C=30))
+    converted = copy.deepcopy(original)
+    report = convert_iternorm(converted)
+    assert [n for n, _ in report.replaced] == ["1"], str(report)
+    assert "last_group='smaller' (last group of 6)" in report.replaced[0][1]
+    assert converted[1].last_group == "smaller" and converted[1].num_groups == 4
+    _assert_same_layers(converted, original, _iternorm_input(4, C=30))
+
+
+def _broken(change):
+    net = _iternorm_net("even")
+    change(net[1])
+    return net
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.register_buffer("running_wm", torch.zeros(4, 8, 7)), "running_wm has shape (4, 8, 7)"),
+    (lambda m: setattr(m, "num_groups", 3), "num_groups=3"),
+    (lambda m: setattr(m, "momentum", 2.0), "momentum"),
+    (lambda m: setattr(m, "T", "5"), "its T is '5'"),
+    (lambda m: setattr(m, "weight", nn.Parameter(torch.ones(1, 16, 1, 1))), "weight has shape (1, 16, 1, 1)"),
+    (lambda m: m.register_forward_hook(lambda *a: None), "forward hooks"),
+], ids=["wm-shape", "groups", "momentum", "T", "weight", "hook"])
+def test_iternorm_unexpected_state_is_skipped(change, words):
+    net = _broken(change)
+    layer = net[1]
+    report = convert_iternorm(net)
+    assert report.replaced == [] and [n for n, _ in report.skipped] == ["1"]
+    assert "iternorm_standin.IterNorm" in report.skipped[0][1] and words in report.skipped[0][1]
+    assert net[1] is layer
+
+
+def test_flexible_iternorm_groups_must_share_settings():
+    net = _iternorm_net("flex")
+    net[1].iterNorm_Groups[2].eps = 1e-2
+    report = convert_iternorm(net)
+    assert report.replaced == [] and "groups differ in eps" in report.skipped[0][1]
+
+
+def test_convert_iternorm_checks_before_changing_and_finds_nested_layers():
+    net = nn.Sequential(_iternorm_net("even"), nn.Sequential(_iternorm_net("flex")), nn.BatchNorm2d(4))
+    report = convert_iternorm(net, exclude="1.*")
+    assert [n for n, _ in report.replaced] == ["0.1"] and type(net[0][1]) is GroupWhitening
+    assert type(net[1][0][1]).__name__ == "IterNorm" and type(net[2]) is nn.BatchNorm2d
+    root = iternorm_standin.IterNorm(16, 4)
+    report = convert_iternorm(root)
+    assert report.replaced == [] and "container" in report.skipped[0][1]
+    with pytest.raises(TypeError, match="include"):
+        convert_iternorm(net, include=5)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        convert_iternorm("net")
+    shared = _iternorm_net("even")[1]
+    net = nn.Sequential(shared, nn.Identity(), shared)
+    report = convert_iternorm(net)
+    assert [n for n, _ in report.replaced] == ["0", "2"] and net[0] is net[2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# last_group: "even" skips layers whose channel count d does not divide, "smaller" converts them all
+
+
+def test_even_skip_reason_suggests_smaller_last_group():
+    report = convert_whitening(small_net(), num_channels=8)
+    assert 'last_group="smaller" for a last group of 2 channels' in dict(report.skipped)["8"]
+
+
+@pytest.mark.parametrize("value", ["uneven", None, 1])
+def test_last_group_checked_before_changing(value):
+    net = small_net()
+    layout = layer_types(net)
+    with pytest.raises(ValueError, match="last_group must be one of"):
+        convert_whitening(net, num_channels=8, last_group=value)
+    assert layer_types(net) == layout
+
+
+def test_smaller_last_group_converts_every_layer_and_keeps_the_function():
+    net = small_net(torch.float64).eval()
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    before = net(x)
+    report = convert_whitening(net, num_channels=8, last_group="smaller")
+    assert [n for n, _ in report.replaced] == ["1", "3.1", "5", "8"] and report.skipped == []
+    assert "BatchNorm1d(10) -> GroupWhitening(10, num_channels=8, method='newton', last_group='smaller')" \
+        in report.replaced[3][1]
+    last = net[8]
+    assert last.last_group == "smaller" and last.num_groups == 2
+    assert last.running_wm.shape == (2, 8, 8)
+    # the last group's 2 channels in the top-left block, zeros elsewhere
+    assert torch.equal(last.running_wm[1, 2:], torch.zeros(6, 8, dtype=torch.float64))
+    assert torch.equal(last.running_wm[1, :, 2:], torch.zeros(8, 6, dtype=torch.float64))
+    assert torch.equal(last.running_mean[1, 2:], torch.zeros(6, 1, dtype=torch.float64))
+    assert_close(net(x), before)
+
+
+@pytest.mark.parametrize("source, arch, d", [("timm", "dpn48b", 8), ("torchvision", "mobilenet_v2", 16)])
+def test_smaller_last_group_on_networks(source, arch, d, no_weight_init):
+    lib = pytest.importorskip(source)
+    if source == "timm":
+        model = lib.create_model(arch, pretrained=False)
+    else:
+        model = lib.models.get_model(arch, weights=None, num_classes=10)
+    fill_parameters(model).eval()
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert convert_whitening(copy.deepcopy(model), num_channels=d).skipped     # some do not divide
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        report = convert_whitening(model, num_channels=d, last_group="smaller")
+        after = model(x)
+    assert len(report.replaced) == n_bn and report.skipped == []
+    assert_same_function(after, before, msg=str(report))

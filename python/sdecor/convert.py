@@ -97,14 +97,18 @@ def _patterns(value, argname: str) -> tuple[str, ...] | None:
 
 def _selected(model: nn.Module, include, exclude, wanted):
     """(name, module) of the modules for which ``wanted(module)`` holds and whose name passes the
-    include / exclude patterns; a module reachable under several names comes once per name."""
+    include / exclude patterns, outermost first; a module reachable under several names comes once
+    per name. The submodules of a module that comes are part of it (replaced or left with it): they
+    do not come themselves."""
+    taken = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if not wanted(module):
+        if not wanted(module) or any(name.startswith(prefix) for prefix in taken):
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
+        taken.append(name + "." if name else "")
         yield name, module
 
 
@@ -224,6 +228,9 @@ def _description(bn: nn.Module, new: GroupWhitening, method: str, last_group: st
         text += f", keeping its drop ({type(new.drop).__name__}) and act ({type(new.act).__name__})"
     if isinstance(new, SyncGroupWhitening):
         text += ", in its process group"
+    dropped = sorted(set(bn._modules) - set(new._modules))
+    if dropped:                           # BatchNorm's forward uses no submodule
+        text += f", without its unused submodules {dropped}"
     notes = []
     if bn.affine and not new.affine:
         notes.append("its affine map is dropped (affine=False)")
