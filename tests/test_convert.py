@@ -240,6 +240,16 @@ def no_weight_init(monkeypatch):
             monkeypatch.setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
 
 
+@pytest.fixture
+def one_thread():
+    """Batches of one small image gain nothing from intra-op threads, and on a busy machine their
+    spinning costs several times the work (the torchvision sweep: 31 s of CPU on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_same_function(after, before, msg=None):
     """fp32 outputs of a network before and after conversion agree to fp32 rounding, relative to the
     output's scale (a deep network amplifies rounding, not a lost activation or statistic)."""
@@ -471,7 +481,7 @@ def _has_batchnorm_on_meta(arch):
 
 
 @pytest.mark.parametrize("arch", TORCHVISION_CLASSIFIERS)
-def test_every_torchvision_classifier_computes_the_same(arch, no_weight_init):
+def test_every_torchvision_classifier_computes_the_same(arch, no_weight_init, one_thread):
     has_bn, meta_model = _has_batchnorm_on_meta(arch)
     if has_bn is False:
         # Nothing to convert (ViT, Swin, ConvNeXt, ...): the conversion must leave every module in place.
@@ -505,7 +515,7 @@ TIMM_NETWORKS = ["test_resnet", "test_efficientnet", "mobilenetv3_small_050", "r
 
 
 @pytest.mark.parametrize("arch", TIMM_NETWORKS)
-def test_timm_networks_compute_the_same(arch, no_weight_init):
+def test_timm_networks_compute_the_same(arch, no_weight_init, one_thread):
     timm = pytest.importorskip("timm")
     model = fill_parameters(timm.create_model(arch, pretrained=False)).eval()
     norm_act = {name: (m.drop, m.act) for name, m in model.named_modules()
@@ -770,7 +780,7 @@ def test_smaller_last_group_converts_every_layer_and_keeps_the_function():
 
 
 @pytest.mark.parametrize("source, arch, d", [("timm", "dpn48b", 8), ("torchvision", "mobilenet_v2", 16)])
-def test_smaller_last_group_on_networks(source, arch, d, no_weight_init):
+def test_smaller_last_group_on_networks(source, arch, d, no_weight_init, one_thread):
     lib = pytest.importorskip(source)
     if source == "timm":
         model = lib.create_model(arch, pretrained=False)
