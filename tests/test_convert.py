@@ -1,15 +1,19 @@
-"""convert_whitening: which layers are replaced, what carries over, argument checks, real networks."""
+"""convert_whitening and convert_iternorm: which layers are replaced or skipped and why, what carries over,
+argument checks, and the same function before and after on real networks (torchvision, timm)."""
 
 import copy
-import math
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
-from sdecor.convert import ConversionReport, convert_whitening
+from sdecor.convert import _KNOWN, ConversionReport, convert_iternorm, convert_whitening
 from sdecor.nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 from sdecor.testing import assert_close
+
+import iternorm_flexgroup_standin
+import iternorm_standin
 
 
 def small_net(dtype=torch.float32):
@@ -554,9 +558,6 @@ def test_timm_network_trains_after_conversion():
 def test_known_timm_classes_exist_under_their_table_names():
     """The table names timm's classes by module and qualified name: they must still be there."""
     pytest.importorskip("timm")
-    import importlib
-
-    from sdecor.convert import _KNOWN
     names = [name for name in _KNOWN if name.startswith("timm.")]
     assert len(names) >= 4
     for name in names:
@@ -598,12 +599,6 @@ def test_timm_split_batchnorm_is_skipped_with_its_auxiliary_layers():
 
 # ---------------------------------------------------------------------------------------------------
 # convert_iternorm: IterNorm-pytorch's layers (stand-ins written from the algorithm and state layout)
-
-import iternorm_flexgroup_standin  # noqa: E402
-import iternorm_standin  # noqa: E402
-
-from sdecor.convert import convert_iternorm  # noqa: E402
-
 
 def _iternorm_net(kind, C=32, d=8, dim=4, **kw):
     module = {"even": iternorm_standin, "flex": iternorm_flexgroup_standin}[kind]
@@ -668,7 +663,8 @@ def test_iternorm_converted_to_the_same_layer(kind, dim, trained):
     assert report.function == "convert_iternorm" and str(report).startswith("convert_iternorm: replaced 1")
     layer = converted[1]
     assert type(layer) is GroupWhitening and layer.method == "newton"
-    assert (layer.num_features, layer.num_channels, layer.T, layer.eps, layer.momentum) == (32, 8, 7, 1e-3, 0.3)
+    settings = (layer.num_features, layer.num_channels, layer.T, layer.eps, layer.momentum)
+    assert settings == (32, 8, 7, 1e-3, 0.3)
     assert layer.running_wm.dtype == torch.float64 and not layer.training
     assert layer.running_wm.is_contiguous()
     _assert_same_layers(converted, original, x)

@@ -413,7 +413,8 @@ def _iternorm_state(layer: nn.Module) -> dict:
         G, r = _group_layout(C, d)
         if not isinstance(groups, nn.ModuleList) or len(groups) != G:
             held = f"{len(groups)} groups" if isinstance(groups, nn.ModuleList) else repr(groups)
-            raise _Skip(f"iterNorm_Groups holds {held}; expected a ModuleList of ceil({C} / {d}) = {G} groups")
+            raise _Skip(f"iterNorm_Groups holds {held}; expected a ModuleList of ceil({C} / {d}) = {G} "
+                        f"groups")
         sizes = [d] * (G - 1) + [r]
         for g, (single, c) in enumerate(zip(groups, sizes)):
             _expect_shape(getattr(single, "running_mean", None), (c, 1), f"iterNorm_Groups[{g}].running_mean")
