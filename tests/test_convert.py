@@ -478,7 +478,8 @@ def _has_batchnorm_on_meta(arch):
     initialisation); None where the builder needs real tensors."""
     try:
         with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None, num_classes=10)
+            model = torchvision.models.get_model(arch, weights=None, num_classes=10,
+                                                 **_BUILD_OPTIONS.get(arch, {}))
     except NotImplementedError:
         return None, None
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), model
