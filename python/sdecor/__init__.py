@@ -1,16 +1,16 @@
 """sdecor: fused kernels for group-wise ZCA whitening, decorrelation and saliency-guided training.
 
 Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
-progressive_masks, convert_whitening, fold_whitening (for inference). Modules (also in :mod:`sdecor.nn`):
-GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed), SaliencyMasker,
-SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the functions live in
+progressive_masks, convert_whitening, convert_iternorm, fold_whitening (for inference). Modules (also in
+:mod:`sdecor.nn`): GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed),
+SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the functions live in
 :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
 
 from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
-from .convert import ConversionReport, convert_whitening
+from .convert import ConversionReport, convert_iternorm, convert_whitening
 from .fold import FoldReport, fold_whitening
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
@@ -29,6 +29,7 @@ __all__ = [
     "SaliencyDecorTerms",
     "SaliencyMasker",
     "SyncGroupWhitening",
+    "convert_iternorm",
     "convert_whitening",
     "decorrelation_loss",
     "fold_whitening",

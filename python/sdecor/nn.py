@@ -13,7 +13,8 @@ from .masking import SaliencyMasker
 from .objective import SaliencyDecor
 from .ops import whiten, whiten_sync
 
-__all__ = ["GroupWhitening", "SyncGroupWhitening", "SaliencyMasker", "SaliencyDecor"]
+__all__ = ["GroupWhitening", "SyncGroupWhitening", "GroupWhiteningAct", "SyncGroupWhiteningAct",
+           "SaliencyMasker", "SaliencyDecor"]
 
 
 class GroupWhitening(nn.Module):
@@ -268,7 +269,8 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
             return layer
         if id(layer) in done:
             return done[id(layer)]
-        new = target.__new__(target)
+        kind = _act_variant(layer, target)
+        new = kind.__new__(kind)
         nn.Module.__init__(new)
         for key in ("num_features", "num_channels", "num_groups", "last_group", "method", "T", "eps", "momentum",
                     "affine", "track_running_stats"):
@@ -279,6 +281,8 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
             new.register_parameter(name, p)
         for name, b in layer._buffers.items():
             new.register_buffer(name, b, persistent=name not in layer._non_persistent_buffers_set)
+        for name, child in layer._modules.items():     # drop and act of the *Act layers
+            new.add_module(name, child)
         new.train(layer.training)
         done[id(layer)] = new
         return new
@@ -297,3 +301,64 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
     if root is module:
         walk(module)
     return root
+
+
+def _drop_act_module(module, name: str) -> nn.Module:
+    if module is None:
+        return nn.Identity()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module or None; got {type(module).__name__}")
+    return module
+
+
+class GroupWhiteningAct(GroupWhitening):
+    r""":class:`GroupWhitening` followed by two modules, ``drop`` then ``act``:
+    ``forward(x) = act(drop(GroupWhitening.forward(x)))``.
+
+    The whitening counterpart of timm's ``BatchNormAct2d`` (BatchNorm, then dropout or DropBlock,
+    then an activation, in one layer), which :func:`~sdecor.convert_whitening` turns into this
+    layer, keeping the very ``drop`` and ``act`` modules of the BatchNorm layer.
+
+    Args:
+        num_features, num_channels, and the keyword arguments of :class:`GroupWhitening`.
+        drop: a module applied to the whitened output (None: ``nn.Identity()``).
+        act: a module applied after ``drop`` (None: ``nn.Identity()``).
+
+    Parameters and buffers are GroupWhitening's; ``drop`` and ``act`` are submodules, so their
+    state, if any, appears in the state_dict under ``drop.`` and ``act.`` as in timm's layer.
+    """
+
+    def __init__(self, num_features: int, num_channels: int = 16, *, drop: nn.Module | None = None,
+                 act: nn.Module | None = None, **kwargs):
+        super().__init__(num_features, num_channels, **kwargs)
+        self.drop = _drop_act_module(drop, "drop")
+        self.act = _drop_act_module(act, "act")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class SyncGroupWhiteningAct(SyncGroupWhitening):
+    r""":class:`SyncGroupWhitening` followed by ``drop`` then ``act``, as :class:`GroupWhiteningAct`
+    is to :class:`GroupWhitening` (the whitening counterpart of timm's ``SyncBatchNormAct``).
+
+    ``SyncGroupWhitening.convert_sync_whitening`` turns a GroupWhiteningAct into this layer and
+    ``revert_sync_whitening`` turns it back, with the same ``drop`` and ``act`` modules.
+    """
+
+    def __init__(self, num_features: int, num_channels: int = 16, *, drop: nn.Module | None = None,
+                 act: nn.Module | None = None, **kwargs):
+        super().__init__(num_features, num_channels, **kwargs)
+        self.drop = _drop_act_module(drop, "drop")
+        self.act = _drop_act_module(act, "act")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _act_variant(layer: nn.Module, target: type) -> type:
+    """The class :func:`_swap` builds for ``layer``: ``target``, or its *Act variant when ``layer``
+    applies drop and act after whitening (so that the (a)synchronous twin keeps them)."""
+    if isinstance(layer, (GroupWhiteningAct, SyncGroupWhiteningAct)):
+        return SyncGroupWhiteningAct if issubclass(target, SyncGroupWhitening) else GroupWhiteningAct
+    return target
