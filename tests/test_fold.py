@@ -316,11 +316,8 @@ def test_whitening_act_keeps_drop_and_act(act_class):
     assert_plain_torch(folded)
 
 
-def test_smaller_last_group_when_supported():
-    try:
-        layer = GroupWhitening(10, 4, last_group="smaller", dtype=F64)
-    except TypeError:
-        pytest.skip("GroupWhitening has no last_group option here")
+def test_smaller_last_group():
+    layer = GroupWhitening(10, 4, last_group="smaller", dtype=F64)
     with torch.no_grad():
         layer.running_wm[:, :4, :4].copy_(torch.eye(4) + 0.2 * torch.randn(3, 4, 4))
         layer.running_wm[-1, 2:, :] = 0
@@ -447,6 +444,8 @@ MODELS = {
     # name: (constructor, group size, (folded, replaced))
     "resnet18-d16": (lambda: torchvision.models.resnet18(num_classes=10), 16, (20, 0)),
     "mobilenet_v2-d8": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 8, (35, 17)),
+    # 24-channel layers at d = 16: a last group of 8 channels
+    "mobilenet_v2-d16-smaller": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 16, (35, 17)),
     "timm-resnet10t-d8": (lambda: _timm("resnet10t"), 8, (14, 0)),
     # BatchNormAct2d -> GroupWhiteningAct: the tails (drop, act) stay, after depthwise convolutions too
     "timm-mobilenetv3_small_050-act-d8": (lambda: _timm("mobilenetv3_small_050"), 8, (23, 11)),
@@ -457,11 +456,12 @@ MODELS = {
 def test_real_networks(name):
     make, d, (n_folded, n_replaced) = MODELS[name]
     act = "-act-" in name
-    if act and not hasattr(sdecor.nn, "GroupWhiteningAct"):
-        pytest.skip("convert_whitening makes no GroupWhiteningAct here")
     net = make()
-    conv = sdecor.convert_whitening(net, num_channels=d)
+    conv = sdecor.convert_whitening(net, num_channels=d,
+                                    **({"last_group": "smaller"} if "-smaller" in name else {}))
     assert conv.replaced and not conv.skipped
+    if "-smaller" in name:
+        assert any(m.num_features % d for m in net.modules() if isinstance(m, GroupWhitening))
     if act:
         assert all(isinstance(m, sdecor.nn.GroupWhiteningAct) for m in net.modules()
                    if isinstance(m, GroupWhitening))
