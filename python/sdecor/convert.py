@@ -54,6 +54,18 @@ _KNOWN = {
 }
 
 
+def report_rows(sections) -> list[str]:
+    """The lines of a report's (title, [(name, what), ...]) sections: a title, then one aligned row
+    per layer; an empty section prints nothing."""
+    lines = []
+    for title, rows in sections:
+        if rows:
+            lines.append(f"{title}:")
+            width = max(len(name) for name, _ in rows)
+            lines.extend(f"  {name:<{width}}  {what}" for name, what in rows)
+    return lines
+
+
 @dataclasses.dataclass
 class ConversionReport:
     """What a conversion did: ``replaced`` and ``skipped`` are lists of (name, reason), in the order
@@ -65,11 +77,7 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [f"{self.function}: replaced {len(self.replaced)} layer(s), skipped {len(self.skipped)}"]
-        for title, rows in (("replaced", self.replaced), ("skipped", self.skipped)):
-            if rows:
-                lines.append(f"{title}:")
-                width = max(len(name) for name, _ in rows)
-                lines.extend(f"  {name:<{width}}  {reason}" for name, reason in rows)
+        lines += report_rows((("replaced", self.replaced), ("skipped", self.skipped)))
         return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import nn as sdecor_nn
-from .nn import GroupWhitening, SyncGroupWhitening
+from .convert import report_rows
+from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
 __all__ = ["fold_whitening", "FoldReport"]
 
@@ -56,11 +56,7 @@ class FoldReport:
         lines = [f"fold_whitening: folded {len(self.folded)} layer(s), replaced {len(self.replaced)}"]
         if not self.traced:
             lines.append(f"torch.fx could not trace the model, so nothing was folded: {self.trace_error}")
-        for title, rows in (("folded", self.folded), ("replaced", self.replaced)):
-            if rows:
-                lines.append(f"{title}:")
-                width = max(len(name) for name, _ in rows)
-                lines.extend(f"  {name:<{width}}  {what}" for name, what in rows)
+        lines += report_rows((("folded", self.folded), ("replaced", self.replaced)))
         return "\n".join(lines)
 
 
@@ -152,22 +148,19 @@ def _whitening_layers(model: nn.Module) -> dict[int, tuple[GroupWhitening, list[
     return found
 
 
-def _act_classes() -> tuple[type, ...]:
-    # GroupWhiteningAct and SyncGroupWhiteningAct: the whitening layer, then its submodules drop and act.
-    return tuple(c for c in (getattr(sdecor_nn, name, None) for name in ("GroupWhiteningAct",
-                                                                        "SyncGroupWhiteningAct"))
-                 if c is not None)
+# the whitening layer, then its submodules drop and act
+_ACT_CLASSES = (GroupWhiteningAct, SyncGroupWhiteningAct)
 
 
 def _tail(layer: GroupWhitening) -> list[nn.Module]:
-    if isinstance(layer, _act_classes()):
+    if isinstance(layer, _ACT_CLASSES):
         return [layer.drop, layer.act]
     return []
 
 
 def _check_layers(model: nn.Module) -> None:
     no_stats, unknown = [], []
-    known = (GroupWhitening.forward, SyncGroupWhitening.forward) + tuple(c.forward for c in _act_classes())
+    known = (GroupWhitening.forward, SyncGroupWhitening.forward) + tuple(c.forward for c in _ACT_CLASSES)
     for layer, names in _whitening_layers(model).values():
         label = names[0] or "<the model itself>"
         if not layer.track_running_stats:

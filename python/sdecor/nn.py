@@ -311,7 +311,21 @@ def _drop_act_module(module, name: str) -> nn.Module:
     return module
 
 
-class GroupWhiteningAct(GroupWhitening):
+class _ActTail:
+    """The tail of the *Act layers: ``drop`` then ``act`` after the whitening layer's own forward
+    (cooperative: the class after this one in the MRO is the whitening layer)."""
+
+    def __init__(self, num_features: int, num_channels: int = 16, *, drop: nn.Module | None = None,
+                 act: nn.Module | None = None, **kwargs):
+        super().__init__(num_features, num_channels, **kwargs)
+        self.drop = _drop_act_module(drop, "drop")
+        self.act = _drop_act_module(act, "act")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class GroupWhiteningAct(_ActTail, GroupWhitening):
     r""":class:`GroupWhitening` followed by two modules, ``drop`` then ``act``:
     ``forward(x) = act(drop(GroupWhitening.forward(x)))``.
 
@@ -328,32 +342,14 @@ class GroupWhiteningAct(GroupWhitening):
     state, if any, appears in the state_dict under ``drop.`` and ``act.`` as in timm's layer.
     """
 
-    def __init__(self, num_features: int, num_channels: int = 16, *, drop: nn.Module | None = None,
-                 act: nn.Module | None = None, **kwargs):
-        super().__init__(num_features, num_channels, **kwargs)
-        self.drop = _drop_act_module(drop, "drop")
-        self.act = _drop_act_module(act, "act")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-class SyncGroupWhiteningAct(SyncGroupWhitening):
+class SyncGroupWhiteningAct(_ActTail, SyncGroupWhitening):
     r""":class:`SyncGroupWhitening` followed by ``drop`` then ``act``, as :class:`GroupWhiteningAct`
     is to :class:`GroupWhitening` (the whitening counterpart of timm's ``SyncBatchNormAct``).
 
     ``SyncGroupWhitening.convert_sync_whitening`` turns a GroupWhiteningAct into this layer and
     ``revert_sync_whitening`` turns it back, with the same ``drop`` and ``act`` modules.
     """
-
-    def __init__(self, num_features: int, num_channels: int = 16, *, drop: nn.Module | None = None,
-                 act: nn.Module | None = None, **kwargs):
-        super().__init__(num_features, num_channels, **kwargs)
-        self.drop = _drop_act_module(drop, "drop")
-        self.act = _drop_act_module(act, "act")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
 
 
 def _act_variant(layer: nn.Module, target: type) -> type:
