@@ -49,7 +49,7 @@ std::string build_info() {
 #else
   s += ";cuda=none;archs=none";
 #endif
-  s += ";ops=build_info,eigh_small";
+  s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx";
   return s;
 }
 

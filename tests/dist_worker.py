@@ -274,8 +274,8 @@ def scenario_failures(rank: int, world: int, spec: dict) -> dict:
     # 1. bad input on every rank: an error before any collective, then the group still works
     out["bad_channels"] = outcome(lambda: layer(torch.randn(4, 12, 3)))
     out["bad_dtype"] = outcome(lambda: layer(torch.zeros(4, 16, 3, dtype=torch.int64)))
-    with sdecor.use_backend("native"):
-        out["forced_native"] = outcome(lambda: layer(x))
+    with sdecor.use_backend("triton"):                              # takes no float64: refused up front
+        out["forced_unavailable"] = outcome(lambda: layer(x.double()))
     out["calls_after_bad"] = seen.take()
     out["good_after_bad"] = outcome(lambda: layer(x).detach())
     out["calls_good"] = seen.take()

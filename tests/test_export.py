@@ -1,5 +1,5 @@
 """Export of converted models in eval mode: torch.export unfolded (plain aten ops on the torch backend,
-sdecor::whiten_apply on the triton one) and folded; ONNX of the folded model run in onnxruntime."""
+sdecor::native_whiten_apply on the native one, sdecor::whiten_apply on the triton one) and folded; ONNX of the folded model run in onnxruntime."""
 
 import os
 import subprocess
@@ -44,11 +44,39 @@ def sdecor_ops(ep) -> set[str]:
 def test_unfolded_export_on_the_torch_backend_is_plain_aten():
     net = converted_net()
     x = torch.randn(2, 3, 8, 8)
+    with sdecor.use_backend("torch"):
+        ep = torch.export.export(net, (x,))
+        assert sdecor_ops(ep) == set()
+        x2 = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert_close(ep.module()(x2), net(x2))
+
+
+@pytest.mark.skipif(not sdecor._ext.available(), reason="needs the native extension sdecor._C")
+def test_unfolded_export_on_the_native_backend_holds_the_cpu_op(tmp_path):
+    # the default on CPU where the extension is built: eval-mode whitening is one C++ op
+    net = converted_net()
+    x = torch.randn(2, 3, 8, 8)
     ep = torch.export.export(net, (x,))
-    assert sdecor_ops(ep) == set()
+    assert sdecor_ops(ep) == {"sdecor.native_whiten_apply.default"}
     x2 = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert_close(ep.module()(x2), net(x2))
+        want = net(x2)
+    assert_close(ep.module()(x2), want)
+    path = tmp_path / "net.pt2"
+    torch.export.save(ep, path)
+    torch.save({"x": x2, "want": want}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch, sdecor
+        sdecor.ops.register_custom_ops()
+        ep = torch.export.load({str(path)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(ep.module()(io["x"]), io["want"], atol=1e-5, rtol=1e-5)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)")

@@ -48,6 +48,13 @@ CASES_2 = [
     # a smaller last group (24 channels at d=16: 16 + 8), padded statistics combined
     case("torch-smaller-last-group", shape=(24, 3), d=16, method="zca", last_group="smaller", seed=15),
     case("triton-smaller-last-group", backend="triton", shape=(24, 3), d=16, last_group="smaller", seed=16),
+    case("native-newton", backend="native", seed=17),
+    case("native-zca-f64", backend="native", method="zca", dtype=F64, seed=18),
+    case("native-channels-last-bf16", backend="native", shape=(16, 3, 4), channels_last=True, dtype=BF16,
+         seed=19),
+    case("native-huge-values", backend="native", scale=1e25, seed=40),
+    case("native-smaller-last-group", backend="native", shape=(24, 3), d=16, method="zca", last_group="smaller",
+         seed=41),
 ]
 CASES_3 = [
     case("torch-newton", seed=20),
@@ -56,6 +63,7 @@ CASES_3 = [
     case("torch-no-affine", affine=False, ddp=False, seed=23),
     case("triton-newton", backend="triton", shape=(16, 2, 3), seed=24),
     case("triton-zca", backend="triton", method="zca", shape=(16, 2, 3), seed=25),
+    case("native-newton", backend="native", seed=26),
 ]
 SIZES = {2: (3, 5), 3: (3, 5, 0)}
 for _world, _cases in ((2, CASES_2), (3, CASES_3)):
@@ -170,7 +178,7 @@ def test_bad_input_fails_on_every_rank_before_any_collective(failures):
     for out in failures:
         assert out["bad_channels"][0] == "ValueError" and "16 channels" in out["bad_channels"][1]
         assert out["bad_dtype"][0] == "TypeError"
-        assert out["forced_native"][0] == "BackendUnavailableError"
+        assert out["forced_unavailable"][0] == "BackendUnavailableError"
         assert out["calls_after_bad"] == []
         # the group is still in step: the next forward works
         assert out["good_after_bad"][0] == "ok"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import threading
 
+import torch
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -20,6 +22,8 @@ _HOW_TO_BUILD = (
 
 def load():
     """Return the imported ``sdecor._C`` module, or None when it is not available."""
+    if "module" in _state:                                          # settled: no lock (torch.compile traces this)
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             try:
@@ -31,8 +35,10 @@ def load():
         return _state["module"]
 
 
+@torch.compiler.assume_constant_result
 def error() -> str | None:
-    """Why the extension is unavailable (None when it loaded)."""
+    """Why the extension is unavailable (None when it loaded); a constant of a torch.compile trace
+    (run outside the graph, the import included when it has not happened yet)."""
     load()
     return _state["error"]
 

@@ -15,8 +15,13 @@ itself). Backends:
   so that y, W and dx stay finite up to |x| ~ 3e38, where the covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
-- ``native`` (whitening_matrix, zca): the batched Jacobi eigensolver :func:`sdecor._native.eigh_small`
-  with the stable ZCA backward; on CUDA also the eigensolver of the triton zca path.
+- ``native``: on CPU tensors (picked automatically where the extension is built), group whitening in
+  training and eval mode through the C++ passes of ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``:
+  statistics in one read of x, apply in one read and one write, backward in two reads of (dy, x) and
+  one write, parallel over groups and blocks of samples with BLAS for the d x d x block products),
+  with the d x d math and the autograd of :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca)
+  the batched Jacobi eigensolver :func:`sdecor._native.eigh_small` with the stable ZCA backward
+  (forced only on CPU), on CUDA also the eigensolver of the triton zca path.
 
 Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
 is itself differentiable (sdecor._common.ZCAWhitening), and the backward of every triton op, when a
@@ -59,13 +64,14 @@ __all__ = [
 ]
 
 _TRITON = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
+_TRITON_NATIVE = {"cuda": ("triton", "torch"), "cpu": ("native", "torch"), "interpret": ("triton",)}
 
 # Backends of each op per device type, in order of preference ("interpret": forced only, on CPU
 # tensors under TRITON_INTERPRET=1).
 SUPPORTS = {
-    "group_whiten": _TRITON,
-    "group_whiten_train": _TRITON,
-    "group_whiten_eval": _TRITON,
+    "group_whiten": _TRITON_NATIVE,
+    "group_whiten_train": _TRITON_NATIVE,
+    "group_whiten_eval": _TRITON_NATIVE,
     "whitening_matrix": _TRITON,                                      # method="newton"
     # On CPU, LAPACK's eigh beats the Jacobi solver at these sizes: native only when forced.
     "whitening_matrix[zca]": {"cuda": ("native", "triton", "torch"), "cpu": ("torch", "native"),
@@ -143,10 +149,12 @@ def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None
 def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight: Tensor | None,
               bias: Tensor | None, op: str = "group_whiten_train"):
     """(y, mean, wm) of :func:`group_whiten_train` on the selected backend; no argument checks."""
-    if _backend.select(op, {"x": x}, SUPPORTS[op]) == "triton":
+    backend = _backend.select(op, {"x": x}, SUPPORTS[op])
+    if backend == "triton":
         y, mean, w = whiten_train_op(x, num_channels, method, float(eps), T, weight, bias)[:3]
         return y, mean, w
-    return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias)
+    return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias,
+                                           native=backend == "native")
 
 
 @no_autocast
@@ -154,8 +162,11 @@ def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: T
     """:func:`group_whiten_eval` on the selected backend; no argument checks."""
     G, d = wm.shape[0], wm.shape[-1]
     mean = mean.reshape(G, d)
-    if _backend.select("group_whiten_eval", {"x": x}, SUPPORTS["group_whiten_eval"]) == "triton":
+    backend = _backend.select("group_whiten_eval", {"x": x}, SUPPORTS["group_whiten_eval"])
+    if backend == "triton":
         return whiten_apply_op(x, mean.to(torch.float32), wm.to(torch.float32), weight, bias)
+    if backend == "native":
+        return whiten_torch.group_whiten_eval_native(x, mean, wm, weight, bias)
     return whiten_torch.group_whiten_eval(x, mean, wm, weight, bias)
 
 

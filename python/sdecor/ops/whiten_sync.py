@@ -16,8 +16,8 @@ backward  the backend's reduce pass over the local (dy, x): D = sum dy (x - mean
           all-reduce of the parameter gradients sums them over the ranks (and divides by W).
 
 The kernels are the ones of GroupWhitening (``triton``: :mod:`sdecor_kernels` through the ops of
-:mod:`sdecor.ops.whiten`; ``torch``: the blocked passes of :mod:`sdecor.ops.whiten_torch`); the
-collectives sit between them. A smaller last group (d does not divide C) travels in the padded
+:mod:`sdecor.ops.whiten`; ``native``: the C++ passes ``sdecor::native_whiten_*``; ``torch``: the
+blocked passes of :mod:`sdecor.ops.whiten_torch`); the collectives sit between them. A smaller last group (d does not divide C) travels in the padded
 (G, d) / (G, d, d) layout (zeros in its padding, which the combination keeps zero); the triton kernels
 mask it themselves, the torch passes run on the full groups' channels and on the last group's as on
 two inputs (see :mod:`sdecor.ops.whiten_torch`), and the d x d math of both takes the channel mask.
@@ -204,7 +204,50 @@ class _TritonPasses:
         return whiten.whiten_bwd_dx_op(dy, x, mean, a, b, v, c)
 
 
-PASSES = {"torch": _TorchPasses, "triton": _TritonPasses}
+class _NativePasses(_TorchPasses):
+    """The C++ passes of the ``native`` backend (``sdecor::native_whiten_*``, one read of x for the
+    statistics), on the parts of :func:`_by_part` like the torch passes; the d x d math is theirs."""
+
+    @staticmethod
+    def stats(x: Tensor, d: int):
+        def part(dp, xp):
+            center, c, _, ms, cov = torch.ops.sdecor.native_whiten_stats(xp, dp)
+            return center + c[:, None] * ms, cov, c
+
+        return _joined(_by_part(d, part, [x], []), d)
+
+    @staticmethod
+    def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        G, d = mean.shape
+        a = w if weight is None else per_group(weight.to(w.dtype), G, d).unsqueeze(-1) * w
+        shift = torch.zeros_like(mean) if bias is None else per_group(bias.to(w.dtype), G, d)
+
+        def part(dp, xp, a, mean, shift):
+            return torch.ops.sdecor.native_whiten_apply(xp, dp, a.contiguous(), mean.contiguous(),
+                                                        shift.contiguous())
+
+        return _cat_channels(_by_part(d, part, [x], [a, mean, shift]), x)
+
+    @staticmethod
+    def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
+        def part(dp, xp, dyp, mean, c):
+            s, D = torch.ops.sdecor.native_whiten_reduce(dyp.to(xp.dtype), xp, dp, mean.contiguous(),
+                                                         c.reciprocal())
+            return D, s
+
+        return _joined(_by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
+
+    @staticmethod
+    def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        def part(dp, xp, dyp, mean, c, a, b, v):
+            dx = torch.ops.sdecor.native_whiten_dx(dyp.to(xp.dtype), xp, dp, mean.contiguous(), c.reciprocal(),
+                                                   b.contiguous(), a.contiguous(), v.contiguous())
+            return dx.to(dy.dtype)
+
+        return _cat_channels(_by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
+
+
+PASSES = {"torch": _TorchPasses, "triton": _TritonPasses, "native": _NativePasses}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,12 @@ channels of the full groups and on those of the last group (views of x, the last
 group of r channels) and concatenates the outputs: one extra write of y, and the statistics padded
 to the (G, d) / (G, d, d) layout. The d x d functions take a channel mask instead (the padding block
 decoupled and zero), for the synchronised statistics.
+
+The ``native`` backend runs the same autograd Function with the four passes over the large tensors
+in C++ (``sdecor::native_whiten_stats`` / ``_apply`` / ``_reduce`` / ``_dx``, csrc/whiten_cpu.cpp):
+the statistics in one read of x (block statistics about each block's own centre and scale, combined
+by the parallel formula), the others as here, each on cache-sized blocks of (group, samples) in
+parallel with BLAS for the d x d x block products, in a fixed order whatever the thread count.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from .._common import (
     zca_from_eigh,
 )
 
-__all__ = ["group_whiten_eval", "group_whiten_train", "newton_forward", "newton_backward",
-           "train_composition", "train_graph_backward"]
+__all__ = ["group_whiten_eval", "group_whiten_eval_native", "group_whiten_train", "newton_forward",
+           "newton_backward", "train_composition", "train_graph_backward"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,28 +309,35 @@ class _GroupWhitenTrain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_channels, method, eps, T):
+    def forward(ctx, x, weight, bias, num_channels, method, eps, T, native=False):
         N, C = x.shape[:2]
         d = num_channels
         G = C // d
         m = N * math.prod(x.shape[2:])
-        xg = _regrouped(x, d)
-        center, c, inv_c, ms, cov = scaled_stats(xg, m)
+        if native:                                                   # one pass over x in C++
+            xg = None
+            center, c, inv_c, ms, cov = torch.ops.sdecor.native_whiten_stats(x, d)
+        else:
+            xg = _regrouped(x, d)
+            center, c, inv_c, ms, cov = scaled_stats(xg, m)
         eps_s = scaled_eps(eps, inv_c)
         w, small, history = whitening_scaled(cov, eps_s, method, T)
-        wg = None if weight is None else weight.to(xg.dtype).reshape(G, d)
+        wg = None if weight is None else weight.to(cov.dtype).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
         # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
         # no scaling (A ~ 1 / std is in range wherever y is)
         shift = -(a @ ms.unsqueeze(-1))
         if bias is not None:
-            shift = shift + bias.to(xg.dtype).reshape(G, d, 1)
-        y = apply_pass(x, xg, a * inv_c[:, None, None], center, shift)
+            shift = shift + bias.to(cov.dtype).reshape(G, d, 1)
+        if native:
+            y = torch.ops.sdecor.native_whiten_apply(x, d, a * inv_c[:, None, None], center, shift.squeeze(-1))
+        else:
+            y = apply_pass(x, xg, a * inv_c[:, None, None], center, shift)
         mean = center + c[:, None] * ms
         w_true = w * inv_c[:, None, None]                            # W = W' / c
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
-                    None if bias is None else bias.dtype)
+                    None if bias is None else bias.dtype, native)
         # x itself is saved (regrouped in backward): the double backward differentiates through it
         ctx.save_for_backward(x, center, inv_c, ms, eps_s, w, a, weight, bias, *small, *history)
         ctx.mark_non_differentiable(mean, w_true)
@@ -332,27 +345,34 @@ class _GroupWhitenTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_w):
-        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype = ctx.meta
+        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype, native = ctx.meta
         x, center, inv_c, ms, eps_s, w, a, weight, bias, *rest = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        nones = (None,) * 5
         if torch.is_grad_enabled():                                   # create_graph=True: double backward
             return (*train_graph_backward(grad_y, x, weight, bias, ctx.needs_input_grad[:3], d, method,
-                                          eps, T), None, None, None, None)
+                                          eps, T), *nones)
         sd = w.dtype
         shape = grad_y.shape
-        gy = grouped(grad_y, d)
-        if gy.dtype != sd:
-            gy = gy.to(sd)
-        gy = gy.contiguous()
+        if native:
+            gy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
+        else:
+            gy = grouped(grad_y, d)
+            if gy.dtype != sd:
+                gy = gy.to(sd)
+            gy = gy.contiguous()
         grad_x = grad_weight = grad_bias = None
         need_gx = need_x or (has_weight and need_weight)
         if not need_gx:
             if has_bias and need_bias:
-                grad_bias = gy.sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
-            return grad_x, grad_weight, grad_bias, None, None, None, None
-        xg = _regrouped(x, d)
+                grad_bias = grouped(grad_y, d).to(sd).sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
+            return grad_x, grad_weight, grad_bias, *nones
         # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T
-        gsum, gx_t = reduce_pass(gy, xg, center, inv_c)
+        if native:
+            gsum, gx_t = torch.ops.sdecor.native_whiten_reduce(gy, x, d, center, inv_c)
+        else:
+            xg = _regrouped(x, d)
+            gsum, gx_t = reduce_pass(gy, xg, center, inv_c)
         gx_t -= gsum.unsqueeze(-1) * ms.unsqueeze(-2)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
@@ -365,16 +385,20 @@ class _GroupWhitenTrain(torch.autograd.Function):
         else:
             grad_w = gx_t
         if not need_x:
-            return grad_x, grad_weight, grad_bias, None, None, None, None
+            return grad_x, grad_weight, grad_bias, *nones
         grad_se = whitening_scaled_backward(grad_w, rest, eps_s, method, T)
         inv_c3 = inv_c[:, None, None]
         s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
         a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
         # dx = (A'^T (gy - mean(gy)) + (2/m) sym(dSe') (xs - ms)) / c, block by block
         shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)   # (G, d, 1)
-        dx = dx_pass(gy, xg, center, inv_c, a_t, s2, shift)
-        grad_x = dx.reshape(shape).to(grad_y.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        if native:
+            grad_x = torch.ops.sdecor.native_whiten_dx(gy, x, d, center, inv_c, a_t.contiguous(), s2,
+                                                       shift.squeeze(-1))
+        else:
+            dx = dx_pass(gy, xg, center, inv_c, a_t, s2, shift)
+            grad_x = dx.reshape(shape).to(grad_y.dtype)
+        return grad_x, grad_weight, grad_bias, *nones
 
 
 def train_composition(x, weight, bias, num_channels: int, method: str, eps: float, T: int,
@@ -397,7 +421,7 @@ def train_graph_backward(grad_y, x, weight, bias, needs, num_channels: int, meth
 
 
 def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: float, T: int,
-                       weight=None, bias=None):
+                       weight=None, bias=None, native: bool = False):
     """``(y, mean, wm)``: y = weight * W (x - mean) + bias with batch statistics (arguments checked
     by the caller).
 
@@ -407,14 +431,15 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: flo
     """
     x_even, x_last, r = split_channels(x, num_channels)
     if r == num_channels:
-        return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T))
+        return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T), native)
     # the full groups' channels and the last group's, each through the even path (views of x)
     d, c0 = num_channels, x_even.shape[1]
     parts = [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
     if c0 == 0:                                                      # C < d: one group of C channels
         parts = parts[1:]
     outs = [_GroupWhitenTrain.apply(xp, None if weight is None else weight[sl],
-                                    None if bias is None else bias[sl], dp, method, float(eps), int(T))
+                                    None if bias is None else bias[sl], dp, method, float(eps), int(T),
+                                    native)
             for xp, dp, sl in parts]
     y = like_format(torch.cat([o[0] for o in outs], 1).contiguous(), x)
     _, mean_r, wm_r = outs[-1]
@@ -433,3 +458,76 @@ def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, wei
     if bias is not None:
         y = y + bias.reshape(shape).to(y.dtype)
     return like_format(y, x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the native backend with given statistics (eval): the C++ apply pass, its backward by the C++ passes
+
+
+@no_autocast_function
+class _GroupWhitenEvalNative(torch.autograd.Function):
+    """y = A (x - mean) + bias, A = diag(weight) wm, for d | C (``sdecor::native_whiten_apply``: one
+    read of x, one write of y). Backward: dx = A^T dy (``native_whiten_dx``), and for the statistics
+    and the affine parameters s = sum dy, D = sum dy (x - mean)^T (``native_whiten_reduce``):
+    d mean = -A^T s, d wm = diag(weight) D, d weight = rowsum(D o wm), d bias = s."""
+
+    @staticmethod
+    def forward(ctx, x, mean, wm, weight, bias):
+        G, d = mean.shape
+        sd = stats_dtype(x.dtype)
+        w = wm.to(sd)
+        a = w if weight is None else weight.to(sd).reshape(G, d).unsqueeze(-1) * w
+        shift = torch.zeros(G, d, dtype=sd, device=x.device) if bias is None else bias.to(sd).reshape(G, d)
+        y = torch.ops.sdecor.native_whiten_apply(x, d, a.contiguous(), mean.to(sd).contiguous(),
+                                                 shift.contiguous())
+        ctx.save_for_backward(x, mean, wm, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mean, wm, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():                                   # create_graph=True: double backward
+            return tuple(graph_backward(group_whiten_eval, (x, mean, wm, weight, bias), need, (grad_y,)))
+        G, d = mean.shape
+        sd = stats_dtype(x.dtype)
+        gy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
+        w = wm.to(sd)
+        gamma = None if weight is None else weight.to(sd).reshape(G, d)
+        a = w if gamma is None else gamma.unsqueeze(-1) * w
+        center = mean.to(sd).contiguous()
+        ones = torch.ones(G, dtype=sd, device=x.device)
+        grad_x = grad_mean = grad_wm = grad_weight = grad_bias = None
+        if need[0]:
+            grad_x = torch.ops.sdecor.native_whiten_dx(gy, x, d, center, ones, a.transpose(-1, -2).contiguous(),
+                                                       None, torch.zeros_like(center))
+        if any(need[1:]):
+            s, D = torch.ops.sdecor.native_whiten_reduce(gy, x, d, center, ones)
+            if need[1]:
+                grad_mean = (-(a.transpose(-1, -2) @ s.unsqueeze(-1))).squeeze(-1).to(mean.dtype)
+            if need[2]:
+                grad_wm = (D if gamma is None else gamma.unsqueeze(-1) * D).to(wm.dtype)
+            if need[3] and weight is not None:
+                grad_weight = (D * w).sum(-1).reshape(-1).to(weight.dtype)
+            if need[4] and bias is not None:
+                grad_bias = s.reshape(-1).to(bias.dtype)
+        return grad_x, grad_mean, grad_wm, grad_weight, grad_bias
+
+
+def group_whiten_eval_native(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
+    """:func:`group_whiten_eval` on the native backend (arguments checked by the caller); a smaller
+    last group runs as a part of its own (views of x and of the statistics, outputs concatenated),
+    as in :func:`group_whiten_train`."""
+    G, d = wm.shape[0], wm.shape[-1]
+    mean = mean.reshape(G, d)
+    x_even, x_last, r = split_channels(x, d)
+    if r == d:
+        return _GroupWhitenEvalNative.apply(x, mean, wm, weight, bias)
+    c0 = x_even.shape[1]
+    parts = [(x_even, slice(0, G - 1), d, slice(0, c0)), (x_last, slice(G - 1, G), r, slice(c0, None))]
+    if c0 == 0:
+        parts = parts[1:]
+    ys = [_GroupWhitenEvalNative.apply(xp, mean[gs, :dp], wm[gs, :dp, :dp],
+                                       None if weight is None else weight[cs], None if bias is None else bias[cs])
+          for xp, gs, dp, cs in parts]
+    return like_format(torch.cat(ys, 1).contiguous(), x)

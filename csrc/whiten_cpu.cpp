@@ -1,0 +1,711 @@
+// The native CPU kernels of group whitening and group_cov: the passes over the large tensors.
+//
+// Ops (torch.ops.sdecor, CPU and Meta kernels; x (N, C, *S) with d | C, any strides, float32,
+// float64, bfloat16 or float16; the statistics in float64 for float64 x, else float32):
+//   native_whiten_stats(x, d) -> (center, scale, inv_scale, ms, cov)
+//       one read of x. center (G, d): the mean (the midrange where the mean overflows); scale (G,):
+//       c = 2^e >= max |x - center| over the group, 1 <= c <= 2^126 (2^1022); ms = mean((x - center)
+//       / c), cov = Sigma / c^2 (the statistics in units of c, as sdecor.ops.whiten_torch).
+//   native_whiten_apply(x, d, a, center, shift) -> y = a (x - center) + shift per group
+//       (a (G, d, d), center, shift (G, d)); one read of x, one write of y (x's dtype and layout).
+//   native_whiten_reduce(gy, x, d, center, inv_scale) -> (sum gy (G, d), sum gy xs^T (G, d, d))
+//       with xs = (x - center) / c; one read of (gy, x).
+//   native_whiten_dx(gy?, x, d, center, inv_scale, b?, s2?, shift) -> dx = b gy + s2 xs + shift
+//       one read of (gy, x), one write of dx (x's dtype and layout).
+//
+// Work is split into tasks (group, block of columns), the columns being the m = N * prod(S) samples
+// of a channel in (n, s) order and a block a fixed number of them (from d only): each task gathers
+// its block of x (and gy) into a cache-resident d x B buffer in the statistics dtype, does the d x d x B
+// products with BLAS, and writes its partial sums to a slot of its own; the slots of a group are then
+// combined in block order. The results are thus the same for any number of threads. The statistics
+// of a block are taken about the block's own centre and scale and combined by the parallel-variance
+// formula (Chan et al.), so that x is read once.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// BLAS as linked into libtorch (MKL or OpenBLAS export the Fortran symbols). Weak, so that a torch
+// built without them still loads sdecor._C: the products then go through at::mm.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL: the thread count of BLAS calls made by this thread (a product inside a task runs on one thread,
+// so that its result does not depend on the number of threads).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
+namespace sdecor {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// BLAS: C (m x n, column-major, ldc) = op(A) op(B), alpha = 1, beta = 0
+
+template <typename T>
+at::Tensor cm_transposed(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  // the column-major rows x cols matrix at p, as the row-major tensor of its transpose (cols x rows)
+  return at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T* c, int64_t ldc) {
+  const char sa = ta ? 'T' : 'N', sb = tb ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+  const T one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+      return;
+    }
+  }
+  // C^T = op(B)^T op(A)^T on row-major views
+  at::Tensor at_ = ta ? cm_transposed(a, k, m, lda).t() : cm_transposed(a, m, k, lda);   // op(A)^T
+  at::Tensor bt_ = tb ? cm_transposed(b, n, k, ldb).t() : cm_transposed(b, k, n, ldb);   // op(B)^T
+  at::Tensor ct = cm_transposed(c, m, n, ldc);
+  at::mm_out(ct, bt_, at_);
+}
+
+struct OneBlasThread {
+  int previous = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// layout
+
+// A tensor (N, C, *S) as (N, C, L): data and strides (elements).
+struct View3 {
+  void* data;
+  int64_t N, C, L, sN, sC, sL;
+};
+
+at::Tensor flat3(const at::Tensor& t) { return t.dim() == 2 ? t.unsqueeze(2) : t.flatten(2); }
+
+View3 view3(const at::Tensor& t3) {
+  return {t3.data_ptr(), t3.size(0), t3.size(1), t3.size(2), t3.stride(0), t3.stride(1), t3.stride(2)};
+}
+
+// An output shaped like x, in x's memory format where that layout flattens to (N, C, L).
+at::Tensor alloc_like(const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  if (x.dim() > 2) {
+    at::Tensor y3 = y.flatten(2);
+    if (!y3.is_alias_of(y)) y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  return y;
+}
+
+// Columns per block: a d x B buffer of 128 KiB (float32), fixed by d alone.
+int64_t block_cols(int64_t d) {
+  int64_t b = (int64_t{1} << 15) / std::max<int64_t>(d, 1);
+  b = std::clamp<int64_t>(b, 64, 16384);
+  return b / 16 * 16;
+}
+
+constexpr int64_t kAlign = 16;  // elements: 64 bytes in float32
+int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// dst[r * ldp + t] = convert(x[n, c0 + r, l]) for the block's columns [j0, j1) (t = j - j0), with
+// optional per-row affine map (v - sub[r]) * mul (mul a scalar, a power of two).
+template <typename scalar_t, typename acc_t>
+void gather(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, acc_t* dst, int64_t ldp,
+            const acc_t* sub, acc_t mul) {
+  const scalar_t* base = static_cast<const scalar_t*>(v.data);
+  const bool channels_inner = v.sC < v.sL;   // channels_last: the d values of a column are adjacent
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t n = j / v.L, l0 = j % v.L;
+    const int64_t len = std::min(v.L - l0, j1 - j);
+    const scalar_t* src = base + n * v.sN + c0 * v.sC + l0 * v.sL;
+    acc_t* out = dst + (j - j0);
+    if (channels_inner) {
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* col = src + t * v.sL;
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t val = static_cast<acc_t>(col[r * v.sC]);
+          out[r * ldp + t] = sub ? (val - sub[r]) * mul : val;
+        }
+      }
+    } else if (v.sL == 1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* s = src + r * v.sC;
+        acc_t* o = out + r * ldp;
+        if (sub) {
+          const acc_t sr = sub[r];
+          for (int64_t t = 0; t < len; ++t) o[t] = (static_cast<acc_t>(s[t]) - sr) * mul;
+        } else {
+          for (int64_t t = 0; t < len; ++t) o[t] = static_cast<acc_t>(s[t]);
+        }
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* s = src + r * v.sC;
+        acc_t* o = out + r * ldp;
+        for (int64_t t = 0; t < len; ++t) {
+          const acc_t val = static_cast<acc_t>(s[t * v.sL]);
+          o[t] = sub ? (val - sub[r]) * mul : val;
+        }
+      }
+    }
+    j += len;
+  }
+}
+
+// y[n, c0 + r, l] = convert(src[r * ldp + t] + add[r]) for the block's columns.
+template <typename scalar_t, typename acc_t>
+void scatter(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, const acc_t* srcbuf,
+             int64_t ldp, const acc_t* add) {
+  scalar_t* base = static_cast<scalar_t*>(v.data);
+  const bool channels_inner = v.sC < v.sL;
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t n = j / v.L, l0 = j % v.L;
+    const int64_t len = std::min(v.L - l0, j1 - j);
+    scalar_t* dst = base + n * v.sN + c0 * v.sC + l0 * v.sL;
+    const acc_t* in = srcbuf + (j - j0);
+    if (channels_inner) {
+      for (int64_t t = 0; t < len; ++t) {
+        scalar_t* col = dst + t * v.sL;
+        for (int64_t r = 0; r < rows; ++r) col[r * v.sC] = static_cast<scalar_t>(in[r * ldp + t] + add[r]);
+      }
+    } else if (v.sL == 1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* o = dst + r * v.sC;
+        const acc_t* s = in + r * ldp;
+        const acc_t ar = add[r];
+        for (int64_t t = 0; t < len; ++t) o[t] = static_cast<scalar_t>(s[t] + ar);
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* o = dst + r * v.sC;
+        const acc_t* s = in + r * ldp;
+        for (int64_t t = 0; t < len; ++t) o[t * v.sL] = static_cast<scalar_t>(s[t] + add[r]);
+      }
+    }
+    j += len;
+  }
+}
+
+// Sum, min and max of p[0, n) in a fixed order (8 lanes, then the lanes in order).
+template <typename T>
+T lane_sum(const T* p, int64_t n) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += p[i + k];
+  for (int k = 0; i < n; ++i, ++k) acc[k] += p[i];
+  T s = 0;
+  for (int k = 0; k < 8; ++k) s += acc[k];
+  return s;
+}
+
+template <typename T>
+void lane_minmax(const T* p, int64_t n, T& lo, T& hi) {
+  T l[8], h[8];
+  for (int k = 0; k < 8; ++k) l[k] = std::numeric_limits<T>::infinity(), h[k] = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      l[k] = p[i + k] < l[k] ? p[i + k] : l[k];
+      h[k] = p[i + k] > h[k] ? p[i + k] : h[k];
+    }
+  for (int k = 0; i < n; ++i, ++k) {
+    l[k] = p[i] < l[k] ? p[i] : l[k];
+    h[k] = p[i] > h[k] ? p[i] : h[k];
+  }
+  lo = l[0], hi = h[0];
+  for (int k = 1; k < 8; ++k) lo = std::min(lo, l[k]), hi = std::max(hi, h[k]);
+}
+
+// 2^e for the scale of a group whose values lie within `half` * 2 of the centre: the smallest power of
+// two above 2 * half, at least 1 and at most 2^126 (2^1022), as sdecor.ops.whiten_torch does.
+template <typename T>
+int scale_exponent(T half) {
+  const int emax = std::is_same_v<T, double> ? 1022 : 126;
+  int e = 0;
+  if (std::isnan(half)) return emax;
+  if (std::isinf(half)) return emax;
+  std::frexp(half, &e);   // half = f 2^e, 0.5 <= f < 1 (e = 0 for half = 0)
+  return std::clamp(e + 1, 0, emax);
+}
+
+template <typename T>
+T pow2(int e) {
+  return std::ldexp(T(1), e);
+}
+
+// Scratch memory of one thread: 64-byte aligned.
+template <typename T>
+struct Scratch {
+  c10::DataPtr ptr;
+  explicit Scratch(int64_t n) : ptr(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
+  T* get() { return static_cast<T*>(ptr.get()); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// checks
+
+int64_t check_x(const at::Tensor& x, int64_t d, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, "sdecor::", op, ": x must have shape (N, C, *S); got ", x.dim(), " dimension(s)");
+  TORCH_CHECK(d >= 1, "sdecor::", op, ": d must be positive; got ", d);
+  TORCH_CHECK(x.size(1) % d == 0, "sdecor::", op, ": d must divide the channels C; got C = ", x.size(1),
+              ", d = ", d);
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, "sdecor::", op,
+              ": x must be float32, float64, bfloat16 or float16; got ", t);
+  TORCH_CHECK(x.device().is_cpu() || x.device().is_meta(), "sdecor::", op, ": x must be a CPU tensor; got ",
+              x.device());
+  return x.size(1) / d;
+}
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor small(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* op,
+                 const char* name) {
+  TORCH_CHECK(t.sizes() == shape, "sdecor::", op, ": ", name, " must have shape ", shape, "; got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_type(x), "sdecor::", op, ": ", name, " must be ", acc_type(x), "; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "sdecor::", op, ": ", name, " must be on ", x.device(), "; got ",
+              t.device());
+  return t.contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// statistics
+
+template <typename scalar_t, typename acc_t>
+void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tensor& scale, at::Tensor& inv,
+                  at::Tensor& ms, at::Tensor& cov) {
+  const View3 v = view3(x3);
+  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B;
+  const int64_t ldp = padded(B);
+  // per task: mu (d), lo (d), hi (d), s (d), S (d x d), c_b
+  const int64_t rec = padded(4 * d + d * d + 1);
+  Scratch<acc_t> parts(G * nb * rec);
+  acc_t* P = parts.get();
+  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    Scratch<acc_t> buf(d * ldp);
+    acc_t* p = buf.get();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, b = t % nb;
+      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      acc_t* r = P + t * rec;
+      acc_t *mu = r, *lo = r + d, *hi = r + 2 * d, *s = r + 3 * d, *S = r + 4 * d, *cb = S + d * d;
+      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
+      acc_t half = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t* row = p + i * ldp;
+        lane_minmax(row, n, lo[i], hi[i]);
+        acc_t mean = lane_sum(row, n) / static_cast<acc_t>(n);
+        if (!std::isfinite(mean)) mean = acc_t(0.5) * hi[i] + acc_t(0.5) * lo[i];
+        mu[i] = mean;
+        half = std::max(half, std::max(acc_t(0.5) * hi[i] - acc_t(0.5) * mean, acc_t(0.5) * mean - acc_t(0.5) * lo[i]));
+      }
+      const int e = scale_exponent(half);
+      const acc_t ic = pow2<acc_t>(-e);
+      *cb = pow2<acc_t>(e);
+      for (int64_t i = 0; i < d; ++i) {
+        acc_t* row = p + i * ldp;
+        const acc_t mi = mu[i];
+        for (int64_t k = 0; k < n; ++k) row[k] = (row[k] - mi) * ic;
+        s[i] = lane_sum(row, n);
+      }
+      // S = Xs Xs^T: the buffer is Xs^T column-major (n x d, ld ldp)
+      gemm<acc_t>(true, false, d, d, n, p, ldp, p, ldp, S, d);
+    }
+  });
+  // combine the blocks of each group in block order
+  acc_t* cen = center.data_ptr<acc_t>();
+  acc_t* sc = scale.data_ptr<acc_t>();
+  acc_t* isc = inv.data_ptr<acc_t>();
+  acc_t* msp = ms.data_ptr<acc_t>();
+  acc_t* cv = cov.data_ptr<acc_t>();
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      acc_t* mean = cen + g * d;
+      acc_t* msg = msp + g * d;
+      acc_t* cg = cv + g * d * d;
+      const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
+      for (int64_t i = 0; i < d; ++i) {
+        acc_t a = 0, lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
+        for (int64_t b = 0; b < nb; ++b) {
+          const acc_t* r = P + (g * nb + b) * rec;
+          const int64_t n = std::min(m, (b + 1) * B) - b * B;
+          const acc_t cb = r[4 * d + d * d];
+          a += (static_cast<acc_t>(n) * inv_m) * r[i] + (cb * inv_m) * r[3 * d + i];
+          lo = std::min(lo, r[d + i]);
+          hi = std::max(hi, r[2 * d + i]);
+        }
+        if (!std::isfinite(a)) a = acc_t(0.5) * hi + acc_t(0.5) * lo;
+        mean[i] = a;
+      }
+      acc_t half = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
+        for (int64_t b = 0; b < nb; ++b) {
+          const acc_t* r = P + (g * nb + b) * rec;
+          lo = std::min(lo, r[d + i]);
+          hi = std::max(hi, r[2 * d + i]);
+        }
+        half = std::max(half, std::max(acc_t(0.5) * hi - acc_t(0.5) * mean[i], acc_t(0.5) * mean[i] - acc_t(0.5) * lo));
+      }
+      const int e = scale_exponent(half);
+      const acc_t c = pow2<acc_t>(e), ic = pow2<acc_t>(-e);
+      sc[g] = c;
+      isc[g] = ic;
+      // sums of xs = (x - mean) / c over the blocks: xs = rb xs_b + delta_b with rb = c_b / c and
+      // delta_b = (mu_b - mean) / c
+      for (int64_t i = 0; i < d; ++i) msg[i] = 0;
+      for (int64_t k = 0; k < d * d; ++k) cg[k] = 0;
+      acc_t delta[1024];
+      for (int64_t b = 0; b < nb; ++b) {
+        const acc_t* r = P + (g * nb + b) * rec;
+        const int64_t n = std::min(m, (b + 1) * B) - b * B;
+        const acc_t nn = static_cast<acc_t>(n);
+        const acc_t rb = r[4 * d + d * d] * ic;
+        const acc_t* s = r + 3 * d;
+        const acc_t* S = r + 4 * d;
+        for (int64_t i = 0; i < d; ++i) delta[i] = (r[i] - mean[i]) * ic;
+        for (int64_t i = 0; i < d; ++i) {
+          msg[i] += rb * s[i] + nn * delta[i];
+          for (int64_t j = 0; j <= i; ++j)
+            cg[i * d + j] += rb * rb * S[i * d + j] + rb * (s[i] * delta[j] + delta[i] * s[j]) + nn * delta[i] * delta[j];
+        }
+      }
+      for (int64_t i = 0; i < d; ++i) msg[i] *= inv_m;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j <= i; ++j) {
+          const acc_t val = cg[i * d + j] * inv_m - msg[i] * msg[j];
+          cg[i * d + j] = val;
+          cg[j * d + i] = val;
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_outputs(const at::Tensor& x,
+                                                                                     int64_t d) {
+  const int64_t G = x.size(1) / d;
+  auto o = x.options().dtype(acc_type(x));
+  return {at::empty({G, d}, o), at::empty({G}, o), at::empty({G}, o), at::empty({G, d}, o),
+          at::empty({G, d, d}, o)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whiten_stats_cpu(const at::Tensor& x,
+                                                                                        int64_t d) {
+  check_x(x, d, "native_whiten_stats");
+  TORCH_CHECK(d <= 1024, "sdecor::native_whiten_stats: d must be at most 1024; got ", d);
+  auto [center, scale, inv, ms, cov] = stats_outputs(x, d);
+  const at::Tensor x3 = flat3(x);
+  TORCH_CHECK(x3.size(0) * x3.size(2) >= 1, "sdecor::native_whiten_stats: x must hold at least one sample per channel; got shape ",
+              x.sizes());
+  if (x.size(1) == 0) return {center, scale, inv, ms, cov};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_stats", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    stats_kernel<scalar_t, acc_t>(x3, d, center, scale, inv, ms, cov);
+  });
+  return {center, scale, inv, ms, cov};
+}
+
+// Meta kernels: shapes only, symbolic sizes allowed (the CPU kernels check the values).
+void check_meta(const at::Tensor& x, int64_t d, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, "sdecor::", op, ": x must have shape (N, C, *S); got ", x.dim(), " dimension(s)");
+  TORCH_CHECK(d >= 1, "sdecor::", op, ": d must be positive; got ", d);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whiten_stats_meta(const at::Tensor& x,
+                                                                                         int64_t d) {
+  check_meta(x, d, "native_whiten_stats");
+  const c10::SymInt G = x.sym_size(1) / d;
+  auto o = x.options().dtype(acc_type(x));
+  return {at::empty_symint({G, d}, o), at::empty_symint({G}, o), at::empty_symint({G}, o),
+          at::empty_symint({G, d}, o), at::empty_symint({G, d, d}, o)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// apply: y = a (x - center) + shift
+
+template <typename scalar_t, typename acc_t>
+void apply_kernel(const at::Tensor& x3, at::Tensor& y3, int64_t d, const acc_t* a, const acc_t* center,
+                  const acc_t* shift) {
+  const View3 v = view3(x3), w = view3(y3);
+  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
+  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    Scratch<acc_t> buf(2 * d * ldp);
+    acc_t *p = buf.get(), *q = p + d * ldp;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, b = t % nb;
+      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, center + g * d, acc_t(1));
+      // Y^T (n x d) = Xc^T A^T: column-major Xc^T (ld ldp) times A^T (A row-major = A^T column-major)
+      gemm<acc_t>(false, false, n, d, d, p, ldp, a + g * d * d, d, q, ldp);
+      scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, shift + g * d);
+    }
+  });
+}
+
+at::Tensor whiten_apply_cpu(const at::Tensor& x, int64_t d, const at::Tensor& a, const at::Tensor& center,
+                            const at::Tensor& shift) {
+  const char* op = "native_whiten_apply";
+  const int64_t G = check_x(x, d, op);
+  const at::Tensor ac = small(a, x, {G, d, d}, op, "a");
+  const at::Tensor cc = small(center, x, {G, d}, op, "center");
+  const at::Tensor sc = small(shift, x, {G, d}, op, "shift");
+  at::Tensor y = alloc_like(x);
+  if (x.numel() == 0) return y;
+  const at::Tensor x3 = flat3(x);
+  at::Tensor y3 = flat3(y);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_apply", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    apply_kernel<scalar_t, acc_t>(x3, y3, d, ac.data_ptr<acc_t>(), cc.data_ptr<acc_t>(), sc.data_ptr<acc_t>());
+  });
+  return y;
+}
+
+at::Tensor whiten_apply_meta(const at::Tensor& x, int64_t d, const at::Tensor& a, const at::Tensor& center,
+                             const at::Tensor& shift) {
+  check_meta(x, d, "native_whiten_apply");
+  return alloc_like(x);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// backward reduction: sum gy and sum gy xs^T
+
+template <typename scalar_t, typename acc_t>
+void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const acc_t* center,
+                   const acc_t* inv, acc_t* gsum, acc_t* gx) {
+  const View3 vg = view3(g3), v = view3(x3);
+  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
+  const int64_t rec = padded(d + d * d);
+  Scratch<acc_t> parts(G * nb * rec);
+  acc_t* P = parts.get();
+  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    Scratch<acc_t> buf(2 * d * ldp);
+    acc_t *pg = buf.get(), *px = pg + d * ldp;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, b = t % nb;
+      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      acc_t* r = P + t * rec;
+      gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
+      for (int64_t i = 0; i < d; ++i) r[i] = lane_sum(pg + i * ldp, n);
+      // row-major D = Gy Xs^T: column-major D^T = Xs Gy^T, i.e. op(A) = (Xs^T)^T with A = Xs^T (n x d)
+      gemm<acc_t>(true, false, d, d, n, px, ldp, pg, ldp, r + d, d);
+    }
+  });
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      acc_t* s = gsum + g * d;
+      acc_t* D = gx + g * d * d;
+      for (int64_t i = 0; i < d; ++i) s[i] = 0;
+      for (int64_t k = 0; k < d * d; ++k) D[k] = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const acc_t* r = P + (g * nb + b) * rec;
+        for (int64_t i = 0; i < d; ++i) s[i] += r[i];
+        for (int64_t k = 0; k < d * d; ++k) D[k] += r[d + k];
+      }
+    }
+  });
+}
+
+void check_gy(const at::Tensor& gy, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(gy.sizes() == x.sizes(), "sdecor::", op, ": gy must have x's shape ", x.sizes(), "; got ", gy.sizes());
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), "sdecor::", op, ": gy must have x's dtype ", x.scalar_type(),
+              "; got ", gy.scalar_type());
+  TORCH_CHECK(gy.device() == x.device(), "sdecor::", op, ": gy must be on ", x.device(), "; got ", gy.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> whiten_reduce_cpu(const at::Tensor& gy, const at::Tensor& x, int64_t d,
+                                                     const at::Tensor& center, const at::Tensor& inv) {
+  const char* op = "native_whiten_reduce";
+  const int64_t G = check_x(x, d, op);
+  check_gy(gy, x, op);
+  const at::Tensor cc = small(center, x, {G, d}, op, "center");
+  const at::Tensor ic = small(inv, x, {G}, op, "inv_scale");
+  auto o = x.options().dtype(acc_type(x));
+  at::Tensor gsum = at::zeros({G, d}, o), gx = at::zeros({G, d, d}, o);
+  if (x.numel() == 0) return {gsum, gx};
+  const at::Tensor x3 = flat3(x), g3 = flat3(gy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_reduce", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    reduce_kernel<scalar_t, acc_t>(g3, x3, d, cc.data_ptr<acc_t>(), ic.data_ptr<acc_t>(), gsum.data_ptr<acc_t>(),
+                                   gx.data_ptr<acc_t>());
+  });
+  return {gsum, gx};
+}
+
+std::tuple<at::Tensor, at::Tensor> whiten_reduce_meta(const at::Tensor& gy, const at::Tensor& x, int64_t d,
+                                                      const at::Tensor& center, const at::Tensor& inv) {
+  check_meta(x, d, "native_whiten_reduce");
+  const c10::SymInt G = x.sym_size(1) / d;
+  auto o = x.options().dtype(acc_type(x));
+  return {at::empty_symint({G, d}, o), at::empty_symint({G, d, d}, o)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dx = b gy + s2 xs + shift
+
+template <typename scalar_t, typename acc_t>
+void dx_kernel(const at::Tensor* g3, const at::Tensor& x3, at::Tensor& o3, int64_t d, const acc_t* center,
+               const acc_t* inv, const acc_t* M, int64_t kk, bool use_gy, bool use_x, const acc_t* shift) {
+  const View3 v = view3(x3), w = view3(o3);
+  View3 vg{};
+  if (use_gy) vg = view3(*g3);
+  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
+  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    Scratch<acc_t> buf((kk + d) * ldp);
+    acc_t *p = buf.get(), *q = p + kk * ldp;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, b = t % nb;
+      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      int64_t row = 0;
+      if (use_gy) {
+        gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
+        row += d;
+      }
+      if (use_x) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p + row * ldp, ldp, center + g * d, inv[g]);
+      if (kk > 0) {
+        // dx^T (n x d) = [Gy; Xs]^T M^T, M = [b | s2] (d x kk) row-major = M^T column-major (ld kk)
+        gemm<acc_t>(false, false, n, d, kk, p, ldp, M + g * d * kk, kk, q, ldp);
+      } else {
+        for (int64_t i = 0; i < d * ldp; ++i) q[i] = 0;
+      }
+      scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, shift + g * d);
+    }
+  });
+}
+
+at::Tensor whiten_dx_cpu(const std::optional<at::Tensor>& gy, const at::Tensor& x, int64_t d,
+                         const at::Tensor& center, const at::Tensor& inv, const std::optional<at::Tensor>& b,
+                         const std::optional<at::Tensor>& s2, const at::Tensor& shift) {
+  const char* op = "native_whiten_dx";
+  const int64_t G = check_x(x, d, op);
+  TORCH_CHECK(gy.has_value() == b.has_value(), "sdecor::", op, ": gy and b must be given together");
+  if (gy.has_value()) check_gy(*gy, x, op);
+  const at::Tensor cc = small(center, x, {G, d}, op, "center");
+  const at::Tensor ic = small(inv, x, {G}, op, "inv_scale");
+  const at::Tensor sh = small(shift, x, {G, d}, op, "shift");
+  std::vector<at::Tensor> parts;
+  if (b.has_value()) parts.push_back(small(*b, x, {G, d, d}, op, "b"));
+  if (s2.has_value()) parts.push_back(small(*s2, x, {G, d, d}, op, "s2"));
+  const at::Tensor M = parts.empty() ? at::empty({G, d, 0}, x.options().dtype(acc_type(x)))
+                                     : at::cat(parts, 2).contiguous();
+  const int64_t kk = M.size(2);
+  at::Tensor out = alloc_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor x3 = flat3(x);
+  at::Tensor o3 = flat3(out);
+  at::Tensor g3;
+  if (gy.has_value()) g3 = flat3(*gy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_dx", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    dx_kernel<scalar_t, acc_t>(gy.has_value() ? &g3 : nullptr, x3, o3, d, cc.data_ptr<acc_t>(),
+                               ic.data_ptr<acc_t>(), M.data_ptr<acc_t>(), kk, gy.has_value(), s2.has_value(),
+                               sh.data_ptr<acc_t>());
+  });
+  return out;
+}
+
+at::Tensor whiten_dx_meta(const std::optional<at::Tensor>& gy, const at::Tensor& x, int64_t d,
+                          const at::Tensor& center, const at::Tensor& inv, const std::optional<at::Tensor>& b,
+                          const std::optional<at::Tensor>& s2, const at::Tensor& shift) {
+  check_meta(x, d, "native_whiten_dx");
+  return alloc_like(x);
+}
+
+}  // namespace
+}  // namespace sdecor
+
+TORCH_LIBRARY_FRAGMENT(sdecor, m) {
+  m.def("native_whiten_stats(Tensor x, int d) -> (Tensor center, Tensor scale, Tensor inv_scale, Tensor ms, "
+        "Tensor cov)");
+  m.def("native_whiten_apply(Tensor x, int d, Tensor a, Tensor center, Tensor shift) -> Tensor");
+  m.def("native_whiten_reduce(Tensor gy, Tensor x, int d, Tensor center, Tensor inv_scale) -> (Tensor gsum, "
+        "Tensor gx)");
+  m.def("native_whiten_dx(Tensor? gy, Tensor x, int d, Tensor center, Tensor inv_scale, Tensor? b, Tensor? s2, "
+        "Tensor shift) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sdecor, CPU, m) {
+  m.impl("native_whiten_stats", &sdecor::whiten_stats_cpu);
+  m.impl("native_whiten_apply", &sdecor::whiten_apply_cpu);
+  m.impl("native_whiten_reduce", &sdecor::whiten_reduce_cpu);
+  m.impl("native_whiten_dx", &sdecor::whiten_dx_cpu);
+}
+
+TORCH_LIBRARY_IMPL(sdecor, Meta, m) {
+  m.impl("native_whiten_stats", &sdecor::whiten_stats_meta);
+  m.impl("native_whiten_apply", &sdecor::whiten_apply_meta);
+  m.impl("native_whiten_reduce", &sdecor::whiten_reduce_meta);
+  m.impl("native_whiten_dx", &sdecor::whiten_dx_meta);
+}
+
+namespace sdecor {
+namespace {
+
+// Under torch.autocast the ops run on their inputs as given with autocast excluded (as eigh_small and
+// the Python ops of sdecor.ops._library): statistics in the statistics dtype, outputs in x's dtype.
+void no_autocast_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kOps[] = {"native_whiten_stats", "native_whiten_apply", "native_whiten_reduce",
+                                "native_whiten_dx"};
+
+}  // namespace
+}  // namespace sdecor
+
+// The ops have no derivative of their own (the autograd Functions of sdecor.ops.whiten_torch and
+// sdecor.ops.cov combine them): backpropagating through one directly raises.
+TORCH_LIBRARY_IMPL(sdecor, Autograd, m) {
+  for (const char* name : sdecor::kOps) m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) {
+  for (const char* name : sdecor::kOps)
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}
+
+TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) {
+  for (const char* name : sdecor::kOps)
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}
