@@ -315,6 +315,22 @@ def test_targets_are_read_off_per_path(suite_run):
     assert f"{times['sdecor[torch]'] / times['batchnorm']:.3g}x" in torch_row
 
 
+@pytest.mark.skipif(harness.minor_faults() is None, reason="no getrusage here")
+def test_page_faults_per_call_are_counted(suite_run):
+    assert all(r["minor_faults"] >= 0 for r in suite_run if r["status"] == "ok" and r["impl"] != "floor")
+
+    def fresh_64mib(inp):
+        # 64 MiB is above every mmap threshold glibc uses by itself: mapped, touched and unmapped per call
+        return Prepared(lambda: (torch.empty(2**24).fill_(1.0),))
+
+    inject = {"group_cov": [Impl("fresh", "baseline", fresh_64mib, same=False)]}
+    rs = harness.run(_settings(inject=inject, backends=(), baselines=("reference",), modes=("fwd",)),
+                     shapes=[SUITE_TINY[2]], log=lambda msg: None)
+    fresh, reference = _by(rs, impl="fresh")[0], _by(rs, impl="reference")[0]
+    assert fresh["minor_faults"] >= 0.9 * 2**26 / 4096 and reference["minor_faults"] < 100
+    assert "faults" in report.format_table(rs, report.environment(torch.device("cpu"), "test timer"))
+
+
 def test_allocations_are_kept_with_mallopt_unless_the_environment_says():
     from sdecor.bench import allocator
 

@@ -136,9 +136,20 @@ def _clear(leaves) -> None:
         t.grad = None
 
 
-def _stats(times: list) -> dict:
+def _stats(times: list, faults: list | None = None) -> dict:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None)
+    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None,
+                faults=statistics.median(faults) if faults else None)
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (None where getrusage is missing): a call that
+    page-faults memory back from the OS shows here, one fault per 4 KiB page."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_round: int = 50) -> list[dict]:
@@ -148,6 +159,7 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
     called several times (about as long as the slowest one, at most ``max_calls_per_round``); every
     call is timed on its own with perf_counter, gradients cleared outside the timed call. Stops after
     ``min_reps`` rounds once ``min_time`` seconds per fn have passed (or 10x that, after 3 rounds).
+    The minor page faults of each call are counted too, outside the timed window (median per call).
     """
     est = []
     for fn, leaves in fns:                      # warm-up, and a first estimate of each call's time
@@ -158,6 +170,7 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
     slowest = max(est)
     calls = [max(1, min(max_calls_per_round, int(slowest / max(t, 1e-7)))) for t in est]
     times = [[] for _ in fns]
+    faults = [[] for _ in fns] if minor_faults() is not None else None
     start, rounds, n = time.perf_counter(), 0, len(fns)
     while True:
         for j in range(n):
@@ -165,16 +178,20 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
             fn, leaves = fns[i]
             for _ in range(calls[i]):
                 _clear(leaves)
+                f0 = minor_faults() if faults is not None else 0
                 t0 = time.perf_counter()
                 fn()
-                times[i].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                if faults is not None:
+                    faults[i].append(minor_faults() - f0)
+                times[i].append(t1 - t0)
         rounds += 1
         elapsed = time.perf_counter() - start
         if (rounds >= min_reps and elapsed >= min_time * n) or (rounds >= 3 and elapsed >= 10 * min_time * n):
             break
     for _, leaves in fns:
         _clear(leaves)
-    return [_stats(t) for t in times]
+    return [_stats(t, None if faults is None else faults[i]) for i, t in enumerate(times)]
 
 
 def time_gpu(fn, leaves) -> dict:
@@ -190,7 +207,7 @@ def time_gpu(fn, leaves) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     _clear(leaves)
-    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak))
+    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak), faults=None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +305,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
     def record(impl: Impl, mode: str, status: str, **kw) -> dict:
         r = dict(base, mode=mode, impl=impl.name, kind=impl.kind, backend=impl.backend, note=impl.note,
                  checked=impl.same and impl is not ref_impl, status=status, time_ms=None, p20_ms=None, p80_ms=None, reps=None,
-                 bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None,
+                 bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None, minor_faults=None,
                  max_abs_err=None, err_ratio=None, reason="")
         r.update(kw)
         return r
@@ -404,7 +421,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
             t = timed[impl.name]
             out.append(record(impl, m, STATUS_OK, time_ms=t["median"] * 1e3, p20_ms=t["p20"] * 1e3,
                               p80_ms=t["p80"] * 1e3, reps=t["reps"], gbps=nbytes / t["median"] / 1e9,
-                              peak_mem_bytes=t["peak_mem"], **errs))
+                              peak_mem_bytes=t["peak_mem"], minor_faults=t["faults"], **errs))
         line = ", ".join(f"{impl.name} {timed[impl.name]['median'] * 1e3:.3g} ms" for impl, _, _ in ready
                          if impl.name in timed)
         if mm_time is not None:
@@ -428,8 +445,8 @@ def floor_record(base: dict, mode: str, flops: int, n: int, rate: float) -> dict
                 note=f"flop floor: the flops of the op's d x d x m products at the rate of a {n}^3 float32 matmul "
                      "timed in the same rounds",
                 checked=False, status=STATUS_OK, time_ms=flops / rate * 1e3, p20_ms=None, p80_ms=None, reps=None,
-                bytes=None, gbps=None, peak_mem_bytes=None, max_abs_err=None, err_ratio=None, reason="",
-                flops=flops, matmul_n=n, matmul_flops_per_s=rate)
+                bytes=None, gbps=None, peak_mem_bytes=None, minor_faults=None, max_abs_err=None, err_ratio=None,
+                reason="", flops=flops, matmul_n=n, matmul_flops_per_s=rate)
 
 
 def _one_line(exc: Exception) -> str:

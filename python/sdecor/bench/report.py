@@ -184,17 +184,20 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
              f"{env['torch_threads']} thread{'' if env['torch_threads'] == 1 else 's'}, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
              f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
              f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
-             f"Speed-up = baseline time / path time, same inputs and run.",
+             f"Speed-up = baseline time / path time, same inputs and run."
+             + (" Faults: minor page faults per call (median; 4 KiB each), memory the call had to get back "
+                "from the OS." if any(r.get("minor_faults") is not None for r in records) else ""),
              threads_text(env) + ". " + allocations_text(env) + "."]
     if markdown:                                    # one paragraph each
         lines = [lines[0], "", lines[1], "", lines[2]]
     ops = list(dict.fromkeys(r["op"] for r in records))
     show_mem = any(r.get("peak_mem_bytes") is not None for r in records)
+    show_faults = any(r.get("minor_faults") is not None for r in records)
     for op in ops:
         rs = [r for r in records if r["op"] == op]
         bases = _baselines_of(rs)
         head = ["shape", "dtype", "mode", "path", "time", "GB/s"] + (["peak MB"] if show_mem else []) \
-            + [f"vs {b}" for b in bases] + ["note"]
+            + (["faults"] if show_faults else []) + [f"vs {b}" for b in bases] + ["note"]
         rows = []
         for r in rs:
             if r["status"] == "skipped":
@@ -206,6 +209,8 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
                 cells = [r["status"], "-"]
                 note = r["reason"] if len(r["reason"]) <= 120 else r["reason"][:117] + "..."
             mem = [f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"] if show_mem else []
+            if show_faults:
+                mem.append(f"{r['minor_faults']:.0f}" if r.get("minor_faults") is not None else "-")
             sp = [_fmt_x(r.get("speedup", {}).get(b)) for b in bases]
             rows.append([r["shape_desc"], _SHORT.get(r["dtype"], r["dtype"]), r["mode"], r["impl"]] + cells + mem + sp + [note])
         lines.append("")
@@ -286,7 +291,8 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
     for (op, shape, mode), rs in cases.items():
         targets = [t for t in rs[0]["targets"] if t["mode"] == mode]
         times = {r["impl"]: r["time_ms"] for r in rs if r["status"] == "ok"}
-        head = ["path", "time"] + [_target_head(t) for t in targets] + ["note"]
+        faults = any(r.get("minor_faults") is not None for r in rs)
+        head = ["path", "time"] + (["faults"] if faults else []) + [_target_head(t) for t in targets] + ["note"]
         rows = []
         # sdecor's paths first, each backend shown (measured or why not), then the measured baselines
         order = {f"sdecor[{b}]": i for i, b in enumerate(BACKENDS)}
@@ -294,7 +300,7 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
             + [r for r in rs if r["kind"] != "fast" and r["status"] != "skipped"]
         for r in shown:
             if r["status"] != "ok":
-                rows.append([r["impl"], r["status"]] + ["-"] * len(targets) + [_short(r["reason"])])
+                rows.append([r["impl"], r["status"]] + ["-"] * (len(targets) + faults) + [_short(r["reason"])])
                 continue
             cells = []
             for t in targets:
@@ -305,7 +311,8 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
                 value = target_ratio(r["time_ms"], base, t["ratio"])
                 met = target_met(value, t) if r["kind"] == "fast" else None
                 cells.append(f"{value:.3g}x" + ("" if met is None else " met" if met else " NOT met"))
-            rows.append([r["impl"], _fmt_time(r["time_ms"])] + cells + [floor_text(r)])
+            fl = ([f"{r['minor_faults']:.0f}" if r.get("minor_faults") is not None else "-"] if faults else [])
+            rows.append([r["impl"], _fmt_time(r["time_ms"])] + fl + cells + [floor_text(r)])
         missing = [t["baseline"] for t in targets if t["baseline"] not in times]
         lines.append("")
         lines.append(f"{op} {rs[0]['shape_desc']}, {mode}" + (f" (not measured: {', '.join(missing)})" if missing else ""))
@@ -341,7 +348,7 @@ def _render(head, rows, markdown) -> list[str]:
 # files
 
 CSV_FIELDS = ["device", "device_name", "op", "shape", "shape_desc", "dtype", "mode", "impl", "kind", "backend",
-              "status", "checked", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes",
+              "status", "checked", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes", "minor_faults",
               "max_abs_err", "err_ratio"] + [f"speedup_vs_{b}" for b in BASELINES] + \
              ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp",
               "torch_threads", "allocations"]
