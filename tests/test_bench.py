@@ -18,7 +18,7 @@ import torch
 import sdecor.bench as bench
 from sdecor import reference as ref
 from sdecor.bench import harness, report
-from sdecor.bench.ops import Impl, Prepared
+from sdecor.bench.ops import OP_SPECS, Impl, Prepared
 from sdecor.bench.plot import plot_op
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +196,168 @@ def test_baselines_live_in_the_package(tiny_run):
     x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(iternorm_train(x, 4, 5, 1e-5), ref.group_whiten(x, 4, "newton", 1e-5, 5))
 
+# ---------------------------------------------------------------------------------------------------
+# the suites' pieces: eval mode, flop floor, x.clone(), SGT's fill, targets, allocations kept
+
+
+def _target(baseline, ratio, bound, mode="fwdbwd"):
+    return dict(mode=mode, baseline=baseline, ratio=ratio, bound=bound)
+
+
+SUITE_TINY = [
+    dict(op="GroupWhitening", name="tiny-d4", N=4, C=8, S=(3, 3), d=4, method="newton", T=5, flop_floor=True,
+         targets=(_target("batchnorm", "time", 1.1), _target("floor", "time", None),
+                  _target("iternorm", "speedup", 2.0)), tags=()),
+    dict(op="GroupWhitening", name="tiny-d4-eval", N=4, C=8, S=(3, 3), d=4, method="newton", T=5, eval=True,
+         modes=("fwd",), targets=(_target("batchnorm", "time", 1.3, "fwd"),), tags=()),
+    dict(op="group_cov", name="tiny-d4-fwd", N=4, C=8, S=(3, 3), d=4, modes=("fwd",),
+         targets=(_target("clone", "time", 1.0, "fwd"),), tags=()),
+]
+
+
+@pytest.fixture(scope="module")
+def suite_run():
+    torch.manual_seed(0)
+    return harness.run(_settings(matmul_n=32), shapes=SUITE_TINY, log=lambda msg: None)
+
+
+def test_flop_floor_is_the_products_at_the_matmul_rate(suite_run):
+    from sdecor.bench.ops import floor_flops
+
+    # the issue's d = 64 case: five products of 2 d^2 m flops per group, m = 32*28*28, G = 256/64
+    big = dict(N=32, C=256, S=(28, 28), d=64)
+    assert floor_flops(big, "fwdbwd") == 4_110_417_920
+    assert floor_flops(big, "fwd") + floor_flops(big, "bwd") == floor_flops(big, "fwdbwd")
+    assert floor_flops(dict(big, d=16), "fwdbwd") == 4_110_417_920 // 4
+    floors = _by(suite_run, impl="floor")
+    assert sorted(r["mode"] for r in floors) == ["bwd", "fwd", "fwdbwd"]
+    assert all(r["shape"] == "tiny-d4" for r in floors)          # not for eval, not for group_cov
+    for r in floors:
+        assert r["status"] == "ok" and r["kind"] == "baseline" and r["matmul_n"] == 32
+        assert r["flops"] == {"fwd": 2, "bwd": 3, "fwdbwd": 5}[r["mode"]] * 2 * 4 * 4 * (4 * 9) * 2
+        assert r["time_ms"] == pytest.approx(r["flops"] / r["matmul_flops_per_s"] * 1e3)
+        fast = _by(suite_run, shape="tiny-d4", mode=r["mode"], impl="sdecor[torch]")[0]
+        assert fast["speedup"]["floor"] == pytest.approx(r["time_ms"] / fast["time_ms"])
+    # no floor when it is not asked for
+    rs = harness.run(_settings(matmul_n=32, baselines=("reference", "batchnorm"), modes=("fwd",)),
+                     shapes=SUITE_TINY[:1], log=lambda msg: None)
+    assert not _by(rs, impl="floor")
+
+
+def test_eval_mode_uses_the_running_statistics_of_one_training_step(suite_run):
+    rs = _by(suite_run, shape="tiny-d4-eval")
+    assert {r["mode"] for r in rs} == {"fwd"}
+    assert {r["impl"] for r in rs if r["status"] == "ok"} == {"reference", "batchnorm", "sdecor[torch]"}
+    fast = _by(rs, impl="sdecor[torch]")[0]
+    assert fast["checked"] and fast["err_ratio"] <= 1.0 and "eval" in fast["note"]
+    assert "eval" in _by(rs, impl="batchnorm")[0]["note"]
+    # the statistics every GroupWhitening is given are those a training step leaves in the module
+    from sdecor.nn import GroupWhitening
+
+    e = SUITE_TINY[1]
+    spec = OP_SPECS["GroupWhitening"]
+    inp = spec.inputs(e, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(1))
+    mod = GroupWhitening(8, num_channels=4, T=5)
+    with torch.no_grad():
+        mod(inp["x"])
+    torch.testing.assert_close(inp["running_mean"], mod.running_mean)
+    torch.testing.assert_close(inp["running_wm"], mod.running_wm)
+    # and the eval forward uses them, not the batch: it differs from the training output
+    y_eval = spec.reference(e)(**inp)
+    y_train = OP_SPECS["GroupWhitening"].reference(SUITE_TINY[0])(inp["x"], inp["weight"], inp["bias"])
+    assert (y_eval - y_train).abs().max() > 0.1
+
+
+def test_group_cov_is_measured_against_a_clone(suite_run, tiny_run):
+    for records in (suite_run, tiny_run):
+        rs = _by(records, op="group_cov", impl="clone", dtype="float32")
+        assert rs and all(r["status"] == "ok" and not r["checked"] for r in rs)
+    assert {r["mode"] for r in _by(suite_run, op="group_cov")} == {"fwd"}
+
+
+def test_sgt_fills_with_each_channels_range():
+    from sdecor.bench.baselines import sgt_mask
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=gen)
+    x[:, 1] += 10.0                          # channel 1 in [10, 11]; channels 0 and 2 in [0, 1]
+    sal = torch.randn(x.shape, generator=gen)
+    for reduce in ("mean", None):
+        out, mask = sgt_mask(x, sal, 20, reduce, "uniform", generator=gen)
+        where = mask.unsqueeze(1).expand_as(x) if reduce == "mean" else mask
+        lo, hi = x.amin((2, 3), keepdim=True).expand_as(x), x.amax((2, 3), keepdim=True).expand_as(x)
+        assert where.any() and torch.equal(out[~where], x[~where])
+        assert ((out >= lo) & (out <= hi))[where].all()
+        # the same selection as topk_mask
+        _, ref_mask = ref.topk_mask(x, sal, k=20, reduce=reduce, fill="zero")
+        assert torch.equal(mask, ref_mask)
+
+
+def test_targets_are_read_off_per_path(suite_run):
+    assert report.target_ratio(60.0, 40.0, "time") == 1.5 and report.target_ratio(60.0, 120.0, "speedup") == 2.0
+    assert report.target_met(1.05, _target("b", "time", 1.1)) is True
+    assert report.target_met(1.2, _target("b", "time", 1.1)) is False
+    assert report.target_met(1.9, _target("b", "speedup", 2.0)) is False
+    assert report.target_met(9.0, _target("b", "time", None)) is None
+    env = dict(report.environment(torch.device("cpu"), "test timer"),
+               allocations=dict(kept=True, how="x", text="Allocations kept in the process: x"))
+    text = report.format_table(suite_run, env)
+    section = text[text.index("== targets =="):]
+    assert "set for 2 threads" in section and "allocations kept in the process" in section
+    assert "time/batchnorm (<= 1.1x)" in section and "iternorm/time (>= 2x)" in section and "time/floor" in section
+    assert "time/clone (<= 1x)" in section and "GroupWhitening 4x8x3x3 d4 newton T5 eval, fwd" in section
+    # sdecor's paths, measured or not, with a verdict on the bounded targets only
+    gw = section[section.index("GroupWhitening 4x8x3x3 d4 newton T5, fwdbwd"):].split("\n\n")[0]
+    torch_row = [line for line in gw.splitlines() if line.startswith("sdecor[torch]")][0]
+    assert torch_row.count("met") == 2
+    assert any(line.startswith("sdecor[native]") for line in gw.splitlines())
+    times = {r["impl"]: r["time_ms"] for r in _by(suite_run, shape="tiny-d4", mode="fwdbwd", status="ok")}
+    assert f"{times['sdecor[torch]'] / times['batchnorm']:.3g}x" in torch_row
+
+
+@pytest.mark.skipif(harness.minor_faults() is None, reason="no getrusage here")
+def test_page_faults_per_call_are_counted(suite_run):
+    assert all(r["minor_faults"] >= 0 for r in suite_run if r["status"] == "ok" and r["impl"] != "floor")
+
+    def fresh_64mib(inp):
+        # 64 MiB is above every mmap threshold glibc uses by itself: mapped, touched and unmapped per call
+        return Prepared(lambda: (torch.empty(2**24).fill_(1.0),))
+
+    inject = {"group_cov": [Impl("fresh", "baseline", fresh_64mib, same=False)]}
+    rs = harness.run(_settings(inject=inject, backends=(), baselines=("reference",), modes=("fwd",)),
+                     shapes=[SUITE_TINY[2]], log=lambda msg: None)
+    fresh, reference = _by(rs, impl="fresh")[0], _by(rs, impl="reference")[0]
+    assert fresh["minor_faults"] >= 0.9 * 2**26 / 4096 and reference["minor_faults"] < 100
+    assert "faults" in report.format_table(rs, report.environment(torch.device("cpu"), "test timer"))
+
+
+def test_allocations_are_kept_with_mallopt_unless_the_environment_says():
+    from sdecor.bench import allocator
+
+    calls = []
+
+    def fake(param, value):
+        calls.append((param, value))
+        return 1
+
+    if allocator._glibc_version() is None:
+        got = allocator.keep_allocations({}, fake)
+        assert got["kept"] is False and not calls and "not kept" in got["text"]
+        return
+    got = allocator.keep_allocations({}, fake)
+    assert calls == [(-3, 33554432), (-1, -1)] and got["kept"] is True
+    assert got["text"].startswith("Allocations kept in the process: mallopt(M_MMAP_THRESHOLD, 33554432)")
+    calls.clear()
+    got = allocator.keep_allocations({"MALLOC_TRIM_THRESHOLD_": "4294967296"}, fake)
+    assert calls == [(-3, 33554432)] and "MALLOC_TRIM_THRESHOLD_=4294967296 from the environment" in got["text"]
+    calls.clear()
+    env = {"MALLOC_TRIM_THRESHOLD_": "4294967296", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432"}
+    got = allocator.keep_allocations(env, fake)
+    assert not calls and got["kept"] is None and "sdecor bench changed nothing" in got["text"]
+    got = allocator.keep_allocations({}, lambda p, v: 0)
+    assert got["kept"] is False and "failed" in got["text"]
+
+
 def test_quick_selection_and_filters():
     s = bench.settings_from_args(_parse(["--quick"]))
     entries = harness.select_entries(s)
@@ -208,20 +370,44 @@ def test_quick_selection_and_filters():
 
 
 def test_suites_are_selections_of_the_one_harness():
-    # the focused comparisons: GroupWhitening vs BatchNorm and the naive IterNorm on CPU, topk_mask
-    # vs SGT on an ImageNet batch, eigh_small vs torch.linalg.eigh on the batches of the solver paths
+    # the focused comparisons: GroupWhitening vs BatchNorm, the naive IterNorm and the flop floor on
+    # CPU, its eval mode vs BatchNorm's, group_cov vs x.clone(), topk_mask vs SGT on an ImageNet
+    # batch, eigh_small vs torch.linalg.eigh on the batches of the solver paths
     s = bench.settings_from_args(_parse(["--suite", "groupwhitening-cpu,topk-cpu,eigh"]))
     assert s.dtypes == ("float32",) and s.min_time == 0.5
     entries = harness.select_entries(s)
     gw = [e for e in entries if e["op"] == "GroupWhitening"]
-    assert sorted(e["d"] for e in gw) == [16, 64]
+    assert sorted((e["d"], bool(e.get("eval"))) for e in gw) == [(16, False), (16, True), (64, False)]
     assert all((e["N"], e["C"], e["S"], e["method"], e["T"]) == (32, 256, (28, 28), "newton", 5) for e in gw)
+    cov = [e for e in entries if e["op"] == "group_cov"]
+    assert [(e["N"], e["C"], e["S"], e["d"], e["modes"]) for e in cov] == [(32, 256, (28, 28), 16, ("fwd",))]
     topk = [e for e in entries if e["op"] == "topk_mask"]
     assert {e["reduce"] for e in topk} == {"mean", None}
     assert all((e["N"], e["C"], e["S"], e["ratio"], e["fill"]) == (64, 3, (224, 224), 0.5, "uniform") for e in topk)
     eigh = [e for e in entries if e["op"] == "eigh_small"]
     assert sorted((e["G"], e["d"]) for e in eigh) == [(64, 128), (256, 64), (1024, 16), (1024, 32)]
-    assert len(entries) == len(gw) + len(topk) + len(eigh)
+    assert len(entries) == len(gw) + len(cov) + len(topk) + len(eigh)
+    # the targets each suite entry carries: (mode, baseline, ratio, bound)
+    bounds = {(e["op"], e["d"] if "d" in e else e["reduce"], bool(e.get("eval"))):
+              {(t["mode"], t["baseline"], t["ratio"], t["bound"]) for t in e["targets"]} for e in gw + cov + topk}
+    assert bounds == {
+        ("GroupWhitening", 16, False): {("fwdbwd", "batchnorm", "time", 1.1), ("fwdbwd", "floor", "time", None),
+                                        ("fwdbwd", "iternorm", "speedup", None)},
+        ("GroupWhitening", 64, False): {("fwdbwd", "floor", "time", 1.3), ("fwdbwd", "iternorm", "speedup", 2.0),
+                                        ("fwdbwd", "batchnorm", "time", None)},
+        ("GroupWhitening", 16, True): {("fwd", "batchnorm", "time", 1.3)},
+        ("group_cov", 16, False): {("fwd", "clone", "time", 1.0)},
+        ("topk_mask", "mean", False): {("fwd", "sgt", "speedup", 4.0)},
+        ("topk_mask", None, False): {("fwd", "sgt", "speedup", 3.0)},
+    }
+    # every target names a baseline the entry's op measures, in a mode the entry runs
+    for e in gw + cov + topk:
+        spec = OP_SPECS[e["op"]]
+        names = {i.name for i in spec.baselines(e)} | ({"floor"} if e.get("flop_floor") else set())
+        for t in e["targets"]:
+            assert t["baseline"] in names and t["mode"] in e.get("modes", spec.modes), (e["name"], t)
+        assert bool(e.get("flop_floor")) == (spec.flops(e, "fwdbwd") is not None)
+    assert [e["d"] for e in gw if e.get("flop_floor")] == [16, 64]
     # --quick and a suite: the union
     quick = harness.select_entries(bench.settings_from_args(_parse(["--quick"])))
     both = harness.select_entries(bench.settings_from_args(_parse(["--quick", "--suite", "eigh"])))
@@ -243,10 +429,17 @@ def test_command_line(tmp_path, capsys):
     assert "unknown op 'nope'" in capsys.readouterr().err
     assert bench.main(["--dtypes", "fp8"]) == 2
     before = _snapshot(RESULTS)
-    rc = bench.main(CHEAP + ["--out", str(tmp_path), "--no-plot"])
+    rc = bench.main(CHEAP + ["--out", str(tmp_path), "--no-plot", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0 and "== eigh_small ==" in out and "4x16x16" in out
+    assert "Threads: torch.get_num_threads() = 1 (--threads)" in out
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.csv"))) == 1
+    # how freed memory was kept (or why not) is printed and saved
+    alloc = json.loads(next(tmp_path.glob("*.json")).read_text())["environment"]["allocations"]
+    assert alloc["text"] in out and alloc["text"].startswith(("Allocations kept in the process", "Allocations:"))
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        row = next(csv.DictReader(f))
+    assert row["allocations"] == alloc["text"] and row["torch_threads"] == "1"
     assert bench.main(["--show", str(next(tmp_path.glob("*.json"))), "--markdown"]) == 0
     shown = capsys.readouterr().out
     assert "### eigh_small" in shown and "| shape | dtype | mode | path | time |" in shown

@@ -7,6 +7,10 @@ Training's masking and ``torch.linalg.eigh``. Every fast path is checked against
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
 Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.bench.shapes`.
 
+CPU timing keeps freed memory in the process (glibc's mmap and trim thresholds raised with mallopt at
+start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.bench.allocator`),
+and the table and the result files say so, with the thread count (``--threads``).
+
 Results: <device>.json/.csv and a PNG per op, <device>-<op>.png, in ./sdecor-bench-output/ (``--out
 DIR`` elsewhere); a later run of the same device replaces them. A run never writes into the source
 tree unless asked: ``--save-results`` writes the curated set that the README quotes, <device>.json
@@ -64,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tim.add_argument("--reps", type=int, default=None, help="at least this many timed rounds (default 5; 3 with --quick)")
     tim.add_argument("--threads", type=int, default=None,
                      help="CPU: torch.set_num_threads for the run (default: torch's default; 1 with "
-                          "--quick, whose times stay steady when other work shares a small CPU)")
+                          "--quick, whose times stay steady when other work shares a small CPU); the "
+                          "groupwhitening-cpu and topk-cpu targets are set for --threads 2")
     tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group()
@@ -205,15 +210,21 @@ def _run_bench(args, settings) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()
+    from .allocator import keep_allocations
+
+    allocations = keep_allocations()             # before the inputs are made: every timed call reuses memory
     device = torch.device(settings.device)
     threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
+    threads_from = ("--threads" if args.threads is not None else "--quick's default" if threads is not None
+                    else "torch's default")
     timer = ("triton.testing.do_bench median (25 ms warm-up, 100 ms of repeats, gradients cleared)"
              if device.type == "cuda" else
              f"perf_counter median over >= {settings.min_reps} interleaved rounds and >= "
              f"{settings.min_time:g} s per path, gradients cleared between calls")
-    env = report.environment(device, timer)
+    env = dict(report.environment(device, timer), allocations=allocations, threads_from=threads_from)
+    print(report.threads_text(env) + ". " + allocations["text"] + ".", file=sys.stderr, flush=True)
     records = harness.run(settings)
     env["load_average_end"] = report._load()
     if not records:

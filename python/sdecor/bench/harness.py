@@ -9,7 +9,13 @@ cleared) on GPU; on CPU a perf_counter loop (median of repeats, gradients cleare
 outside the timed call).
 
 Modes: ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one retained forward),
-``fwdbwd`` (both).
+``fwdbwd`` (both); an entry's ``modes`` narrows them (e.g. an eval-mode forward).
+
+Flop floor: for entries whose op has one (:meth:`~sdecor.bench.ops.Op.flops`, the GroupWhitening
+entries with ``flop_floor``), a record ``floor`` per mode (float32): the time the op's d x d x m
+products need at the rate of a large square float32 matmul (:func:`matmul_call`), timed in the same
+interleaved rounds as the case's paths, so that a change of machine load moves both alike. It is a
+baseline like the others: ``speedup["floor"]`` of a path is floor time / path time.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Settings:
     min_time: float = 0.5              # CPU: seconds of timed calls per measurement (at least min_reps)
     min_reps: int = 5
     seed: int = 0
+    matmul_n: int | None = None        # flop floor: side of the square fp32 matmul timed (None: per device)
     inject: dict = field(default_factory=dict)   # op -> extra fast-path Impls (candidates under test)
 
 
@@ -129,9 +136,20 @@ def _clear(leaves) -> None:
         t.grad = None
 
 
-def _stats(times: list) -> dict:
+def _stats(times: list, faults: list | None = None) -> dict:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None)
+    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None,
+                faults=statistics.median(faults) if faults else None)
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (None where getrusage is missing): a call that
+    page-faults memory back from the OS shows here, one fault per 4 KiB page."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_round: int = 50) -> list[dict]:
@@ -141,6 +159,7 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
     called several times (about as long as the slowest one, at most ``max_calls_per_round``); every
     call is timed on its own with perf_counter, gradients cleared outside the timed call. Stops after
     ``min_reps`` rounds once ``min_time`` seconds per fn have passed (or 10x that, after 3 rounds).
+    The minor page faults of each call are counted too, outside the timed window (median per call).
     """
     est = []
     for fn, leaves in fns:                      # warm-up, and a first estimate of each call's time
@@ -151,6 +170,7 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
     slowest = max(est)
     calls = [max(1, min(max_calls_per_round, int(slowest / max(t, 1e-7)))) for t in est]
     times = [[] for _ in fns]
+    faults = [[] for _ in fns] if minor_faults() is not None else None
     start, rounds, n = time.perf_counter(), 0, len(fns)
     while True:
         for j in range(n):
@@ -158,16 +178,20 @@ def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_roun
             fn, leaves = fns[i]
             for _ in range(calls[i]):
                 _clear(leaves)
+                f0 = minor_faults() if faults is not None else 0
                 t0 = time.perf_counter()
                 fn()
-                times[i].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                if faults is not None:
+                    faults[i].append(minor_faults() - f0)
+                times[i].append(t1 - t0)
         rounds += 1
         elapsed = time.perf_counter() - start
         if (rounds >= min_reps and elapsed >= min_time * n) or (rounds >= 3 and elapsed >= 10 * min_time * n):
             break
     for _, leaves in fns:
         _clear(leaves)
-    return [_stats(t) for t in times]
+    return [_stats(t, None if faults is None else faults[i]) for i, t in enumerate(times)]
 
 
 def time_gpu(fn, leaves) -> dict:
@@ -183,7 +207,7 @@ def time_gpu(fn, leaves) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     _clear(leaves)
-    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak))
+    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak), faults=None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,20 +247,47 @@ def _compile_targets(settings: Settings, entries) -> set:
     return out
 
 
+# side of the square float32 matmul whose rate sets the flop floor: large enough to run at the BLAS's
+# peak (2048^3 is 17 GFLOP, about 0.1 s on 2 cores), larger on a GPU
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
+
+
+def matmul_call(device, n: int) -> dict:
+    """An n x n x n float32 matmul into a preallocated output (2 n^3 flops): {'n', 'flops', 'fn'}."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    return dict(n=n, flops=2 * n ** 3, fn=lambda: torch.mm(a, b, out=out))
+
+
+def entry_modes(spec, e: dict, settings: Settings) -> list[str]:
+    """The modes measured for an entry: those asked for, of the op's (or of the entry's own ``modes``)."""
+    return [m for m in settings.modes if m in e.get("modes", spec.modes)]
+
+
 def run(settings: Settings, shapes=None, log=_log) -> list[dict]:
     """Run the selected benchmarks; return one record per (op, shape, dtype, mode, implementation)."""
     device = torch.device(settings.device)
     entries = select_entries(settings, shapes)
     compile_on = _compile_targets(settings, entries)
     records = []
+    mm: dict = {}                                # the matmul of the flop floor, made when first needed
+
+    def matmul() -> dict:
+        if not mm:
+            mm.update(matmul_call(device, settings.matmul_n or MATMUL_N.get(device.type, 2048)))
+        return mm
+
     jobs = [(e, dt) for e in entries for dt in settings.dtypes if dt in OP_SPECS[e["op"]].dtypes]
     for i, (e, dt) in enumerate(jobs):
         spec = OP_SPECS[e["op"]]
-        modes = [m for m in settings.modes if m in spec.modes]
+        modes = entry_modes(spec, e, settings)
         if not modes:
             continue
         log(f"[{i + 1}/{len(jobs)}] {e['op']} {e['name']} ({describe(e)}) {dt}")
-        records += _run_case(settings, spec, e, _dtype(dt), modes, device, (e["op"], e["name"], dt) in compile_on, log)
+        floor = matmul if "floor" in settings.baselines and dt == "float32" else None
+        records += _run_case(settings, spec, e, _dtype(dt), modes, device, (e["op"], e["name"], dt) in compile_on, log,
+                             floor)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -244,18 +295,17 @@ def run(settings: Settings, shapes=None, log=_log) -> list[dict]:
     return records
 
 
-def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> list[dict]:
+def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul=None) -> list[dict]:
     gen = torch.Generator().manual_seed(settings.seed + zlib.crc32(f"{e['op']}/{e['name']}/{dtype}".encode()))
     master = spec.inputs(e, dtype, device, gen)
     need_grad = bool(spec.grad_inputs) and any(m != "fwd" for m in modes)
     grad_names = [f"grad {k}" for k in spec.grad_inputs]
-    params = {k: v for k, v in e.items() if k not in ("op", "name", "tags")}
-    base = dict(op=e["op"], shape=e["name"], shape_desc=describe(e), params=params, dtype=str(dtype).replace("torch.", ""))
+    base = _base(e, str(dtype).replace("torch.", ""))
 
     def record(impl: Impl, mode: str, status: str, **kw) -> dict:
         r = dict(base, mode=mode, impl=impl.name, kind=impl.kind, backend=impl.backend, note=impl.note,
                  checked=impl.same and impl is not ref_impl, status=status, time_ms=None, p20_ms=None, p80_ms=None, reps=None,
-                 bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None,
+                 bytes=spec.bytes(e, dtype, mode), gbps=None, peak_mem_bytes=None, minor_faults=None,
                  max_abs_err=None, err_ratio=None, reason="")
         r.update(kw)
         return r
@@ -342,18 +392,24 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
                 fns.append((impl, fn, prep.leaves))
             except Exception as exc:
                 failed[impl.name] = _one_line(exc)
-        timed = {}
+        flops = spec.flops(e, m) if matmul is not None else None
+        mm = matmul() if flops is not None and fns else None
+        timed, mm_time = {}, None
         if device.type == "cuda":
             for impl, fn, leaves in fns:
                 try:
                     timed[impl.name] = time_gpu(fn, leaves)
                 except Exception as exc:
                     failed[impl.name] = _one_line(exc)
+            if mm is not None:
+                mm_time = time_gpu(mm["fn"], [])
         elif fns:
+            extra = [(mm["fn"], [])] if mm is not None else []
             try:
-                results = time_cpu_interleaved([(fn, leaves) for _, fn, leaves in fns], settings.min_time,
+                results = time_cpu_interleaved([(fn, leaves) for _, fn, leaves in fns] + extra, settings.min_time,
                                                settings.min_reps)
                 timed = {impl.name: t for (impl, _, _), t in zip(fns, results)}
+                mm_time = results[-1] if mm is not None else None
             except Exception as exc:
                 failed.update({impl.name: _one_line(exc) for impl, _, _ in fns})
         del fns
@@ -365,10 +421,32 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log) -> lis
             t = timed[impl.name]
             out.append(record(impl, m, STATUS_OK, time_ms=t["median"] * 1e3, p20_ms=t["p20"] * 1e3,
                               p80_ms=t["p80"] * 1e3, reps=t["reps"], gbps=nbytes / t["median"] / 1e9,
-                              peak_mem_bytes=t["peak_mem"], **errs))
-        log("    " + m + ": " + ", ".join(f"{impl.name} {timed[impl.name]['median'] * 1e3:.3g} ms"
-                                          for impl, _, _ in ready if impl.name in timed))
+                              peak_mem_bytes=t["peak_mem"], minor_faults=t["faults"], **errs))
+        line = ", ".join(f"{impl.name} {timed[impl.name]['median'] * 1e3:.3g} ms" for impl, _, _ in ready
+                         if impl.name in timed)
+        if mm_time is not None:
+            out.append(floor_record(base, m, flops, mm["n"], mm["flops"] / mm_time["median"]))
+            line += (f"; floor {out[-1]['time_ms']:.3g} ms ({flops / 1e9:.3g} GFLOP at "
+                     f"{out[-1]['matmul_flops_per_s'] / 1e9:.3g} GFLOP/s, {mm['n']}^3 matmul {mm_time['median'] * 1e3:.3g} ms)")
+        log("    " + m + ": " + line)
     return out
+
+
+def _base(e: dict, dtype: str) -> dict:
+    """The fields every record of one (entry, dtype) shares."""
+    params = {k: v for k, v in e.items() if k not in ("op", "name", "tags", "modes", "targets")}
+    return dict(op=e["op"], shape=e["name"], shape_desc=describe(e), params=params, dtype=dtype,
+                targets=[dict(t) for t in e.get("targets", ())])
+
+
+def floor_record(base: dict, mode: str, flops: int, n: int, rate: float) -> dict:
+    """The ``floor`` record of one mode: ``flops`` at ``rate`` flop/s (of an n^3 float32 matmul)."""
+    return dict(base, mode=mode, impl="floor", kind="baseline", backend=None,
+                note=f"flop floor: the flops of the op's d x d x m products at the rate of a {n}^3 float32 matmul "
+                     "timed in the same rounds",
+                checked=False, status=STATUS_OK, time_ms=flops / rate * 1e3, p20_ms=None, p80_ms=None, reps=None,
+                bytes=None, gbps=None, peak_mem_bytes=None, minor_faults=None, max_abs_err=None, err_ratio=None,
+                reason="", flops=flops, matmul_n=n, matmul_flops_per_s=rate)
 
 
 def _one_line(exc: Exception) -> str:

@@ -23,7 +23,7 @@ from .baselines import Unavailable
 from .shapes import numel
 
 MODES = ("fwd", "bwd", "fwdbwd")
-BASELINES = ("reference", "compile", "batchnorm", "iternorm", "sgt", "eigh")
+BASELINES = ("reference", "compile", "batchnorm", "iternorm", "floor", "clone", "sgt", "eigh")
 
 
 @dataclass
@@ -109,6 +109,10 @@ class Op:
     def bytes(self, e: dict, dtype: torch.dtype, mode: str) -> int:
         raise NotImplementedError
 
+    def flops(self, e: dict, mode: str) -> int | None:
+        """The floating-point operations of the flop floor of this mode (None: no floor)."""
+        return None
+
     # -- assembled lists ---------------------------------------------------------------------------
 
     def reference_impl(self, e: dict) -> Impl:
@@ -168,6 +172,10 @@ class GroupCov(Op):
     def public(self, e):
         import sdecor
         return lambda x: sdecor.group_cov(x, e["d"])
+
+    def extra_baselines(self, e):
+        return [Impl("clone", "baseline", lambda inp: Prepared(lambda: (inp["x"].clone(),), [inp["x"]]), same=False,
+                     note="x.clone(): one read and one write of x, the memory yardstick of a pass over x")]
 
     def bytes(self, e, dtype, mode):
         # forward reads x once; backward reads x and writes dx (the d x d statistics are negligible)
@@ -238,33 +246,88 @@ class GroupWhiten(Op):
         return {"fwd": 3 * X, "bwd": 5 * X, "fwdbwd": 8 * X}[mode]
 
 
+# products of d x d by d x m matrices in one GroupWhitening call, per group: forward Xc Xc^T and
+# W Xc; backward dY Xc^T, W^T dY and (dSigma + dSigma^T) Xc
+FLOOR_PRODUCTS = {"fwd": 2, "bwd": 3, "fwdbwd": 5}
+
+
+def floor_flops(e: dict, mode: str) -> int:
+    """Flops of the d x d x m products of a GroupWhitening call: 2 d^2 m each, for each of G groups
+    (m = N * prod(S), G = C / d); a training step (fwdbwd) has five."""
+    m = e["N"] * math.prod(e["S"])
+    return FLOOR_PRODUCTS[mode] * 2 * e["d"] ** 2 * m * (e["C"] // e["d"])
+
+
 class GroupWhiteningModule(GroupWhiten):
+    """sdecor.nn.GroupWhitening against BatchNorm and IterNorm: training steps, or (entries with
+    ``eval=True``) the eval-mode forward under torch.no_grad with running statistics of one training
+    step (the reference's batch statistics, momentum 0.1, loaded into every GroupWhitening; BatchNorm
+    takes one training step of its own on the same batch)."""
+
     name = "GroupWhitening"
     grad_inputs = ("x", "weight", "bias")
+    momentum = 0.1
 
     def inputs(self, e, dtype, device, gen):
         C = e["C"]
-        return {"x": _x(e, dtype, device, gen),
-                "weight": (1.0 + 0.1 * torch.randn(C, generator=gen)).to(device),
-                "bias": (0.1 * torch.randn(C, generator=gen)).to(device)}
+        inp = {"x": _x(e, dtype, device, gen),
+               "weight": (1.0 + 0.1 * torch.randn(C, generator=gen)).to(device),
+               "bias": (0.1 * torch.randn(C, generator=gen)).to(device)}
+        if e.get("eval"):
+            mean, cov = ref.group_cov(inp["x"].float(), e["d"])
+            wm = ref.whitening_matrix(cov, e["method"], 1e-5, e["T"])
+            eye = torch.eye(e["d"], device=device).expand_as(wm)
+            inp["running_mean"] = (self.momentum * mean).unsqueeze(-1)      # from 0
+            inp["running_wm"] = torch.lerp(eye, wm, self.momentum)          # from the identity
+        return inp
 
     def reference(self, e):
-        def fn(x, weight, bias):
-            y = ref.group_whiten(x.float(), e["d"], e["method"], 1e-5, e["T"])
+        def affine(y, x, weight, bias):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return (y * weight.view(shape) + bias.view(shape)).to(x.dtype)
+
+        if e.get("eval"):
+            def fn_eval(x, weight, bias, running_mean, running_wm):
+                with torch.no_grad():
+                    y = ref.apply_whitening(x.float(), running_mean.squeeze(-1), running_wm)
+                    return affine(y, x, weight, bias)
+            return fn_eval
+
+        def fn(x, weight, bias):
+            return affine(ref.group_whiten(x.float(), e["d"], e["method"], 1e-5, e["T"]), x, weight, bias)
         return fn
 
     def public(self, e):
         return None
 
-    def _module(self, inp, make):
+    def flops(self, e, mode):
+        return floor_flops(e, mode) if e.get("flop_floor") and not e.get("eval") else None
+
+    def bytes(self, e, dtype, mode):
+        if e.get("eval"):
+            return 2 * _xbytes(e, dtype)          # read x, write y: the statistics are given
+        return super().bytes(e, dtype, mode)
+
+    def _module(self, inp, make, e=None):
         x = inp["x"]
         mod = make(x.shape[1]).to(x.device).train()
         with torch.no_grad():
             mod.weight.copy_(inp["weight"])
             mod.bias.copy_(inp["bias"])
-        return mod
+            if e is not None and e.get("eval"):
+                mod.running_mean.copy_(inp["running_mean"])
+                mod.running_wm.copy_(inp["running_wm"])
+                mod.num_batches_tracked.fill_(1)
+        return mod.eval() if e is not None and e.get("eval") else mod
+
+    @staticmethod
+    def _call(run, x, e):
+        if e.get("eval"):
+            def forward():
+                with torch.no_grad():
+                    return (run(x),)
+            return forward
+        return lambda: (run(x),)
 
     def extra_fast(self, e, device):
         out = []
@@ -275,17 +338,25 @@ class GroupWhiteningModule(GroupWhiten):
                     cls = nn.GroupWhitening
                 except (ImportError, AttributeError) as exc:
                     raise _backend.BackendUnavailableError(f"sdecor.nn.GroupWhitening is not available ({exc})")
-                mod = self._module(inp, lambda C: cls(C, num_channels=e["d"], method=e["method"], T=e["T"], eps=1e-5))
-                run = _forced(mod, b)
-                return Prepared(lambda: (run(inp["x"]),), [inp["x"], mod.weight, mod.bias])
-            out.append(Impl(f"sdecor[{b}]", "fast", build, backend=b, note="sdecor.nn.GroupWhitening"))
+                mod = self._module(inp, lambda C: cls(C, num_channels=e["d"], method=e["method"], T=e["T"], eps=1e-5,
+                                                      momentum=self.momentum), e)
+                return Prepared(self._call(_forced(mod, b), inp["x"], e), [inp["x"], mod.weight, mod.bias])
+            note = "sdecor.nn.GroupWhitening" + (" in eval mode, under torch.no_grad" if e.get("eval") else "")
+            out.append(Impl(f"sdecor[{b}]", "fast", build, backend=b, note=note))
         return out
 
     def extra_baselines(self, e):
         def batchnorm(inp):
             x = inp["x"]
             mod = self._module(inp, lambda C: _norm_module(C, x.dim(), affine=True))
-            return Prepared(lambda: (mod(x),), [x, mod.weight, mod.bias])
+            if e.get("eval"):
+                with torch.no_grad():
+                    mod(x)                      # one training step: the running statistics
+                mod.eval()
+            return Prepared(self._call(mod, x, e), [x, mod.weight, mod.bias])
+        if e.get("eval"):
+            return [Impl("batchnorm", "baseline", batchnorm, same=False,
+                         note="torch.nn.BatchNorm in eval mode after one training step, under torch.no_grad")]
         out = [Impl("batchnorm", "baseline", batchnorm, same=False,
                     note="torch.nn.BatchNorm (per-channel standardisation, not whitening)")]
         if e["method"] == "newton":
@@ -328,7 +399,7 @@ class TopkMask(Op):
         k = int(math.floor(e["ratio"] * D))
         return [Impl("sgt", "baseline",
                      lambda inp: Prepared(lambda: bl.sgt_mask(inp["x"], inp["saliency"], k, e["reduce"], e["fill"])),
-                     note="Saliency Guided Training masking: per sample topk, scatter, where")]
+                     note="Saliency Guided Training masking in torch: per-sample topk, scatter, per-channel fill, where")]
 
     def bytes(self, e, dtype, mode):
         # read x and saliency, write x_masked and the bool mask

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._backend import BACKENDS
 from .ops import BASELINES
 
 DEFAULT_OUT = "sdecor-bench-output"         # under the working directory, like sdecor-demo-output
@@ -155,33 +156,61 @@ def _baselines_of(rs) -> list[str]:
     return order + sorted(seen - set(order))
 
 
+def allocations_text(env: dict) -> str:
+    """The sentence on how the run kept (or did not keep) freed memory in the process."""
+    alloc = env.get("allocations")
+    if not alloc:
+        return "Allocations: not recorded (this run's harness did not keep them in the process)"
+    return alloc["text"]
+
+
+def allocations_short(env: dict) -> str:
+    alloc = env.get("allocations") or {}
+    return {True: "allocations kept in the process", None: "allocator thresholds as the environment sets them",
+            False: "allocations NOT kept in the process"}.get(alloc.get("kept", False)) if alloc else \
+        "allocations not recorded"
+
+
+def threads_text(env: dict) -> str:
+    n = env["torch_threads"]
+    how = env.get("threads_from") or "torch's default"
+    return f"Threads: torch.get_num_threads() = {n} ({how})"
+
+
 def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
-    """Per op: time, GB/s against the bytes floor, peak memory (GPU) and speed-up over each baseline."""
+    """Per op: time, GB/s against the bytes floor, peak memory (GPU) and speed-up over each baseline;
+    then, where the entries carry targets (suites), each path's ratio to the target's baseline."""
     lines = [f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, "
              f"{env['torch_threads']} thread{'' if env['torch_threads'] == 1 else 's'}, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
              f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
              f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
-             f"Speed-up = baseline time / path time, same inputs and run."]
-    if markdown:
-        lines.insert(1, "")
+             f"Speed-up = baseline time / path time, same inputs and run."
+             + (" Faults: minor page faults per call (median; 4 KiB each), memory the call had to get back "
+                "from the OS." if any(r.get("minor_faults") is not None for r in records) else ""),
+             threads_text(env) + ". " + allocations_text(env) + "."]
+    if markdown:                                    # one paragraph each
+        lines = [lines[0], "", lines[1], "", lines[2]]
     ops = list(dict.fromkeys(r["op"] for r in records))
     show_mem = any(r.get("peak_mem_bytes") is not None for r in records)
+    show_faults = any(r.get("minor_faults") is not None for r in records)
     for op in ops:
         rs = [r for r in records if r["op"] == op]
         bases = _baselines_of(rs)
         head = ["shape", "dtype", "mode", "path", "time", "GB/s"] + (["peak MB"] if show_mem else []) \
-            + [f"vs {b}" for b in bases] + ["note"]
+            + (["faults"] if show_faults else []) + [f"vs {b}" for b in bases] + ["note"]
         rows = []
         for r in rs:
             if r["status"] == "skipped":
                 continue
             if r["status"] == "ok":
-                cells = [_fmt_time(r["time_ms"]), f"{r['gbps']:.3g}"]
-                note = ""
+                cells = [_fmt_time(r["time_ms"]), "-" if r.get("gbps") is None else f"{r['gbps']:.3g}"]
+                note = floor_text(r)
             else:
                 cells = [r["status"], "-"]
                 note = r["reason"] if len(r["reason"]) <= 120 else r["reason"][:117] + "..."
             mem = [f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"] if show_mem else []
+            if show_faults:
+                mem.append(f"{r['minor_faults']:.0f}" if r.get("minor_faults") is not None else "-")
             sp = [_fmt_x(r.get("speedup", {}).get(b)) for b in bases]
             rows.append([r["shape_desc"], _SHORT.get(r["dtype"], r["dtype"]), r["mode"], r["impl"]] + cells + mem + sp + [note])
         lines.append("")
@@ -195,6 +224,8 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
                 what = r["note"] or ("sdecor's public API, backend forced" if r["kind"] == "fast" else "")
                 if r["impl"] == "reference" or r["impl"] == "eigh":
                     check = "the correctness oracle"
+                elif r["impl"] == "floor":
+                    check = "a time computed from the flops, not a run"
                 else:
                     checked = r.get("checked", r.get("err_ratio") is not None)
                     check = "checked against the reference" if checked else "not checked: computes another function"
@@ -210,7 +241,97 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
         if skipped:
             for impl, why in skipped:
                 lines.append(f"{'- ' if markdown else '  '}not measured: {impl}: {why}")
+    lines += format_targets(records, env, markdown)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# targets
+
+TARGET_THREADS = 2          # the suites' targets are set for this many CPU threads
+
+
+def target_ratio(path_ms: float, base_ms: float, ratio: str) -> float:
+    """"time": path time / baseline time (a target is at most its bound); "speedup": baseline time /
+    path time (a target is at least its bound)."""
+    return path_ms / base_ms if ratio == "time" else base_ms / path_ms
+
+
+def target_met(value: float, t: dict) -> bool | None:
+    if t.get("bound") is None:
+        return None
+    return value <= t["bound"] if t["ratio"] == "time" else value >= t["bound"]
+
+
+def _target_head(t: dict) -> str:
+    text = f"time/{t['baseline']}" if t["ratio"] == "time" else f"{t['baseline']}/time"
+    if t.get("bound") is not None:
+        text += f" ({'<=' if t['ratio'] == 'time' else '>='} {t['bound']:g}x)"
+    return text
+
+
+def format_targets(records: list[dict], env: dict, markdown: bool = False) -> list[str]:
+    """Per case with targets (float32): every path's time and its ratio to each target's baseline;
+    for sdecor's paths whether the target is met. Paths not measured show why."""
+    cases: dict = {}
+    for r in records:
+        for t in r.get("targets") or ():
+            if r["mode"] == t["mode"] and r["dtype"] == "float32":
+                cases.setdefault((r["op"], r["shape"], r["mode"]), []).append(r)
+                break
+    if not cases:
+        return []
+    threads = env.get("torch_threads")
+    lines = ["", "### Targets" if markdown else "== targets ==", ""]
+    lines.append(f"float32, set for {TARGET_THREADS} threads; this run: {threads} thread{'' if threads == 1 else 's'}"
+                 + ("" if threads == TARGET_THREADS or env.get("device") != "cpu" else
+                    f" (rerun with --threads {TARGET_THREADS} to compare with the targets)")
+                 + f"; {allocations_short(env)}. Ratios: time/B = path time / B's time (the target is at most "
+                   "the bound), B/time = B's time / path time (at least the bound); met / NOT met for sdecor's paths.")
+    for (op, shape, mode), rs in cases.items():
+        targets = [t for t in rs[0]["targets"] if t["mode"] == mode]
+        times = {r["impl"]: r["time_ms"] for r in rs if r["status"] == "ok"}
+        faults = any(r.get("minor_faults") is not None for r in rs)
+        head = ["path", "time"] + (["faults"] if faults else []) + [_target_head(t) for t in targets] + ["note"]
+        rows = []
+        # sdecor's paths first, each backend shown (measured or why not), then the measured baselines
+        order = {f"sdecor[{b}]": i for i, b in enumerate(BACKENDS)}
+        shown = sorted((r for r in rs if r["kind"] == "fast"), key=lambda r: order.get(r["impl"], len(order))) \
+            + [r for r in rs if r["kind"] != "fast" and r["status"] != "skipped"]
+        for r in shown:
+            if r["status"] != "ok":
+                rows.append([r["impl"], r["status"]] + ["-"] * (len(targets) + faults) + [_short(r["reason"])])
+                continue
+            cells = []
+            for t in targets:
+                base = times.get(t["baseline"])
+                if base is None or r["impl"] == t["baseline"]:
+                    cells.append("-")
+                    continue
+                value = target_ratio(r["time_ms"], base, t["ratio"])
+                met = target_met(value, t) if r["kind"] == "fast" else None
+                cells.append(f"{value:.3g}x" + ("" if met is None else " met" if met else " NOT met"))
+            fl = ([f"{r['minor_faults']:.0f}" if r.get("minor_faults") is not None else "-"] if faults else [])
+            rows.append([r["impl"], _fmt_time(r["time_ms"])] + fl + cells + [floor_text(r)])
+        missing = [t["baseline"] for t in targets if t["baseline"] not in times]
+        lines.append("")
+        lines.append(f"{op} {rs[0]['shape_desc']}, {mode}" + (f" (not measured: {', '.join(missing)})" if missing else ""))
+        if markdown:
+            lines.append("")
+        lines += _render(head, rows, markdown)
+    return lines
+
+
+def floor_text(r: dict) -> str:
+    """For a ``floor`` record: its flops and the matmul rate they were divided by; else ''."""
+    if r["impl"] != "floor" or r.get("flops") is None:
+        return ""
+    return (f"{r['flops'] / 1e9:.3g} GFLOP at {r['matmul_flops_per_s'] / 1e9:.3g} GFLOP/s "
+            f"({r['matmul_n']}^3 float32 matmul, same rounds)")
+
+
+def _short(text: str, n: int = 100) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _render(head, rows, markdown) -> list[str]:
@@ -227,9 +348,10 @@ def _render(head, rows, markdown) -> list[str]:
 # files
 
 CSV_FIELDS = ["device", "device_name", "op", "shape", "shape_desc", "dtype", "mode", "impl", "kind", "backend",
-              "status", "checked", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes",
+              "status", "checked", "time_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "peak_mem_bytes", "minor_faults",
               "max_abs_err", "err_ratio"] + [f"speedup_vs_{b}" for b in BASELINES] + \
-             ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"]
+             ["note", "reason", "params", "torch", "triton", "sdecor", "revision", "dirty", "timestamp",
+              "torch_threads", "allocations"]
 
 
 def static_name(archs) -> str:
@@ -260,7 +382,9 @@ def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path,
                 for b in BASELINES:
                     row[f"speedup_vs_{b}"] = r.get("speedup", {}).get(b)
                 row["params"] = json.dumps(r["params"])
-                for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp"):
+                for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp",
+                          "torch_threads"):
                     row[k] = env.get(k)
+                row["allocations"] = allocations_text(env)
                 w.writerow(row)
     return paths

@@ -20,12 +20,23 @@ Entries tagged ``compile`` get the torch.compile baseline under ``--compile tagg
 ``--quick``, where compiling every op would take most of the 2-minute budget on a small CPU): the
 quick shapes of the two ops whose speed-up over a compiler matters most, group_whiten and topk_mask.
 
-Suites (``--suite NAME``) are tags too: focused comparisons that run as a set.
+Suites (``--suite NAME``) are tags too: focused comparisons that run as a set. Their entries may
+carry ``modes`` (the modes measured, default the op's) and ``targets``: the ratios the table prints
+per path, each ``dict(mode, baseline, ratio, bound)`` with ratio "time" (path time / baseline time,
+the target is at most ``bound``) or "speedup" (baseline time / path time, at least ``bound``), and
+``bound`` None for a ratio shown without a target. The targets are float32 and set for 2 threads
+(``--threads 2``).
 
-* ``groupwhitening-cpu``: GroupWhitening training steps on a 32x256x28x28 activation, d = 16 and 64,
-  newton T=5, against BatchNorm2d and the naive IterNorm (the CPU yardstick of DESIGN.md);
+* ``groupwhitening-cpu``: the whitening layer on a 32x256x28x28 activation on a CPU, float32, where
+  BatchNorm2d is the yardstick (DESIGN.md): GroupWhitening training steps (newton T=5) at d = 16 and
+  64 against BatchNorm2d, the naive IterNorm and the flop floor (``floor``: the five d x d x m
+  products of a training step, 2 d^2 m flops each per group, at the rate of a large square fp32
+  matmul timed in the same run); GroupWhitening in eval mode at d = 16 (running statistics of one
+  training step, forward under torch.no_grad) against BatchNorm2d in eval mode; and the group_cov
+  forward at d = 16 against ``x.clone()`` (one read and one write of x);
 * ``topk-cpu``: topk_mask on an ImageNet batch (64x3x224x224), ratio 0.5, uniform fill, shared
-  (reduce="mean") and per-element masks, against Saliency Guided Training's per-sample masking;
+  (reduce="mean") and per-element masks, against Saliency Guided Training's masking
+  (:func:`sdecor.bench.baselines.sgt_mask`);
 * ``eigh``: eigh_small against torch.linalg.eigh on the batches where torch's solver paths differ
   (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1.
 """
@@ -97,6 +108,10 @@ def _matrix_entries(op: str, extra: dict) -> list[dict]:
     return out
 
 
+def _target(baseline: str, ratio: str, bound: float | None, mode: str = "fwdbwd") -> dict:
+    return dict(mode=mode, baseline=baseline, ratio=ratio, bound=bound)
+
+
 def _mask_entries() -> list[dict]:
     out = []
     for data, N, C, S in (("cifar10", 128, 3, (32, 32)), ("imagenet", 64, 3, (224, 224))):
@@ -106,20 +121,35 @@ def _mask_entries() -> list[dict]:
                 quick = data == "cifar10" and reduce == "mean" and ratio == 0.5
                 # SGT fills with uniform noise; the shared (SaliencyDecor) masks here fill zeros
                 suite = data == "imagenet" and reduce is None and ratio == 0.5
-                out.append(dict(op="topk_mask", name=name, N=N, C=C, S=S, ratio=ratio, reduce=reduce,
-                                fill="zero" if reduce == "mean" else "uniform",
-                                tags=("quick",) if quick else ("topk-cpu",) if suite else ()))
+                entry = dict(op="topk_mask", name=name, N=N, C=C, S=S, ratio=ratio, reduce=reduce,
+                             fill="zero" if reduce == "mean" else "uniform",
+                             tags=("quick",) if quick else ("topk-cpu",) if suite else ())
+                if suite:
+                    entry["targets"] = (_target("sgt", "speedup", 3.0, "fwd"),)
+                out.append(entry)
     # the shared mask with SGT's uniform fill: the same fill as the per-element entries
     out.append(dict(op="topk_mask", name="imagenet-shared-r0.5-uniform", N=64, C=3, S=(224, 224), ratio=0.5,
-                    reduce="mean", fill="uniform", tags=("topk-cpu",)))
+                    reduce="mean", fill="uniform", targets=(_target("sgt", "speedup", 4.0, "fwd"),),
+                    tags=("topk-cpu",)))
     return out
 
 
 def _groupwhitening_cpu_entries() -> list[dict]:
     # batch 32 of a 256-channel 28x28 activation: 6.4 M elements, a training step of tens of ms on
     # a 2-core CPU, where BatchNorm2d is the yardstick
-    return [dict(op="GroupWhitening", name=f"cpu-32x256x28x28-d{d}", N=32, C=256, S=(28, 28), d=d,
-                 method="newton", T=5, tags=("groupwhitening-cpu",)) for d in (16, 64)]
+    shape = dict(N=32, C=256, S=(28, 28))
+    tag = ("groupwhitening-cpu",)
+    train = {
+        16: (_target("batchnorm", "time", 1.1), _target("floor", "time", None), _target("iternorm", "speedup", None)),
+        64: (_target("floor", "time", 1.3), _target("iternorm", "speedup", 2.0), _target("batchnorm", "time", None)),
+    }
+    out = [dict(op="GroupWhitening", name=f"cpu-32x256x28x28-d{d}", **shape, d=d, method="newton", T=5,
+                flop_floor=True, targets=train[d], tags=tag) for d in (16, 64)]
+    out.append(dict(op="GroupWhitening", name="cpu-32x256x28x28-d16-eval", **shape, d=16, method="newton", T=5,
+                    eval=True, modes=("fwd",), targets=(_target("batchnorm", "time", 1.3, "fwd"),), tags=tag))
+    out.append(dict(op="group_cov", name="cpu-32x256x28x28-d16", **shape, d=16, modes=("fwd",),
+                    targets=(_target("clone", "time", 1.0, "fwd"),), tags=tag))
+    return out
 
 
 def _eigh_batch_entries() -> list[dict]:
@@ -195,4 +225,6 @@ def describe(entry: dict) -> str:
         text += f" r{entry['ratio']} {entry['reduce'] or 'elem'} {entry['fill']}"
     if "kind" in entry:
         text += f" {entry['kind']}"
+    if entry.get("eval"):
+        text += " eval"
     return text
