@@ -71,27 +71,50 @@ at::Tensor cm_transposed(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T* c, int64_t ldc) {
+          int64_t ldb, T* c, int64_t ldc, T beta) {
   const char sa = ta ? 'T' : 'N', sb = tb ? 'T' : 'N';
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
   const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
-  const T one = 1, zero = 0;
+  const T one = 1;
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
-      sgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+      sgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
       return;
     }
   } else {
     if (dgemm_ != nullptr) {
-      dgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+      dgemm_(&sa, &sb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
       return;
     }
   }
-  // C^T = op(B)^T op(A)^T on row-major views
+  // C^T = op(B)^T op(A)^T (+ C^T) on row-major views
   at::Tensor at_ = ta ? cm_transposed(a, k, m, lda).t() : cm_transposed(a, m, k, lda);   // op(A)^T
   at::Tensor bt_ = tb ? cm_transposed(b, n, k, ldb).t() : cm_transposed(b, k, n, ldb);   // op(B)^T
   at::Tensor ct = cm_transposed(c, m, n, ldc);
-  at::mm_out(ct, bt_, at_);
+  if (beta == T(0)) {
+    at::mm_out(ct, bt_, at_);
+  } else {
+    ct.addmm_(bt_, at_);
+  }
+}
+
+// A matrix in memory: element (i, j) at p[i * rs + j * cs], with rs == 1 or cs == 1 (a BLAS operand).
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t rs, cs;
+  Mat t() const { return {p, cs, rs}; }
+};
+
+// C (m x n, element (i, j) at c[i * crs + j * ccs]) = A (m x k) B (k x n) + beta C.
+template <typename T>
+void mm(T* c, int64_t crs, int64_t ccs, Mat<T> a, Mat<T> b, int64_t m, int64_t n, int64_t k, T beta) {
+  if (crs != 1) {                                  // row-major C: C^T = B^T A^T, column-major
+    mm<T>(c, ccs, crs, b.t(), a.t(), n, m, k, beta);
+    return;
+  }
+  const bool ta = a.rs != 1, tb = b.rs != 1;       // a row-major operand is the transpose of a column-major one
+  gemm<T>(ta, tb, m, n, k, a.p, ta ? a.rs : a.cs, b.p, tb ? b.rs : b.cs, c, ccs, beta);
 }
 
 struct OneBlasThread {
@@ -138,6 +161,61 @@ int64_t block_cols(int64_t d) {
 
 constexpr int64_t kAlign = 16;  // elements: 64 bytes in float32
 int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// The blocks of columns of a group: whole samples, several per block where a sample is short
+// (L < 256), else parts of one sample (at most block_cols(d) columns each), so that a block of a
+// contiguous or channels_last tensor is one strided d x n matrix that BLAS reads and writes in place.
+struct Plan {
+  int64_t L = 1, m = 0, nb = 0, max_cols = 0;
+  bool per_sample = false;
+  int64_t bps = 1, Lb = 1, spb = 1;
+
+  Plan(int64_t N, int64_t L_, int64_t d) : L(L_), m(N * L_) {
+    const int64_t B = block_cols(d);
+    per_sample = L >= 256 || L >= B;
+    if (per_sample) {
+      bps = (L + B - 1) / B;
+      Lb = (L + bps - 1) / bps;
+      nb = N * bps;
+      max_cols = Lb;
+    } else {
+      spb = std::max<int64_t>(1, B / std::max<int64_t>(L, 1));
+      nb = (N + spb - 1) / spb;
+      max_cols = std::min(m, spb * L);
+    }
+  }
+
+  // columns [j0, j1) of block b, in (n, l) order
+  void block(int64_t b, int64_t& j0, int64_t& j1) const {
+    if (per_sample) {
+      const int64_t n = b / bps, k = b % bps;
+      j0 = n * L + k * Lb;
+      j1 = std::min(j0 + Lb, (n + 1) * L);
+    } else {
+      j0 = b * spb * L;
+      j1 = std::min(m, j0 + spb * L);
+    }
+  }
+};
+
+// The block [j0, j1) of group g of v as a d x n matrix BLAS can use in place, when it is one: within
+// one sample, in the statistics dtype, rows or columns unit-strided with a valid leading dimension.
+template <typename scalar_t, typename acc_t>
+bool direct(const View3& v, int64_t g, int64_t d, int64_t j0, int64_t j1, Mat<acc_t>& out) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    return false;
+  } else {
+    const int64_t n = j1 - j0;
+    if (j0 / v.L != (j1 - 1) / v.L) return false;
+    const bool rows_ok = v.sL == 1 && v.sC >= std::max<int64_t>(n, 2);
+    const bool cols_ok = v.sC == 1 && v.sL >= std::max<int64_t>(d, 2);
+    if (!rows_ok && !cols_ok) return false;
+    const int64_t nn = j0 / v.L, l0 = j0 % v.L;
+    const acc_t* p = static_cast<const acc_t*>(v.data) + nn * v.sN + g * d * v.sC + l0 * v.sL;
+    out = rows_ok ? Mat<acc_t>{p, v.sC, 1} : Mat<acc_t>{p, 1, v.sL};
+    return true;
+  }
+}
 
 // dst[r * ldp + t] = convert(x[n, c0 + r, l]) for the block's columns [j0, j1) (t = j - j0), with
 // optional per-row affine map (v - sub[r]) * mul (mul a scalar, a power of two).
@@ -200,20 +278,20 @@ void scatter(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, c
     if (channels_inner) {
       for (int64_t t = 0; t < len; ++t) {
         scalar_t* col = dst + t * v.sL;
-        for (int64_t r = 0; r < rows; ++r) col[r * v.sC] = static_cast<scalar_t>(in[r * ldp + t] + add[r]);
+        for (int64_t r = 0; r < rows; ++r) col[r * v.sC] = static_cast<scalar_t>(in[r * ldp + t] + (add ? add[r] : acc_t(0)));
       }
     } else if (v.sL == 1) {
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dst + r * v.sC;
         const acc_t* s = in + r * ldp;
-        const acc_t ar = add[r];
+        const acc_t ar = add ? add[r] : acc_t(0);
         for (int64_t t = 0; t < len; ++t) o[t] = static_cast<scalar_t>(s[t] + ar);
       }
     } else {
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dst + r * v.sC;
         const acc_t* s = in + r * ldp;
-        for (int64_t t = 0; t < len; ++t) o[t * v.sL] = static_cast<scalar_t>(s[t] + add[r]);
+        for (int64_t t = 0; t < len; ++t) o[t * v.sL] = static_cast<scalar_t>(s[t] + (add ? add[r] : acc_t(0)));
       }
     }
     j += len;
@@ -311,10 +389,10 @@ template <typename scalar_t, typename acc_t>
 void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tensor& scale, at::Tensor& inv,
                   at::Tensor& ms, at::Tensor& cov) {
   const View3 v = view3(x3);
-  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B;
-  const int64_t ldp = padded(B);
-  // per task: mu (d), lo (d), hi (d), s (d), S (d x d), c_b
-  const int64_t rec = padded(4 * d + d * d + 1);
+  const Plan plan(v.N, v.L, d);
+  const int64_t G = v.C / d, m = plan.m, nb = plan.nb, ldp = padded(plan.max_cols);
+  // per task: mu (d), lo (d), hi (d), s (d), S (d x d), c_b, n_b
+  const int64_t rec = padded(4 * d + d * d + 2);
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
@@ -323,13 +401,21 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
     acc_t* p = buf.get();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, b = t % nb;
-      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      int64_t j0, j1;
+      plan.block(b, j0, j1);
+      const int64_t n = j1 - j0;
       acc_t* r = P + t * rec;
       acc_t *mu = r, *lo = r + d, *hi = r + 2 * d, *s = r + 3 * d, *S = r + 4 * d, *cb = S + d * d;
-      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
+      cb[1] = static_cast<acc_t>(n);
+      // the rows of the block: in place (x in the statistics dtype, rows unit-strided) or gathered
+      Mat<acc_t> src{};
+      const bool in_place = direct<scalar_t, acc_t>(v, g, d, j0, j1, src) && src.cs == 1;
+      if (!in_place) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
+      const acc_t* rows = in_place ? src.p : p;
+      const int64_t ld = in_place ? src.rs : ldp;
       acc_t half = 0;
       for (int64_t i = 0; i < d; ++i) {
-        const acc_t* row = p + i * ldp;
+        const acc_t* row = rows + i * ld;
         lane_minmax(row, n, lo[i], hi[i]);
         acc_t mean = lane_sum(row, n) / static_cast<acc_t>(n);
         if (!std::isfinite(mean)) mean = acc_t(0.5) * hi[i] + acc_t(0.5) * lo[i];
@@ -338,15 +424,16 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
       }
       const int e = scale_exponent(half);
       const acc_t ic = pow2<acc_t>(-e);
-      *cb = pow2<acc_t>(e);
+      cb[0] = pow2<acc_t>(e);
       for (int64_t i = 0; i < d; ++i) {
-        acc_t* row = p + i * ldp;
+        const acc_t* row = rows + i * ld;
+        acc_t* out = p + i * ldp;
         const acc_t mi = mu[i];
-        for (int64_t k = 0; k < n; ++k) row[k] = (row[k] - mi) * ic;
-        s[i] = lane_sum(row, n);
+        for (int64_t k = 0; k < n; ++k) out[k] = (row[k] - mi) * ic;
+        s[i] = lane_sum(out, n);
       }
-      // S = Xs Xs^T: the buffer is Xs^T column-major (n x d, ld ldp)
-      gemm<acc_t>(true, false, d, d, n, p, ldp, p, ldp, S, d);
+      // S = Xs Xs^T
+      mm<acc_t>(S, d, 1, Mat<acc_t>{p, ldp, 1}, Mat<acc_t>{p, 1, ldp}, d, d, n, acc_t(0));
     }
   });
   // combine the blocks of each group in block order
@@ -365,9 +452,9 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
         acc_t a = 0, lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
         for (int64_t b = 0; b < nb; ++b) {
           const acc_t* r = P + (g * nb + b) * rec;
-          const int64_t n = std::min(m, (b + 1) * B) - b * B;
+          const acc_t nn = r[4 * d + d * d + 1];
           const acc_t cb = r[4 * d + d * d];
-          a += (static_cast<acc_t>(n) * inv_m) * r[i] + (cb * inv_m) * r[3 * d + i];
+          a += (nn * inv_m) * r[i] + (cb * inv_m) * r[3 * d + i];
           lo = std::min(lo, r[d + i]);
           hi = std::max(hi, r[2 * d + i]);
         }
@@ -395,8 +482,7 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
       acc_t delta[1024];
       for (int64_t b = 0; b < nb; ++b) {
         const acc_t* r = P + (g * nb + b) * rec;
-        const int64_t n = std::min(m, (b + 1) * B) - b * B;
-        const acc_t nn = static_cast<acc_t>(n);
+        const acc_t nn = r[4 * d + d * d + 1];
         const acc_t rb = r[4 * d + d * d] * ic;
         const acc_t* s = r + 3 * d;
         const acc_t* S = r + 4 * d;
@@ -460,22 +546,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whiten_st
 // ---------------------------------------------------------------------------------------------------
 // apply: y = a (x - center) + shift
 
+// Ones in row d of a (d + 1) x ldp buffer: [Xc; 1] turns the shift into one more column of the product.
+template <typename acc_t>
+void ones_row(acc_t* p, int64_t d, int64_t ldp) {
+  for (int64_t k = 0; k < ldp; ++k) p[d * ldp + k] = acc_t(1);
+}
+
 template <typename scalar_t, typename acc_t>
-void apply_kernel(const at::Tensor& x3, at::Tensor& y3, int64_t d, const acc_t* a, const acc_t* center,
-                  const acc_t* shift) {
+void apply_kernel(const at::Tensor& x3, at::Tensor& y3, int64_t d, const acc_t* aug, const acc_t* center) {
+  // aug (G, d, d + 1) = [A | shift]: y = [A | shift] [x - center; 1]
   const View3 v = view3(x3), w = view3(y3);
-  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
+  const Plan plan(v.N, v.L, d);
+  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
-    Scratch<acc_t> buf(2 * d * ldp);
-    acc_t *p = buf.get(), *q = p + d * ldp;
+    Scratch<acc_t> buf((2 * d + 1) * ldp);
+    acc_t *p = buf.get(), *q = p + (d + 1) * ldp;
+    ones_row(p, d, ldp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, b = t % nb;
-      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
+      int64_t j0, j1;
+      plan.block(b, j0, j1);
+      const int64_t n = j1 - j0;
       gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, center + g * d, acc_t(1));
-      // Y^T (n x d) = Xc^T A^T: column-major Xc^T (ld ldp) times A^T (A row-major = A^T column-major)
-      gemm<acc_t>(false, false, n, d, d, p, ldp, a + g * d * d, d, q, ldp);
-      scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, shift + g * d);
+      Mat<acc_t> out{};
+      const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
+      acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
+      mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1, Mat<acc_t>{aug + g * d * (d + 1), d + 1, 1},
+                Mat<acc_t>{p, ldp, 1}, d, n, d + 1, acc_t(0));
+      if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, nullptr);
     }
   });
 }
@@ -489,11 +588,12 @@ at::Tensor whiten_apply_cpu(const at::Tensor& x, int64_t d, const at::Tensor& a,
   const at::Tensor sc = small(shift, x, {G, d}, op, "shift");
   at::Tensor y = alloc_like(x);
   if (x.numel() == 0) return y;
+  const at::Tensor aug = at::cat({ac, sc.unsqueeze(2)}, 2).contiguous();
   const at::Tensor x3 = flat3(x);
   at::Tensor y3 = flat3(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_apply", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    apply_kernel<scalar_t, acc_t>(x3, y3, d, ac.data_ptr<acc_t>(), cc.data_ptr<acc_t>(), sc.data_ptr<acc_t>());
+    apply_kernel<scalar_t, acc_t>(x3, y3, d, aug.data_ptr<acc_t>(), cc.data_ptr<acc_t>());
   });
   return y;
 }
@@ -511,23 +611,29 @@ template <typename scalar_t, typename acc_t>
 void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const acc_t* center,
                    const acc_t* inv, acc_t* gsum, acc_t* gx) {
   const View3 vg = view3(g3), v = view3(x3);
-  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
-  const int64_t rec = padded(d + d * d);
+  const Plan plan(v.N, v.L, d);
+  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
+  const int64_t rec = padded(d * (d + 1));
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
-    Scratch<acc_t> buf(2 * d * ldp);
-    acc_t *pg = buf.get(), *px = pg + d * ldp;
+    Scratch<acc_t> buf((2 * d + 1) * ldp);
+    acc_t *px = buf.get(), *pg = px + (d + 1) * ldp;
+    ones_row(px, d, ldp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, b = t % nb;
-      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
-      acc_t* r = P + t * rec;
-      gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+      int64_t j0, j1;
+      plan.block(b, j0, j1);
+      const int64_t n = j1 - j0;
       gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
-      for (int64_t i = 0; i < d; ++i) r[i] = lane_sum(pg + i * ldp, n);
-      // row-major D = Gy Xs^T: column-major D^T = Xs Gy^T, i.e. op(A) = (Xs^T)^T with A = Xs^T (n x d)
-      gemm<acc_t>(true, false, d, d, n, px, ldp, pg, ldp, r + d, d);
+      Mat<acc_t> gm{};
+      if (!direct<scalar_t, acc_t>(vg, g, d, j0, j1, gm)) {
+        gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+        gm = Mat<acc_t>{pg, ldp, 1};
+      }
+      // [D | s] (d x (d + 1)) = Gy [Xs; 1]^T
+      mm<acc_t>(P + t * rec, d + 1, 1, gm, Mat<acc_t>{px, 1, ldp}, d, d + 1, n, acc_t(0));
     }
   });
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
@@ -538,8 +644,10 @@ void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const 
       for (int64_t k = 0; k < d * d; ++k) D[k] = 0;
       for (int64_t b = 0; b < nb; ++b) {
         const acc_t* r = P + (g * nb + b) * rec;
-        for (int64_t i = 0; i < d; ++i) s[i] += r[i];
-        for (int64_t k = 0; k < d * d; ++k) D[k] += r[d + k];
+        for (int64_t i = 0; i < d; ++i) {
+          for (int64_t j = 0; j < d; ++j) D[i * d + j] += r[i * (d + 1) + j];
+          s[i] += r[i * (d + 1) + d];
+        }
       }
     }
   });
@@ -584,31 +692,34 @@ std::tuple<at::Tensor, at::Tensor> whiten_reduce_meta(const at::Tensor& gy, cons
 
 template <typename scalar_t, typename acc_t>
 void dx_kernel(const at::Tensor* g3, const at::Tensor& x3, at::Tensor& o3, int64_t d, const acc_t* center,
-               const acc_t* inv, const acc_t* M, int64_t kk, bool use_gy, bool use_x, const acc_t* shift) {
+               const acc_t* inv, const acc_t* aug, int64_t kk, bool use_x) {
+  // dx = [s2 | shift | b] [xs; 1; gy] (kk = 2d + 1), without gy [s2 | shift] [xs; 1], without s2 shift 1:
+  // one product over a buffer holding the rows it needs
   const View3 v = view3(x3), w = view3(o3);
   View3 vg{};
-  if (use_gy) vg = view3(*g3);
-  const int64_t G = v.C / d, m = v.N * v.L, B = block_cols(d), nb = (m + B - 1) / B, ldp = padded(B);
+  if (g3 != nullptr) vg = view3(*g3);
+  const Plan plan(v.N, v.L, d);
+  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
-    Scratch<acc_t> buf((kk + d) * ldp);
-    acc_t *p = buf.get(), *q = p + kk * ldp;
+    Scratch<acc_t> buf((3 * d + 1) * ldp);
+    acc_t *px = buf.get(), *pg = px + (d + 1) * ldp, *q = pg + d * ldp;
+    ones_row(px, d, ldp);
+    const int64_t first = use_x ? 0 : d;                 // the rows used: [first, first + kk)
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, b = t % nb;
-      const int64_t j0 = b * B, j1 = std::min(m, j0 + B), n = j1 - j0;
-      int64_t row = 0;
-      if (use_gy) {
-        gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
-        row += d;
-      }
-      if (use_x) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p + row * ldp, ldp, center + g * d, inv[g]);
-      if (kk > 0) {
-        // dx^T (n x d) = [Gy; Xs]^T M^T, M = [b | s2] (d x kk) row-major = M^T column-major (ld kk)
-        gemm<acc_t>(false, false, n, d, kk, p, ldp, M + g * d * kk, kk, q, ldp);
-      } else {
-        for (int64_t i = 0; i < d * ldp; ++i) q[i] = 0;
-      }
-      scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, shift + g * d);
+      int64_t j0, j1;
+      plan.block(b, j0, j1);
+      const int64_t n = j1 - j0;
+      Mat<acc_t> out{};
+      const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
+      acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
+      if (use_x) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
+      if (g3 != nullptr) gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+      mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1,
+                Mat<acc_t>{aug + g * d * (2 * d + 1) + first, 2 * d + 1, 1}, Mat<acc_t>{px + first * ldp, ldp, 1}, d,
+                n, kk, acc_t(0));
+      if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, nullptr);
     }
   });
 }
@@ -623,12 +734,11 @@ at::Tensor whiten_dx_cpu(const std::optional<at::Tensor>& gy, const at::Tensor& 
   const at::Tensor cc = small(center, x, {G, d}, op, "center");
   const at::Tensor ic = small(inv, x, {G}, op, "inv_scale");
   const at::Tensor sh = small(shift, x, {G, d}, op, "shift");
-  std::vector<at::Tensor> parts;
-  if (b.has_value()) parts.push_back(small(*b, x, {G, d, d}, op, "b"));
-  if (s2.has_value()) parts.push_back(small(*s2, x, {G, d, d}, op, "s2"));
-  const at::Tensor M = parts.empty() ? at::empty({G, d, 0}, x.options().dtype(acc_type(x)))
-                                     : at::cat(parts, 2).contiguous();
-  const int64_t kk = M.size(2);
+  const auto o = sh.options();
+  const at::Tensor bm = b.has_value() ? small(*b, x, {G, d, d}, op, "b") : at::zeros({G, d, d}, o);
+  const at::Tensor s2m = s2.has_value() ? small(*s2, x, {G, d, d}, op, "s2") : at::zeros({G, d, d}, o);
+  const at::Tensor aug = at::cat({s2m, sh.unsqueeze(2), bm}, 2).contiguous();   // (G, d, 2d + 1)
+  const int64_t kk = s2.has_value() ? (gy.has_value() ? 2 * d + 1 : d + 1) : (gy.has_value() ? d + 1 : 1);
   at::Tensor out = alloc_like(x);
   if (x.numel() == 0) return out;
   const at::Tensor x3 = flat3(x);
@@ -637,9 +747,8 @@ at::Tensor whiten_dx_cpu(const std::optional<at::Tensor>& gy, const at::Tensor& 
   if (gy.has_value()) g3 = flat3(*gy);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "native_whiten_dx", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    dx_kernel<scalar_t, acc_t>(gy.has_value() ? &g3 : nullptr, x3, o3, d, cc.data_ptr<acc_t>(),
-                               ic.data_ptr<acc_t>(), M.data_ptr<acc_t>(), kk, gy.has_value(), s2.has_value(),
-                               sh.data_ptr<acc_t>());
+    dx_kernel<scalar_t, acc_t>(gy.has_value() ? &g3 : nullptr, x3, o3, d, cc.data_ptr<acc_t>(), ic.data_ptr<acc_t>(),
+                               aug.data_ptr<acc_t>(), kk, s2.has_value());
   });
   return out;
 }
