@@ -311,6 +311,20 @@ T lane_sum(const T* p, int64_t n) {
   return s;
 }
 
+// Sum of p[0], p[cs], ..., p[(n - 1) cs] in a fixed order (lane_sum where contiguous).
+template <typename T>
+T strided_sum(const T* p, int64_t n, int64_t cs) {
+  if (cs == 1) return lane_sum(p, n);
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += p[(i + k) * cs];
+  for (int k = 0; i < n; ++i, ++k) acc[k] += p[i * cs];
+  T s = 0;
+  for (int k = 0; k < 8; ++k) s += acc[k];
+  return s;
+}
+
 template <typename T>
 void lane_minmax(const T* p, int64_t n, T& lo, T& hi) {
   T l[8], h[8];
@@ -632,8 +646,11 @@ void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const 
         gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
         gm = Mat<acc_t>{pg, ldp, 1};
       }
-      // [D | s] (d x (d + 1)) = Gy [Xs; 1]^T
-      mm<acc_t>(P + t * rec, d + 1, 1, gm, Mat<acc_t>{px, 1, ldp}, d, d + 1, n, acc_t(0));
+      // D = Gy Xs^T (d x d; a (d + 1)-th column of ones would make the product slower than the sums),
+      // s = Gy 1 by rows (in cache after the product)
+      acc_t* r = P + t * rec;
+      mm<acc_t>(r, d + 1, 1, gm, Mat<acc_t>{px, 1, ldp}, d, d, n, acc_t(0));
+      for (int64_t i = 0; i < d; ++i) r[i * (d + 1) + d] = strided_sum(gm.p + i * gm.rs, n, gm.cs);
     }
   });
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
