@@ -97,9 +97,19 @@ def triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
+def _ext_error() -> str | None:
+    return _ext.error()
+
+
+# torch.compile runs it (importing the extension on a first call inside a compiled region) and takes
+# its result as a constant: the extension's availability does not change within a process
+if hasattr(torch.compiler, "assume_constant_result"):
+    _ext_error = torch.compiler.assume_constant_result(_ext_error)
+
+
 def native_reason(device: torch.device) -> str | None:
     """None when the extension can run on ``device``; otherwise why not."""
-    err = _ext.error()
+    err = _ext_error()
     if err is not None:
         return err
     if device.type == "cpu":

@@ -11,6 +11,8 @@ import threading
 
 _lock = threading.Lock()
 _state: dict = {}
+# Python registrations on the extension's ops (e.g. their autograd), run once when it is imported
+_hooks: list = []
 
 _HOW_TO_BUILD = (
     "build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` from the "
@@ -20,15 +22,32 @@ _HOW_TO_BUILD = (
 
 def load():
     """Return the imported ``sdecor._C`` module, or None when it is not available."""
+    if "module" in _state:  # decided already: no lock, so that torch.compile traces the call
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             try:
-                _state["module"] = importlib.import_module("sdecor._C")
-                _state["error"] = None
+                module = importlib.import_module("sdecor._C")
             except ImportError as exc:  # not built, or built against another torch
-                _state["module"] = None
                 _state["error"] = f"the native extension sdecor._C is not available ({exc}); {_HOW_TO_BUILD}"
+                _state["module"] = None
+            else:
+                for hook in _hooks:
+                    hook()
+                _hooks.clear()
+                _state["error"] = None
+                _state["module"] = module
         return _state["module"]
+
+
+def on_load(hook) -> None:
+    """Call ``hook()`` once the extension is imported (now, when it already is): the Python side of
+    its ops, e.g. ``torch.library.register_autograd``. Never called when the extension is absent."""
+    with _lock:
+        if _state.get("module") is not None:
+            hook()
+        elif "module" not in _state:
+            _hooks.append(hook)
 
 
 def error() -> str | None:
