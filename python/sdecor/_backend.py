@@ -102,9 +102,10 @@ def _ext_error() -> str | None:
 
 
 # torch.compile runs it (importing the extension on a first call inside a compiled region) and takes
-# its result as a constant: the extension's availability does not change within a process
-if hasattr(torch.compiler, "assume_constant_result"):
-    _ext_error = torch.compiler.assume_constant_result(_ext_error)
+# its result as a constant: the extension's availability does not change within a process. This is
+# the flag torch.compiler.assume_constant_result sets; calling that here would import torch._dynamo
+# (and Triton) at `import sdecor`.
+_ext_error._dynamo_marked_constant = True
 
 
 def native_reason(device: torch.device) -> str | None:
