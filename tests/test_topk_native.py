@@ -260,6 +260,56 @@ def test_uniform_stays_in_range_where_rounding_would_leave_it():
         assert torch.all(out >= xd.amin(3, keepdim=True)) and torch.all(out <= xd.amax(3, keepdim=True))
 
 
+def _philox4x32_10(blocks, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC 2011) in numpy: words (len(blocks), 4) of the counters
+    (block low, block high, c2, c3) under the key (k0, k1)."""
+    import numpy as np
+
+    u32, mask = np.uint64(32), np.uint64(0xFFFFFFFF)
+    blocks = np.asarray(blocks, dtype=np.uint64)
+    x0, x1 = blocks & mask, blocks >> u32
+    x2, x3 = np.full_like(x0, c2), np.full_like(x0, c3)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * x0, np.uint64(0xCD9E8D57) * x2
+        x0, x1, x2, x3 = (p1 >> u32) ^ x1 ^ np.uint64(k0), p1 & mask, (p0 >> u32) ^ x3 ^ np.uint64(k1), p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return np.stack([x0, x1, x2, x3], 1)
+
+
+def test_uniform_noise_is_the_philox_stream_of_seed_and_call():
+    """u of flat element i: Philox4x32-10 under key = seed, counter = (i // 4, call), word i % 4, its top
+    24 bits (float64 x: two words of block i // 2, 53 bits), as the op documents."""
+    import numpy as np
+
+    # the published known-answer vectors of Philox4x32-10 (Random123)
+    assert [int(v) for v in _philox4x32_10([0], 0, 0, 0, 0)[0]] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = 0xFFFFFFFF
+    assert ([int(v) for v in _philox4x32_10([(ones << 32) | ones], ones, ones, ones, ones)[0]]
+            == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD])
+    seed, call = 12345678901, 987654321012
+    x = torch.randn(3, 4, 37, 29)
+    s = torch.randn_like(x)
+    for dtype in (torch.float32, torch.float64):
+        xd = x.to(dtype)
+        out, mask = torch.ops.sdecor.native_topk_mask(xd, s, 500, False, True, True, "uniform", 0.0, None, seed, call)
+        n = xd.numel()
+        i = np.arange(n, dtype=np.uint64)
+        per = np.uint64(4 if dtype == torch.float32 else 2)
+        r = _philox4x32_10(i // per, call & ones, call >> 32, seed & ones, seed >> 32)
+        j = (i % per).astype(np.int64)
+        rows = np.arange(n)
+        if dtype == torch.float32:
+            u = (r[rows, j] >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
+        else:
+            bits = ((r[rows, 2 * j] << np.uint64(32)) | r[rows, 2 * j + 1]) >> np.uint64(11)
+            u = bits.astype(np.float64) * 2.0**-53
+        u = torch.from_numpy(u).reshape(x.shape)
+        lo, hi = xd.amin((2, 3), keepdim=True), xd.amax((2, 3), keepdim=True)
+        want = torch.minimum(torch.maximum(lo + (hi - lo) * u, lo), hi)
+        where = mask.unsqueeze(1).expand_as(xd)
+        assert torch.equal(out[where], want[where])
+
+
 # ---------------------------------------------------------------------------------------------------
 # thread count
 
