@@ -51,6 +51,8 @@ def _assert_same(got, want, reduce, fill, x):
             spatial = tuple(range(2, x.dim()))
             lo, hi = x.amin(spatial, keepdim=True), x.amax(spatial, keepdim=True)
             assert torch.all((out >= lo) & (out <= hi) | out.isnan())
+        else:                                     # no trailing dims: min = max = x, the fill is x
+            assert torch.equal(out.nan_to_num(), x.nan_to_num())
     else:
         assert torch.equal(out.isnan(), rout.isnan())
         assert torch.equal(out.nan_to_num(), rout.nan_to_num())
@@ -365,10 +367,10 @@ def test_gradients_equal_torch_backend(fill, reduce, dtype):
             assert torch.equal(g, w)
 
 
-def test_uniform_gradient_equals_torch_backward_on_the_native_noise():
-    """The uniform fill's gradient is the backward of the triton/native op (u recovered from the
-    output): on noise-free positions it is the torch backend's (x where kept), and it sums the
-    masked gradient into each channel's min and max."""
+def test_uniform_gradient_goes_to_kept_positions_and_channel_extremes():
+    """The uniform fill's gradient (the triton op's backward, u recovered from the output): 1 at kept
+    positions, 0 at masked ones other than the channel's min and max, and a total of P per channel
+    (the masked mass (1 - u) + u = 1 each goes to the min and the max)."""
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     sal = torch.rand_like(x)
     xx = x.clone().requires_grad_()
