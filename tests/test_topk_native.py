@@ -110,16 +110,19 @@ def test_mixed_dtypes_of_x_saliency_and_baseline():
 
 
 def test_channel_mean_is_summed_in_channel_order():
-    # position 1 sums to 0 only when the channels are added in order in fp32: (1e8 + 1) - 1e8 = 0,
-    # any other order gives 1 and leaves position 0 (score 0.2) the smallest
-    s = torch.zeros(1, 3, 4)
-    s[0, :, 0] = 0.6
-    s[0, :, 1] = torch.tensor([1e8, 1.0, -1e8])
-    s[0, :, 2:] = 3.0
-    x = torch.randn(1, 3, 4)
-    got, want = _native(x, s, k=1, abs=False), _torch(x, s, k=1, abs=False)
-    assert torch.equal(want[1], torch.tensor([[False, True, False, False]]))
-    assert torch.equal(got[1], want[1])
+    # position 1 holds channels (1e8, 1, -1e8, 1): added in order in fp32 they give 1 (1e8 + 1 rounds
+    # to 1e8), so its score 0.25 ranks between positions 0 (0.1) and 2 (0.3); added in reverse or
+    # pairwise they give 0 (ranked first), accumulated in fp64 they give 2 (0.5, ranked after 0.3)
+    s = torch.zeros(1, 4, 4)
+    s[0, :, 0] = 0.1
+    s[0, :, 1] = torch.tensor([1e8, 1.0, -1e8, 1.0])
+    s[0, :, 2] = 0.3
+    s[0, :, 3] = 3.0
+    x = torch.randn(1, 4, 4)
+    for k, expect in ((1, [True, False, False, False]), (2, [True, True, False, False])):
+        got, want = _native(x, s, k=k, abs=False), _torch(x, s, k=k, abs=False)
+        assert torch.equal(want[1], torch.tensor([expect]))
+        assert torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
