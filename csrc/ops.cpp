@@ -6,6 +6,10 @@
 //                                        batched symmetric eigendecomposition of (..., d, d), d <= 128,
 //                                        float32/float64, reading the lower triangle; eigenvalues
 //                                        ascending (..., d), eigenvectors as columns (..., d, d).
+//   native_whiten_stats / _apply / _reduce / _dx, native_topk_mask
+//                                        the CPU kernels of the native backend, defined with their own
+//                                        Meta, Autograd and Autocast kernels in whiten_cpu.cpp and
+//                                        topk_cpu.cpp (TORCH_LIBRARY_FRAGMENT)
 // Kernels: CPU here (eigh_small.cpp); CUDA in eigh_small_cuda.cu when built with SDECOR_WITH_CUDA.
 // Meta kernels (shapes only) are registered here too, so fake tensors (torch.compile, opcheck) work
 // however the extension was loaded; so are the Autocast kernels (CPU, CUDA), so that eager and
@@ -49,7 +53,7 @@ std::string build_info() {
 #else
   s += ";cuda=none;archs=none";
 #endif
-  s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx";
+  s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx,native_topk_mask";
   return s;
 }
 

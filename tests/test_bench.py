@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdecor
+
 import sdecor.bench as bench
 from sdecor import reference as ref
 from sdecor.bench import harness, report
@@ -247,9 +249,11 @@ def test_flop_floor_is_the_products_at_the_matmul_rate(suite_run):
 def test_eval_mode_uses_the_running_statistics_of_one_training_step(suite_run):
     rs = _by(suite_run, shape="tiny-d4-eval")
     assert {r["mode"] for r in rs} == {"fwd"}
-    assert {r["impl"] for r in rs if r["status"] == "ok"} == {"reference", "batchnorm", "sdecor[torch]"}
-    fast = _by(rs, impl="sdecor[torch]")[0]
-    assert fast["checked"] and fast["err_ratio"] <= 1.0 and "eval" in fast["note"]
+    native = {"sdecor[native]"} if sdecor._ext.available() else set()
+    assert {r["impl"] for r in rs if r["status"] == "ok"} == {"reference", "batchnorm", "sdecor[torch]"} | native
+    for impl in ("sdecor[torch]", *native):
+        fast = _by(rs, impl=impl)[0]
+        assert fast["checked"] and fast["err_ratio"] <= 1.0 and "eval" in fast["note"], impl
     assert "eval" in _by(rs, impl="batchnorm")[0]["note"]
     # the statistics every GroupWhitening is given are those a training step leaves in the module
     from sdecor.nn import GroupWhitening

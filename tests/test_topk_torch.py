@@ -1,5 +1,7 @@
 """The torch backend of topk_mask (kthvalue on (value, index) keys) against the reference, bit for bit,
-plus progressive_masks, SaliencyMasker and argument checks. No Triton involved."""
+plus progressive_masks, SaliencyMasker and argument checks. No Triton involved. Every test runs on
+the torch backend (CPU tensors would otherwise pick the native one where it is built: see
+test_topk_native.py)."""
 
 import math
 
@@ -13,6 +15,12 @@ from sdecor.ops.topk_torch import order_keys
 
 FILLS = ("zero", "constant", "mean", "uniform", "baseline")
 SHAPES = [(3, 3, 7, 7), (2, 5, 13), (4, 1, 3, 4, 5), (3, 6)]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with sdecor.use_backend("torch"):
+        yield
 
 
 def _scores_with_ties(shape, dtype=torch.float32):

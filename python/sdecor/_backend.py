@@ -97,9 +97,20 @@ def triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
+def _ext_error() -> str | None:
+    return _ext.error()
+
+
+# torch.compile runs it (importing the extension on a first call inside a compiled region) and takes
+# its result as a constant: the extension's availability does not change within a process. This is
+# the flag torch.compiler.assume_constant_result sets; calling that here would import torch._dynamo
+# (and Triton) at `import sdecor`.
+_ext_error._dynamo_marked_constant = True
+
+
 def native_reason(device: torch.device) -> str | None:
     """None when the extension can run on ``device``; otherwise why not."""
-    err = _ext.error()
+    err = _ext_error()
     if err is not None:
         return err
     if device.type == "cpu":

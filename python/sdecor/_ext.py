@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 import threading
 
-import torch
-
 _lock = threading.Lock()
 _state: dict = {}
+# Python registrations on the extension's ops (e.g. their autograd), run once when it is imported
+_hooks: list = []
 
 _HOW_TO_BUILD = (
     "build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` from the "
@@ -22,23 +22,36 @@ _HOW_TO_BUILD = (
 
 def load():
     """Return the imported ``sdecor._C`` module, or None when it is not available."""
-    if "module" in _state:                                          # settled: no lock (torch.compile traces this)
+    if "module" in _state:  # decided already: no lock, so that torch.compile traces the call
         return _state["module"]
     with _lock:
         if "module" not in _state:
             try:
-                _state["module"] = importlib.import_module("sdecor._C")
-                _state["error"] = None
+                module = importlib.import_module("sdecor._C")
             except ImportError as exc:  # not built, or built against another torch
-                _state["module"] = None
                 _state["error"] = f"the native extension sdecor._C is not available ({exc}); {_HOW_TO_BUILD}"
+                _state["module"] = None
+            else:
+                for hook in _hooks:
+                    hook()
+                _hooks.clear()
+                _state["error"] = None
+                _state["module"] = module
         return _state["module"]
 
 
-@torch.compiler.assume_constant_result
+def on_load(hook) -> None:
+    """Call ``hook()`` once the extension is imported (now, when it already is): the Python side of
+    its ops, e.g. ``torch.library.register_autograd``. Never called when the extension is absent."""
+    with _lock:
+        if _state.get("module") is not None:
+            hook()
+        elif "module" not in _state:
+            _hooks.append(hook)
+
+
 def error() -> str | None:
-    """Why the extension is unavailable (None when it loaded); a constant of a torch.compile trace
-    (run outside the graph, the import included when it has not happened yet)."""
+    """Why the extension is unavailable (None when it loaded)."""
     load()
     return _state["error"]
 

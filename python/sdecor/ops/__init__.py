@@ -5,7 +5,9 @@ autograd, and the torch backends beside them.
 - :mod:`sdecor.ops.cov`: group_cov
 - :mod:`sdecor.ops.whiten`: whitening_matrix, group_whiten, group_whiten_train / group_whiten_eval
   (the GroupWhitening paths); torch backend :mod:`sdecor.ops.whiten_torch`
-- :mod:`sdecor.ops.topk`: topk_mask; torch backend :mod:`sdecor.ops.topk_torch`
+- :mod:`sdecor.ops.topk`: topk_mask; torch backend :mod:`sdecor.ops.topk_torch`; native backend the C++
+  op ``sdecor::native_topk_mask`` (``csrc/topk_cpu.cpp``), its autograd registered here when the
+  extension loads
 
 Every custom op is ``torch.ops.sdecor.<name>``, registered through :mod:`sdecor.ops._library` on its
 first call; :func:`register_custom_ops` registers them all at once (before ``torch.export.load`` of a

@@ -6,12 +6,19 @@ Public function (checks once, picks the backend from ``SUPPORTS``) -> backends:
   keys, an exact radix select of the k-th key per row, and one pass writing x_masked for every fill),
   with its autograd below. Picked automatically for CUDA tensors of float16, bfloat16 and float32;
   runs on CPU tensors only when forced under ``TRITON_INTERPRET=1``.
+- ``native``: the C++ op ``sdecor::native_topk_mask`` of ``sdecor._C`` (``csrc/topk_cpu.cpp``: per
+  sample, order-preserving score keys, the k-th key by a histogram of their top bits and
+  nth_element within one bucket, then one pass writing the mask and x_masked), with the same
+  autograd. Picked automatically for CPU tensors of float32, float64, bfloat16 and float16 when the
+  extension is built; every output equals the torch backend's bit for bit, the uniform noise aside.
 - ``torch``: :func:`sdecor.ops.topk_torch.topk_mask`, bit-identical to the reference.
 
-Both backends give identical masks (ties by lower flat index, NaN ranked as the largest value,
--0.0 equal to +0.0). The ``uniform`` fill draws from ``generator`` on both, but from different
-streams: the torch backend with ``torch.rand`` like the reference, the triton backend with Philox
-under a seed and counter taken from the generator, so both repeat under the same generator state.
+All backends give identical masks (ties by lower flat index, NaN ranked as the largest value,
+-0.0 equal to +0.0). The ``uniform`` fill draws from ``generator`` on each, but from different
+streams: the torch backend with ``torch.rand`` like the reference, the triton and native backends
+with Philox under a seed and counter taken from the generator (:func:`philox_seed`, keyed by the
+element's flat index, so the native result does not depend on the thread count); each repeats under
+the same generator state.
 """
 
 from __future__ import annotations
@@ -22,16 +29,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
-from .._common import like_format, no_autocast
+from .. import _backend, _checks, _ext
+from .._common import like_format, no_autocast, stats_dtype
 from . import topk_torch
 from ._library import triton_custom_op
 
-__all__ = ["SUPPORTS", "philox_seed", "topk_mask"]
+__all__ = ["NATIVE_DTYPES", "SUPPORTS", "philox_seed", "topk_mask"]
 
 # Backends of topk_mask per device type, in order of preference ("interpret": forced only, on CPU
 # tensors under TRITON_INTERPRET=1).
-SUPPORTS = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
+SUPPORTS = {"cuda": ("triton", "torch"), "cpu": ("native", "torch"), "interpret": ("triton",)}
+
+# dtypes of x and saliency the native kernel takes (others: the torch backend)
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @no_autocast
@@ -51,10 +61,23 @@ def topk_mask(x: Tensor, saliency: Tensor, *, ratio=None, k=None, largest: bool 
     D = math.prod(x.shape[2:]) * (1 if reduce == "mean" else x.shape[1])
     k = _checks.resolve_k(D, ratio, k)
     _checks.check_generator(generator, x.device)
-    backend = _backend.select("topk_mask", {"x": x, "saliency": saliency}, SUPPORTS)
+    backend = _backend.select("topk_mask", {"x": x, "saliency": saliency}, _supports(x, saliency))
     if backend == "triton":
         return _topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
+    if backend == "native":
+        return _topk_mask_native(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
     return topk_torch.topk_mask(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
+
+
+def _supports(x: Tensor, saliency: Tensor):
+    """SUPPORTS, without native for dtypes its kernel does not take (forced native: an error)."""
+    if x.dtype in NATIVE_DTYPES and saliency.dtype in NATIVE_DTYPES:
+        return SUPPORTS
+    if _backend.forced() == "native":
+        raise _backend.BackendUnavailableError(
+            f"sdecor.topk_mask: the 'native' backend takes {', '.join(str(d) for d in NATIVE_DTYPES)} "
+            f"tensors; got x {x.dtype}, saliency {saliency.dtype} (use the 'torch' backend for them)")
+    return {dev: tuple(b for b in backends if b != "native") for dev, backends in SUPPORTS.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,16 +152,17 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
     elif ctx.fill == "uniform":
         # x enters only through which positions hold the minima / maxima and through u, both constant
         # for the derivative: detached, so that a double backward sees a backward linear in grad_out
-        xs = x.detach().to(torch.float32)
+        sd = stats_dtype(x.dtype)                  # fp32, fp64 for fp64 x (native backend)
+        xs = x.detach().to(sd)
         lo = xs.amin(dim=spatial, keepdim=True) if spatial else xs
         hi = xs.amax(dim=spatial, keepdim=True) if spatial else xs
         span = hi - lo
-        u = torch.where(span > 0, (x_masked.detach().to(torch.float32) - lo) / span.clamp_min(1e-30),
+        u = torch.where(span > 0, (x_masked.detach().to(sd) - lo) / span.clamp_min(1e-30),
                         torch.zeros_like(span))
-        gm = grad_masked.to(torch.float32)
+        gm = grad_masked.to(sd)
         g_lo = (gm * (1 - u)).sum(spatial, keepdim=True) if spatial else gm * (1 - u)
         g_hi = (gm * u).sum(spatial, keepdim=True) if spatial else gm * u
-        at_lo, at_hi = (xs == lo).to(torch.float32), (xs == hi).to(torch.float32)
+        at_lo, at_hi = (xs == lo).to(sd), (xs == hi).to(sd)
         if spatial:
             at_lo = at_lo / at_lo.sum(spatial, keepdim=True)
             at_hi = at_hi / at_hi.sum(spatial, keepdim=True)
@@ -148,3 +172,28 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
 
 
 topk_mask_op.register_autograd(_topk_mask_backward, setup_context=_topk_mask_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# native backend
+
+
+def _topk_mask_native(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
+    # an empty x draws nothing, so the generator is left as the torch backend leaves it
+    seed, call = philox_seed(generator, x.device) if fill == "uniform" and x.numel() else (0, 0)
+    # the kernel rounds the constant to x's dtype as torch.full(value, dtype=x.dtype) does; x_masked
+    # comes in x's memory format
+    return torch.ops.sdecor.native_topk_mask(x, saliency, k, bool(largest), reduce == "mean", bool(abs), fill,
+                                             float(value) if fill == "constant" else 0.0,
+                                             baseline if fill == "baseline" else None, seed, call)
+
+
+def _register_native() -> None:
+    """The autograd of ``sdecor::native_topk_mask`` (from ``sdecor._C``): the triton op's setup and
+    backward above. Its Meta and Autocast kernels come with the op (``csrc/topk_cpu.cpp``)."""
+    torch.library.register_autograd("sdecor::native_topk_mask", no_autocast(_topk_mask_backward),
+                                    setup_context=_topk_mask_setup)
+
+
+# run when the extension is imported (select imports it before it picks native)
+_ext.on_load(_register_native)
