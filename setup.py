@@ -76,6 +76,12 @@ def _extensions():
 
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     extra = {"cxx": ["-O3", "-std=c++20"]}
+    link = []
+    # at::parallel_for is inline OpenMP in torch's headers when torch uses OpenMP: without -fopenmp
+    # the CPU kernels would run on one thread. The runtime is torch's own libgomp (same soname).
+    if torch.backends.openmp.is_available() and not sys.platform.startswith(("darwin", "win")):
+        extra["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
     sources = list(cpp_sources)
     if with_cuda:
         # torch's cpp_extension reads CUDA_HOME and the arch list from the environment.
@@ -99,6 +105,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link,
         py_limited_api=False,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
