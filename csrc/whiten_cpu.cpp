@@ -298,7 +298,7 @@ void scatter(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, c
   }
 }
 
-// Sum, min and max of p[0, n) in a fixed order (8 lanes, then the lanes in order).
+// Sum of p[0, n) in a fixed order (8 lanes, then the lanes in order).
 template <typename T>
 T lane_sum(const T* p, int64_t n) {
   T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -325,22 +325,29 @@ T strided_sum(const T* p, int64_t n, int64_t cs) {
   return s;
 }
 
+// lane_sum, and the min and max, in one pass.
 template <typename T>
-void lane_minmax(const T* p, int64_t n, T& lo, T& hi) {
-  T l[8], h[8];
+T lane_sum_minmax(const T* p, int64_t n, T& lo, T& hi) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l[8], h[8];
   for (int k = 0; k < 8; ++k) l[k] = std::numeric_limits<T>::infinity(), h[k] = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int k = 0; k < 8; ++k) {
-      l[k] = p[i + k] < l[k] ? p[i + k] : l[k];
-      h[k] = p[i + k] > h[k] ? p[i + k] : h[k];
+      const T v = p[i + k];
+      acc[k] += v;
+      l[k] = v < l[k] ? v : l[k];
+      h[k] = v > h[k] ? v : h[k];
     }
   for (int k = 0; i < n; ++i, ++k) {
+    acc[k] += p[i];
     l[k] = p[i] < l[k] ? p[i] : l[k];
     h[k] = p[i] > h[k] ? p[i] : h[k];
   }
+  T s = 0;
+  for (int k = 0; k < 8; ++k) s += acc[k];
   lo = l[0], hi = h[0];
   for (int k = 1; k < 8; ++k) lo = std::min(lo, l[k]), hi = std::max(hi, h[k]);
+  return s;
 }
 
 // 2^e for the scale of a group whose values lie within `half` * 2 of the centre: the smallest power of
@@ -430,8 +437,7 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
       acc_t half = 0;
       for (int64_t i = 0; i < d; ++i) {
         const acc_t* row = rows + i * ld;
-        lane_minmax(row, n, lo[i], hi[i]);
-        acc_t mean = lane_sum(row, n) / static_cast<acc_t>(n);
+        acc_t mean = lane_sum_minmax(row, n, lo[i], hi[i]) / static_cast<acc_t>(n);
         if (!std::isfinite(mean)) mean = acc_t(0.5) * hi[i] + acc_t(0.5) * lo[i];
         mu[i] = mean;
         half = std::max(half, std::max(acc_t(0.5) * hi[i] - acc_t(0.5) * mean, acc_t(0.5) * mean - acc_t(0.5) * lo[i]));
