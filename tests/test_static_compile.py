@@ -6,6 +6,9 @@ sdecor_kernels.static). Spill-free at d = 16, 32, 64; compiling at all for the o
 d in [2, 128] each module declares (non powers of two included).
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 pytest.importorskip("triton")
@@ -28,8 +31,33 @@ def _label(row):
 
 
 @pytest.fixture(scope="module")
-def spill_free_rows():
-    return static.report_all(MODULES, static.ARCHS, SPILL_FREE_DS)
+def _compiles():
+    """Every compile of this module started at once, one report_all per (arch, d), largest d first.
+    Under the interpreter (no GPU) each report_all compiles in a subprocess of its own, so they run
+    side by side on the cores (CI: 2; the compiles take ~4 min of CPU); in process (GPU machine),
+    one after another as before (triton.compile in threads is not promised to be safe)."""
+    workers = min(4, os.cpu_count() or 1) if static._interpreter_on() else 1
+    jobs = sorted([("spill_free", MODULES, arch, d) for arch in static.ARCHS for d in SPILL_FREE_DS]
+                  + [("other", WHITEN_MODULES, 90, d) for d in OTHER_DS], key=lambda j: -j[3])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [(kind, pool.submit(static.report_all, mods, [arch], [d])) for kind, mods, arch, d in jobs]
+        yield futures
+        for _, f in futures:
+            f.cancel()
+
+
+def _rows(futures, kind):
+    return [row for k, f in futures if k == kind for row in f.result()]
+
+
+@pytest.fixture(scope="module")
+def spill_free_rows(_compiles):
+    return _rows(_compiles, "spill_free")
+
+
+@pytest.fixture(scope="module")
+def other_size_rows(_compiles):
+    return _rows(_compiles, "other")
 
 
 def test_modules_with_specs_exist():
@@ -68,9 +96,9 @@ def test_whiten_uses_tensor_cores_at_d64(spill_free_rows):
     assert rows and all(r["tensor_cores"] for r in rows), [_label(r) for r in rows if not r["tensor_cores"]]
 
 
-def test_other_sizes_compile():
+def test_other_sizes_compile(other_size_rows):
     """d not a power of two and d up to 128 compile on sm_90 (masking; tiled d x d kernels)."""
-    rows = static.report_all(WHITEN_MODULES, [90], OTHER_DS)
+    rows = other_size_rows
     for d in OTHER_DS:
         assert any(r["d"] == d for r in rows), f"no kernel compiled at d={d}"
     for r in rows:
