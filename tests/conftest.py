@@ -51,6 +51,13 @@ def poison(monkeypatch):
     """Make torch.empty / torch.empty_like return NaN-filled tensors inside a test, so that an op
     output left partly unwritten fails the comparison."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    # Dynamo caches its table of torch functions (trace_rules.get_torch_obj_rule_map) the first time
+    # it is consulted; built while torch.empty is patched, it lacks the real torch.empty, and a later
+    # torch.compile(fullgraph=True) of code that calls it fails (test_compile.py after
+    # test_whiten_triton.py). Built here first, it holds the real functions.
+    from torch._dynamo import trace_rules
+
+    trace_rules.get_torch_obj_rule_map()
 
     def empty(*args, **kwargs):
         return _poison(real_empty(*args, **kwargs))
