@@ -98,3 +98,29 @@ def pytest_collection_modifyitems(config, items):
             for v in params.params.values())
         if "device" in getattr(item, "fixturenames", ()) or on_cuda:
             item.add_marker(pytest.mark.gpu)
+
+
+def _static_compile_module(items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early") and hasattr(module, "stop"):
+            return module
+    return None
+
+
+def pytest_collection_finish(session):
+    """test_static_compile.py compiles every Triton kernel for sm_80 / sm_90 in subprocesses, minutes
+    of CPU: when its tests are selected, the compiles start now, beside the rest of the suite (see
+    start_early there), and its tests only collect the results."""
+    if session.config.option.collectonly:
+        return
+    module = _static_compile_module(session.items)
+    if module is not None:
+        alone = all(getattr(item, "module", None) is module for item in session.items)
+        module.start_early(only_this_module=alone)
+
+
+def pytest_sessionfinish(session):
+    module = _static_compile_module(getattr(session, "items", ()))
+    if module is not None:
+        module.stop()
