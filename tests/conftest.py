@@ -51,6 +51,13 @@ def poison(monkeypatch):
     """Make torch.empty / torch.empty_like return NaN-filled tensors inside a test, so that an op
     output left partly unwritten fails the comparison."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    # Dynamo caches its table of torch functions (trace_rules.get_torch_obj_rule_map) the first time
+    # it is consulted; built while torch.empty is patched, it lacks the real torch.empty, and a later
+    # torch.compile(fullgraph=True) of code that calls it fails (test_compile.py after
+    # test_whiten_triton.py). Built here first, it holds the real functions.
+    from torch._dynamo import trace_rules
+
+    trace_rules.get_torch_obj_rule_map()
 
     def empty(*args, **kwargs):
         return _poison(real_empty(*args, **kwargs))
@@ -91,3 +98,29 @@ def pytest_collection_modifyitems(config, items):
             for v in params.params.values())
         if "device" in getattr(item, "fixturenames", ()) or on_cuda:
             item.add_marker(pytest.mark.gpu)
+
+
+def _static_compile_module(items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early") and hasattr(module, "stop"):
+            return module
+    return None
+
+
+def pytest_collection_finish(session):
+    """test_static_compile.py compiles every Triton kernel for sm_80 / sm_90 in subprocesses, minutes
+    of CPU: when its tests are selected, the compiles start now, beside the rest of the suite (see
+    start_early there), and its tests only collect the results."""
+    if session.config.option.collectonly:
+        return
+    module = _static_compile_module(session.items)
+    if module is not None:
+        alone = all(getattr(item, "module", None) is module for item in session.items)
+        module.start_early(only_this_module=alone)
+
+
+def pytest_sessionfinish(session):
+    module = _static_compile_module(getattr(session, "items", ()))
+    if module is not None:
+        module.stop()

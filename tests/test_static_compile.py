@@ -6,6 +6,10 @@ sdecor_kernels.static). Spill-free at d = 16, 32, 64; compiling at all for the o
 d in [2, 128] each module declares (non powers of two included).
 """
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 pytest.importorskip("triton")
@@ -27,9 +31,82 @@ def _label(row):
     return f"{row['module']}:{row['name']} sm_{row['arch']} d={row['d']}"
 
 
+# one report_all per (arch, d), largest d first; under the interpreter (no GPU) each compiles in a
+# subprocess of its own (~4 min of CPU in all on CI's 2 cores)
+_JOBS = sorted([("spill_free", MODULES, arch, d) for arch in static.ARCHS for d in SPILL_FREE_DS]
+               + [("other", WHITEN_MODULES, 90, d) for d in OTHER_DS], key=lambda j: -j[3])
+_run = {}          # the pool, the futures and the permits of the compiles once started
+
+
+def _start(permits: int):
+    """Submit every job once; ``permits`` of them compile at a time (more: _allow)."""
+    if "futures" not in _run:
+        slots, stopped = threading.Semaphore(0), threading.Event()
+
+        def job(mods, arch, d):
+            with slots:
+                if stopped.is_set():
+                    raise RuntimeError("static compiles stopped before this one started")
+                return static.report_all(mods, [arch], [d])
+
+        pool = ThreadPoolExecutor(max_workers=len(_JOBS), thread_name_prefix="static-compile")
+        _run.update(pool=pool, slots=slots, stopped=stopped, permits=0,
+                    futures=[(kind, pool.submit(job, mods, arch, d)) for kind, mods, arch, d in _JOBS])
+    _allow(permits)
+    return _run["futures"]
+
+
+def _allow(permits: int):
+    if permits > _run["permits"]:
+        _run["slots"].release(permits - _run["permits"])
+        _run["permits"] = permits
+
+
+def start_early(only_this_module: bool):
+    """Called by tests/conftest.py once the session's tests are collected, when tests of this module
+    are among them: under the interpreter the compiles start at once, one at a time (all of them
+    when nothing else runs), on the core that the rest of the suite mostly leaves idle (the Triton
+    interpreter and small CPU ops run on one)."""
+    if static._interpreter_on():
+        _start(_workers() if only_this_module else 1)
+
+
+def stop():
+    """Wait for the compiles that run, drop those not started (conftest: at the end of the session)."""
+    pool = _run.pop("pool", None)
+    if pool is not None:
+        _run["stopped"].set()
+        _allow(len(_JOBS))                       # the waiting jobs wake up and return at once
+        pool.shutdown(wait=True)
+    _run.clear()
+
+
+def _workers():
+    # in process (GPU machine: no interpreter) one after another (triton.compile in threads is not
+    # promised to be safe); subprocesses side by side on the cores
+    return min(4, os.cpu_count() or 1) if static._interpreter_on() else 1
+
+
 @pytest.fixture(scope="module")
-def spill_free_rows():
-    return static.report_all(MODULES, static.ARCHS, SPILL_FREE_DS)
+def _compiles():
+    """The futures of every compile of this module, started here if not yet (see start_early), now
+    on every core."""
+    yield _start(_workers())
+    stop()
+
+
+def _rows(futures, kind):
+    return [row for k, f in futures if k == kind for row in f.result()]
+
+
+@pytest.fixture(scope="module")
+def spill_free_rows(_compiles):
+    return _rows(_compiles, "spill_free")
+
+
+@pytest.fixture(scope="module")
+def other_size_rows(_compiles):
+    return _rows(_compiles, "other")
 
 
 def test_modules_with_specs_exist():
@@ -68,9 +145,9 @@ def test_whiten_uses_tensor_cores_at_d64(spill_free_rows):
     assert rows and all(r["tensor_cores"] for r in rows), [_label(r) for r in rows if not r["tensor_cores"]]
 
 
-def test_other_sizes_compile():
+def test_other_sizes_compile(other_size_rows):
     """d not a power of two and d up to 128 compile on sm_90 (masking; tiled d x d kernels)."""
-    rows = static.report_all(WHITEN_MODULES, [90], OTHER_DS)
+    rows = other_size_rows
     for d in OTHER_DS:
         assert any(r["d"] == d for r in rows), f"no kernel compiled at d={d}"
     for r in rows:
