@@ -165,21 +165,27 @@ int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 // The blocks of columns of a group: whole samples, several per block where a sample is short
 // (L < 256), else parts of one sample (at most block_cols(d) columns each), so that a block of a
 // contiguous or channels_last tensor is one strided d x n matrix that BLAS reads and writes in place.
+constexpr int64_t kMaxPartials = int64_t{1} << 23;
+
 struct Plan {
   int64_t L = 1, m = 0, nb = 0, max_cols = 0;
   bool per_sample = false;
   int64_t bps = 1, Lb = 1, spb = 1;
 
-  Plan(int64_t N, int64_t L_, int64_t d) : L(L_), m(N * L_) {
+  // parts: the size of one block's partial results (0: none), kept to kMaxPartials elements for the
+  // G groups together by taking larger blocks where there would be too many
+  Plan(int64_t N, int64_t L_, int64_t d, int64_t G, int64_t parts) : L(L_), m(N * L_) {
     const int64_t B = block_cols(d);
-    per_sample = L >= 256 || L >= B;
+    const int64_t nb_max = parts > 0 ? std::max<int64_t>(1, kMaxPartials / (G * parts)) : INT64_MAX;
+    per_sample = (L >= 256 || L >= B) && N <= nb_max;
     if (per_sample) {
-      bps = (L + B - 1) / B;
+      bps = std::clamp<int64_t>((L + B - 1) / B, 1, std::max<int64_t>(1, nb_max / N));
       Lb = (L + bps - 1) / bps;
       nb = N * bps;
       max_cols = Lb;
     } else {
       spb = std::max<int64_t>(1, B / std::max<int64_t>(L, 1));
+      spb = std::max(spb, (N + nb_max - 1) / nb_max);
       nb = (N + spb - 1) / spb;
       max_cols = std::min(m, spb * L);
     }
@@ -207,6 +213,7 @@ bool direct(const View3& v, int64_t g, int64_t d, int64_t j0, int64_t j1, Mat<ac
   } else {
     const int64_t n = j1 - j0;
     if (j0 / v.L != (j1 - 1) / v.L) return false;
+    if (std::max(v.sC, v.sL) > std::numeric_limits<int>::max()) return false;   // BLAS takes int strides
     const bool rows_ok = v.sL == 1 && v.sC >= std::max<int64_t>(n, 2);
     const bool cols_ok = v.sC == 1 && v.sL >= std::max<int64_t>(d, 2);
     if (!rows_ok && !cols_ok) return false;
@@ -410,10 +417,11 @@ template <typename scalar_t, typename acc_t>
 void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tensor& scale, at::Tensor& inv,
                   at::Tensor& ms, at::Tensor& cov) {
   const View3 v = view3(x3);
-  const Plan plan(v.N, v.L, d);
-  const int64_t G = v.C / d, m = plan.m, nb = plan.nb, ldp = padded(plan.max_cols);
   // per task: mu (d), lo (d), hi (d), s (d), S (d x d), c_b, n_b
   const int64_t rec = padded(4 * d + d * d + 2);
+  const Plan plan(v.N, v.L, d, v.C / d, rec);
+  const int64_t G = v.C / d, m = plan.m, nb = plan.nb, ldp = padded(plan.max_cols);
+  TORCH_CHECK(ldp <= std::numeric_limits<int>::max(), "sdecor::native_whiten_stats: blocks too large for BLAS");
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
@@ -576,7 +584,7 @@ template <typename scalar_t, typename acc_t>
 void apply_kernel(const at::Tensor& x3, at::Tensor& y3, int64_t d, const acc_t* aug, const acc_t* center) {
   // aug (G, d, d + 1) = [A | shift]: y = [A | shift] [x - center; 1]
   const View3 v = view3(x3), w = view3(y3);
-  const Plan plan(v.N, v.L, d);
+  const Plan plan(v.N, v.L, d, v.C / d, 0);
   const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
@@ -631,9 +639,9 @@ template <typename scalar_t, typename acc_t>
 void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const acc_t* center,
                    const acc_t* inv, acc_t* gsum, acc_t* gx) {
   const View3 vg = view3(g3), v = view3(x3);
-  const Plan plan(v.N, v.L, d);
-  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   const int64_t rec = padded(d * (d + 1));
+  const Plan plan(v.N, v.L, d, v.C / d, rec);
+  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
@@ -721,7 +729,7 @@ void dx_kernel(const at::Tensor* g3, const at::Tensor& x3, at::Tensor& o3, int64
   const View3 v = view3(x3), w = view3(o3);
   View3 vg{};
   if (g3 != nullptr) vg = view3(*g3);
-  const Plan plan(v.N, v.L, d);
+  const Plan plan(v.N, v.L, d, v.C / d, 0);
   const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
