@@ -25,6 +25,7 @@
 #include <string>
 
 #include "eigh_small.h"
+#include "no_autocast.h"
 
 #define SDECOR_STR2(x) #x
 #define SDECOR_STR(x) SDECOR_STR2(x)
@@ -57,18 +58,6 @@ std::string build_info() {
   return s;
 }
 
-// Under torch.autocast eigh_small runs on its input as given (float32 or float64: a covariance in the
-// statistics dtype, DESIGN.md "Precision") with autocast excluded, as the Python ops of
-// sdecor.ops._library do; the default (a fallthrough) would leave autocast on for the kernel's own
-// calls. Its input is never cast: bf16 / fp16 are not eigh_small's dtypes.
-std::tuple<at::Tensor, at::Tensor> eigh_small_autocast(const at::Tensor& a) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sdecor::eigh_small", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(a);
-}
-
 }  // namespace
 }  // namespace sdecor
 
@@ -87,9 +76,15 @@ TORCH_LIBRARY_IMPL(sdecor, Autograd, m) {
   m.impl("eigh_small", torch::autograd::autogradNotImplementedFallback());
 }
 
-TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) { m.impl("eigh_small", &sdecor::eigh_small_autocast); }
+// Under torch.autocast eigh_small runs on its input as given (float32 or float64: a covariance in the
+// statistics dtype) with autocast excluded (no_autocast.h); bf16 / fp16 are not eigh_small's dtypes.
+TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) {
+  m.impl("eigh_small", torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}
 
-TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) { m.impl("eigh_small", &sdecor::eigh_small_autocast); }
+TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) {
+  m.impl("eigh_small", torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}
 
 // Importing sdecor._C loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {

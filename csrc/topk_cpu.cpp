@@ -22,10 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mean.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -39,6 +37,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "no_autocast.h"
 
 namespace sdecor {
 namespace {
@@ -570,22 +570,6 @@ std::tuple<at::Tensor, at::Tensor> native_topk_mask_meta(const at::Tensor& x, co
   return {out, mask};
 }
 
-// Under torch.autocast the op runs on its inputs as given with autocast excluded (DESIGN.md,
-// "Precision"), as the Python ops of sdecor.ops._library and eigh_small do.
-std::tuple<at::Tensor, at::Tensor> native_topk_mask_autocast(const at::Tensor& x, const at::Tensor& saliency,
-                                                             c10::SymInt k, bool largest, bool shared, bool abs,
-                                                             c10::string_view fill, double value,
-                                                             const std::optional<at::Tensor>& baseline, int64_t seed,
-                                                             int64_t call) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(kOp, "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, c10::SymInt, bool, bool, bool, c10::string_view,
-                                 double, const std::optional<at::Tensor>&, int64_t, int64_t)>();
-  return op.call(x, saliency, std::move(k), largest, shared, abs, fill, value, baseline, seed, call);
-}
-
 }  // namespace
 }  // namespace sdecor
 
@@ -601,6 +585,10 @@ TORCH_LIBRARY_IMPL(sdecor, CPU, m) { m.impl("native_topk_mask", &sdecor::native_
 
 TORCH_LIBRARY_IMPL(sdecor, Meta, m) { m.impl("native_topk_mask", &sdecor::native_topk_mask_meta); }
 
-TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) { m.impl("native_topk_mask", &sdecor::native_topk_mask_autocast); }
+TORCH_LIBRARY_IMPL(sdecor, AutocastCPU, m) {
+  m.impl("native_topk_mask", torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}
 
-TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) { m.impl("native_topk_mask", &sdecor::native_topk_mask_autocast); }
+TORCH_LIBRARY_IMPL(sdecor, AutocastCUDA, m) {
+  m.impl("native_topk_mask", torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>());
+}

@@ -31,8 +31,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -43,6 +41,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "no_autocast.h"
 
 // BLAS as linked into libtorch (MKL or OpenBLAS export the Fortran symbols). Weak, so that a torch
 // built without them still loads sdecor._C: the products then go through at::mm.
@@ -270,10 +270,10 @@ void gather(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, ac
   }
 }
 
-// y[n, c0 + r, l] = convert(src[r * ldp + t] + add[r]) for the block's columns.
+// y[n, c0 + r, l] = convert(src[r * ldp + t]) for the block's columns.
 template <typename scalar_t, typename acc_t>
 void scatter(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, const acc_t* srcbuf,
-             int64_t ldp, const acc_t* add) {
+             int64_t ldp) {
   scalar_t* base = static_cast<scalar_t*>(v.data);
   const bool channels_inner = v.sC < v.sL;
   int64_t j = j0;
@@ -285,20 +285,19 @@ void scatter(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, c
     if (channels_inner) {
       for (int64_t t = 0; t < len; ++t) {
         scalar_t* col = dst + t * v.sL;
-        for (int64_t r = 0; r < rows; ++r) col[r * v.sC] = static_cast<scalar_t>(in[r * ldp + t] + (add ? add[r] : acc_t(0)));
+        for (int64_t r = 0; r < rows; ++r) col[r * v.sC] = static_cast<scalar_t>(in[r * ldp + t]);
       }
     } else if (v.sL == 1) {
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dst + r * v.sC;
         const acc_t* s = in + r * ldp;
-        const acc_t ar = add ? add[r] : acc_t(0);
-        for (int64_t t = 0; t < len; ++t) o[t] = static_cast<scalar_t>(s[t] + ar);
+        for (int64_t t = 0; t < len; ++t) o[t] = static_cast<scalar_t>(s[t]);
       }
     } else {
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dst + r * v.sC;
         const acc_t* s = in + r * ldp;
-        for (int64_t t = 0; t < len; ++t) o[t * v.sL] = static_cast<scalar_t>(s[t] + (add ? add[r] : acc_t(0)));
+        for (int64_t t = 0; t < len; ++t) o[t * v.sL] = static_cast<scalar_t>(s[t]);
       }
     }
     j += len;
@@ -382,6 +381,26 @@ struct Scratch {
   T* get() { return static_cast<T*>(ptr.get()); }
 };
 
+// body(buf, t, g, j0, j1) for every task t = g * nb + b (group g, columns [j0, j1) of block b), in
+// parallel; each thread has `scratch` elements of its own at buf, set up by init(buf), and runs BLAS on
+// one thread.
+template <typename acc_t, typename Init, typename Body>
+void for_each_block(const Plan& plan, int64_t G, int64_t scratch, Init init, Body body) {
+  at::parallel_for(0, G * plan.nb, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    Scratch<acc_t> buf(scratch);
+    init(buf.get());
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t j0, j1;
+      plan.block(t % plan.nb, j0, j1);
+      body(buf.get(), t, t / plan.nb, j0, j1);
+    }
+  });
+}
+
+template <typename acc_t>
+void no_init(acc_t*) {}
+
 // ---------------------------------------------------------------------------------------------------
 // checks
 
@@ -424,45 +443,37 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
   TORCH_CHECK(ldp <= std::numeric_limits<int>::max(), "sdecor::native_whiten_stats: blocks too large for BLAS");
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
-  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
-    OneBlasThread one;
-    Scratch<acc_t> buf(d * ldp);
-    acc_t* p = buf.get();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / nb, b = t % nb;
-      int64_t j0, j1;
-      plan.block(b, j0, j1);
-      const int64_t n = j1 - j0;
-      acc_t* r = P + t * rec;
-      acc_t *mu = r, *lo = r + d, *hi = r + 2 * d, *s = r + 3 * d, *S = r + 4 * d, *cb = S + d * d;
-      cb[1] = static_cast<acc_t>(n);
-      // the rows of the block: in place (x in the statistics dtype, rows unit-strided) or gathered
-      Mat<acc_t> src{};
-      const bool in_place = direct<scalar_t, acc_t>(v, g, d, j0, j1, src) && src.cs == 1;
-      if (!in_place) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
-      const acc_t* rows = in_place ? src.p : p;
-      const int64_t ld = in_place ? src.rs : ldp;
-      acc_t half = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t* row = rows + i * ld;
-        acc_t mean = lane_sum_minmax(row, n, lo[i], hi[i]) / static_cast<acc_t>(n);
-        if (!std::isfinite(mean)) mean = acc_t(0.5) * hi[i] + acc_t(0.5) * lo[i];
-        mu[i] = mean;
-        half = std::max(half, std::max(acc_t(0.5) * hi[i] - acc_t(0.5) * mean, acc_t(0.5) * mean - acc_t(0.5) * lo[i]));
-      }
-      const int e = scale_exponent(half);
-      const acc_t ic = pow2<acc_t>(-e);
-      cb[0] = pow2<acc_t>(e);
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t* row = rows + i * ld;
-        acc_t* out = p + i * ldp;
-        const acc_t mi = mu[i];
-        for (int64_t k = 0; k < n; ++k) out[k] = (row[k] - mi) * ic;
-        s[i] = lane_sum(out, n);
-      }
-      // S = Xs Xs^T
-      mm<acc_t>(S, d, 1, Mat<acc_t>{p, ldp, 1}, Mat<acc_t>{p, 1, ldp}, d, d, n, acc_t(0));
+  for_each_block<acc_t>(plan, G, d * ldp, no_init<acc_t>, [&](acc_t* p, int64_t t, int64_t g, int64_t j0, int64_t j1) {
+    const int64_t n = j1 - j0;
+    acc_t* r = P + t * rec;
+    acc_t *mu = r, *lo = r + d, *hi = r + 2 * d, *s = r + 3 * d, *S = r + 4 * d, *cb = S + d * d;
+    cb[1] = static_cast<acc_t>(n);
+    // the rows of the block: in place (x in the statistics dtype, rows unit-strided) or gathered
+    Mat<acc_t> src{};
+    const bool in_place = direct<scalar_t, acc_t>(v, g, d, j0, j1, src) && src.cs == 1;
+    if (!in_place) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, nullptr, acc_t(1));
+    const acc_t* rows = in_place ? src.p : p;
+    const int64_t ld = in_place ? src.rs : ldp;
+    acc_t half = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const acc_t* row = rows + i * ld;
+      acc_t mean = lane_sum_minmax(row, n, lo[i], hi[i]) / static_cast<acc_t>(n);
+      if (!std::isfinite(mean)) mean = acc_t(0.5) * hi[i] + acc_t(0.5) * lo[i];
+      mu[i] = mean;
+      half = std::max(half, std::max(acc_t(0.5) * hi[i] - acc_t(0.5) * mean, acc_t(0.5) * mean - acc_t(0.5) * lo[i]));
     }
+    const int e = scale_exponent(half);
+    const acc_t ic = pow2<acc_t>(-e);
+    cb[0] = pow2<acc_t>(e);
+    for (int64_t i = 0; i < d; ++i) {
+      const acc_t* row = rows + i * ld;
+      acc_t* out = p + i * ldp;
+      const acc_t mi = mu[i];
+      for (int64_t k = 0; k < n; ++k) out[k] = (row[k] - mi) * ic;
+      s[i] = lane_sum(out, n);
+    }
+    // S = Xs Xs^T
+    mm<acc_t>(S, d, 1, Mat<acc_t>{p, ldp, 1}, Mat<acc_t>{p, 1, ldp}, d, d, n, acc_t(0));
   });
   // combine the blocks of each group in block order
   acc_t* cen = center.data_ptr<acc_t>();
@@ -476,6 +487,7 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
       acc_t* msg = msp + g * d;
       acc_t* cg = cv + g * d * d;
       const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
+      acc_t half = 0;
       for (int64_t i = 0; i < d; ++i) {
         acc_t a = 0, lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
         for (int64_t b = 0; b < nb; ++b) {
@@ -488,16 +500,7 @@ void stats_kernel(const at::Tensor& x3, int64_t d, at::Tensor& center, at::Tenso
         }
         if (!std::isfinite(a)) a = acc_t(0.5) * hi + acc_t(0.5) * lo;
         mean[i] = a;
-      }
-      acc_t half = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
-        for (int64_t b = 0; b < nb; ++b) {
-          const acc_t* r = P + (g * nb + b) * rec;
-          lo = std::min(lo, r[d + i]);
-          hi = std::max(hi, r[2 * d + i]);
-        }
-        half = std::max(half, std::max(acc_t(0.5) * hi - acc_t(0.5) * mean[i], acc_t(0.5) * mean[i] - acc_t(0.5) * lo));
+        half = std::max(half, std::max(acc_t(0.5) * hi - acc_t(0.5) * a, acc_t(0.5) * a - acc_t(0.5) * lo));
       }
       const int e = scale_exponent(half);
       const acc_t c = pow2<acc_t>(e), ic = pow2<acc_t>(-e);
@@ -585,26 +588,19 @@ void apply_kernel(const at::Tensor& x3, at::Tensor& y3, int64_t d, const acc_t* 
   // aug (G, d, d + 1) = [A | shift]: y = [A | shift] [x - center; 1]
   const View3 v = view3(x3), w = view3(y3);
   const Plan plan(v.N, v.L, d, v.C / d, 0);
-  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
-  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
-    OneBlasThread one;
-    Scratch<acc_t> buf((2 * d + 1) * ldp);
-    acc_t *p = buf.get(), *q = p + (d + 1) * ldp;
-    ones_row(p, d, ldp);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / nb, b = t % nb;
-      int64_t j0, j1;
-      plan.block(b, j0, j1);
-      const int64_t n = j1 - j0;
-      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, center + g * d, acc_t(1));
-      Mat<acc_t> out{};
-      const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
-      acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
-      mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1, Mat<acc_t>{aug + g * d * (d + 1), d + 1, 1},
-                Mat<acc_t>{p, ldp, 1}, d, n, d + 1, acc_t(0));
-      if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, nullptr);
-    }
-  });
+  const int64_t G = v.C / d, ldp = padded(plan.max_cols);
+  for_each_block<acc_t>(
+      plan, G, (2 * d + 1) * ldp, [&](acc_t* p) { ones_row(p, d, ldp); },
+      [&](acc_t* p, int64_t, int64_t g, int64_t j0, int64_t j1) {
+        acc_t* q = p + (d + 1) * ldp;
+        gather<scalar_t, acc_t>(v, g * d, d, j0, j1, p, ldp, center + g * d, acc_t(1));
+        Mat<acc_t> out{};
+        const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
+        acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
+        mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1, Mat<acc_t>{aug + g * d * (d + 1), d + 1, 1},
+                  Mat<acc_t>{p, ldp, 1}, d, j1 - j0, d + 1, acc_t(0));
+        if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp);
+      });
 }
 
 at::Tensor whiten_apply_cpu(const at::Tensor& x, int64_t d, const at::Tensor& a, const at::Tensor& center,
@@ -644,28 +640,20 @@ void reduce_kernel(const at::Tensor& g3, const at::Tensor& x3, int64_t d, const 
   const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
   Scratch<acc_t> parts(G * nb * rec);
   acc_t* P = parts.get();
-  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
-    OneBlasThread one;
-    Scratch<acc_t> buf((2 * d + 1) * ldp);
-    acc_t *px = buf.get(), *pg = px + (d + 1) * ldp;
-    ones_row(px, d, ldp);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / nb, b = t % nb;
-      int64_t j0, j1;
-      plan.block(b, j0, j1);
-      const int64_t n = j1 - j0;
-      gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
-      Mat<acc_t> gm{};
-      if (!direct<scalar_t, acc_t>(vg, g, d, j0, j1, gm)) {
-        gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
-        gm = Mat<acc_t>{pg, ldp, 1};
-      }
-      // D = Gy Xs^T (d x d; a (d + 1)-th column of ones would make the product slower than the sums),
-      // s = Gy 1 by rows (in cache after the product)
-      acc_t* r = P + t * rec;
-      mm<acc_t>(r, d + 1, 1, gm, Mat<acc_t>{px, 1, ldp}, d, d, n, acc_t(0));
-      for (int64_t i = 0; i < d; ++i) r[i * (d + 1) + d] = strided_sum(gm.p + i * gm.rs, n, gm.cs);
+  for_each_block<acc_t>(plan, G, 2 * d * ldp, no_init<acc_t>, [&](acc_t* px, int64_t t, int64_t g, int64_t j0, int64_t j1) {
+    const int64_t n = j1 - j0;
+    acc_t* pg = px + d * ldp;
+    gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
+    Mat<acc_t> gm{};
+    if (!direct<scalar_t, acc_t>(vg, g, d, j0, j1, gm)) {
+      gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+      gm = Mat<acc_t>{pg, ldp, 1};
     }
+    // D = Gy Xs^T (d x d; a (d + 1)-th column of ones would make the product slower than the sums),
+    // s = Gy 1 by rows (in cache after the product)
+    acc_t* r = P + t * rec;
+    mm<acc_t>(r, d + 1, 1, gm, Mat<acc_t>{px, 1, ldp}, d, d, n, acc_t(0));
+    for (int64_t i = 0; i < d; ++i) r[i * (d + 1) + d] = strided_sum(gm.p + i * gm.rs, n, gm.cs);
   });
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -730,29 +718,22 @@ void dx_kernel(const at::Tensor* g3, const at::Tensor& x3, at::Tensor& o3, int64
   View3 vg{};
   if (g3 != nullptr) vg = view3(*g3);
   const Plan plan(v.N, v.L, d, v.C / d, 0);
-  const int64_t G = v.C / d, nb = plan.nb, ldp = padded(plan.max_cols);
-  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
-    OneBlasThread one;
-    Scratch<acc_t> buf((3 * d + 1) * ldp);
-    acc_t *px = buf.get(), *pg = px + (d + 1) * ldp, *q = pg + d * ldp;
-    ones_row(px, d, ldp);
-    const int64_t first = use_x ? 0 : d;                 // the rows used: [first, first + kk)
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / nb, b = t % nb;
-      int64_t j0, j1;
-      plan.block(b, j0, j1);
-      const int64_t n = j1 - j0;
-      Mat<acc_t> out{};
-      const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
-      acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
-      if (use_x) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
-      if (g3 != nullptr) gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
-      mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1,
-                Mat<acc_t>{aug + g * d * (2 * d + 1) + first, 2 * d + 1, 1}, Mat<acc_t>{px + first * ldp, ldp, 1}, d,
-                n, kk, acc_t(0));
-      if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp, nullptr);
-    }
-  });
+  const int64_t G = v.C / d, ldp = padded(plan.max_cols);
+  const int64_t first = use_x ? 0 : d;                   // the rows used: [first, first + kk)
+  for_each_block<acc_t>(
+      plan, G, (3 * d + 1) * ldp, [&](acc_t* px) { ones_row(px, d, ldp); },
+      [&](acc_t* px, int64_t, int64_t g, int64_t j0, int64_t j1) {
+        acc_t *pg = px + (d + 1) * ldp, *q = pg + d * ldp;
+        Mat<acc_t> out{};
+        const bool in_place = direct<scalar_t, acc_t>(w, g, d, j0, j1, out);
+        acc_t* c = in_place ? const_cast<acc_t*>(out.p) : q;
+        if (use_x) gather<scalar_t, acc_t>(v, g * d, d, j0, j1, px, ldp, center + g * d, inv[g]);
+        if (g3 != nullptr) gather<scalar_t, acc_t>(vg, g * d, d, j0, j1, pg, ldp, nullptr, acc_t(1));
+        mm<acc_t>(c, in_place ? out.rs : ldp, in_place ? out.cs : 1,
+                  Mat<acc_t>{aug + g * d * (2 * d + 1) + first, 2 * d + 1, 1}, Mat<acc_t>{px + first * ldp, ldp, 1},
+                  d, j1 - j0, kk, acc_t(0));
+        if (!in_place) scatter<scalar_t, acc_t>(w, g * d, d, j0, j1, q, ldp);
+      });
 }
 
 at::Tensor whiten_dx_cpu(const std::optional<at::Tensor>& gy, const at::Tensor& x, int64_t d,
@@ -821,19 +802,14 @@ TORCH_LIBRARY_IMPL(sdecor, Meta, m) {
 namespace sdecor {
 namespace {
 
-// Under torch.autocast the ops run on their inputs as given with autocast excluded (as eigh_small and
-// the Python ops of sdecor.ops._library): statistics in the statistics dtype, outputs in x's dtype.
-void no_autocast_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  op.callBoxed(stack);
-}
-
 constexpr const char* kOps[] = {"native_whiten_stats", "native_whiten_apply", "native_whiten_reduce",
                                 "native_whiten_dx"};
 
 }  // namespace
 }  // namespace sdecor
 
+// Under torch.autocast the ops run on their inputs as given (no_autocast.h): statistics in the
+// statistics dtype, outputs in x's dtype.
 // The ops have no derivative of their own (the autograd Functions of sdecor.ops.whiten_torch and
 // sdecor.ops.cov combine them): backpropagating through one directly raises.
 TORCH_LIBRARY_IMPL(sdecor, Autograd, m) {
