@@ -98,6 +98,31 @@ def join_groups(even: torch.Tensor | None, last: torch.Tensor, d: int) -> torch.
     return last if even is None else torch.cat([even, last])
 
 
+def by_part(d: int, fn, channels: list, groups: list) -> list:
+    """fn(d_part, *channels_part, *groups_part) for each part of the channels: the full groups' and
+    the last group's when it is smaller (the passes over x of the torch and native backends work on
+    groups of d | C channels, which then do not exist), else the whole. ``channels``: tensors (N, C, *S) split along dim 1 (views);
+    ``groups``: per-group tensors (G, ...) in the padded layout, split by
+    :func:`split_groups`. Returns [the result] without a smaller last group, else
+    [the full groups' result (None when C < d), the last group's]."""
+    x_even, _, r = split_channels(channels[0], d)
+    if r == d:
+        return [fn(d, *channels, *groups)]
+    ce = x_even.shape[1]
+    split = [split_groups(t, r) for t in groups]
+    even = fn(d, *[t[:, :ce] for t in channels], *[s[0] for s in split]) if ce else None
+    return [even, fn(r, *[t[:, ce:] for t in channels], *[s[1] for s in split])]
+
+
+def joined_parts(results: list, d: int) -> tuple:
+    """The per-group results of :func:`by_part`'s parts in the padded layout."""
+    if len(results) == 1:
+        return results[0]
+    even, last = results
+    even = (None,) * len(last) if even is None else even
+    return tuple(join_groups(e, t, d) for e, t in zip(even, last))
+
+
 def per_group(t: torch.Tensor, G: int, d: int) -> torch.Tensor:
     """A per-channel vector (C,) as (G, d), zeros in the padding of a smaller last group."""
     C = t.shape[0]

@@ -18,12 +18,12 @@ from torch import Tensor
 from .. import _backend, _checks
 from .. import reference as ref
 from .._common import (
+    by_part,
     graph_backward,
-    join_groups,
+    joined_parts,
     no_autocast,
     no_autocast_function,
     samples_per_channel,
-    split_channels,
 )
 from ._library import triton_custom_op
 
@@ -138,11 +138,4 @@ class _GroupCovNative(torch.autograd.Function):
 def _group_cov_native(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
     """group_cov on the native backend; a smaller last group as a part of its own (views of x), its
     statistics in the padded layout."""
-    x_even, x_last, r = split_channels(x, d)
-    if r == d:
-        return _GroupCovNative.apply(x, d)
-    mean_r, cov_r = _GroupCovNative.apply(x_last, r)
-    if x_even.shape[1] == 0:
-        return join_groups(None, mean_r, d), join_groups(None, cov_r, d)
-    mean_e, cov_e = _GroupCovNative.apply(x_even, d)
-    return join_groups(mean_e, mean_r, d), join_groups(cov_e, cov_r, d)
+    return joined_parts(by_part(d, lambda dp, xp: _GroupCovNative.apply(xp, dp), [x], []), d)

@@ -39,16 +39,15 @@ from torch import Tensor
 
 from .. import _backend
 from .._common import (
+    by_part,
     channel_mask,
-    join_groups,
+    joined_parts,
     like_format,
     no_autocast,
     no_autocast_function,
     per_channel,
     per_group,
     power_of_two,
-    split_channels,
-    split_groups,
     stats_dtype,
 )
 from . import whiten, whiten_torch
@@ -60,33 +59,8 @@ __all__ = ["combine", "payload_numel", "run_train_sync"]
 # the large-tensor passes of each backend, all in units of a per-group power-of-two scale c
 
 
-def _by_part(d: int, fn, channels: list, groups: list) -> list:
-    """fn(d_part, *channels_part, *groups_part) for each part of the channels: the full groups' and
-    the last group's when it is smaller (the torch passes work on the (N, G, d, L) view, which then
-    does not exist), else the whole. ``channels``: tensors (N, C, *S) split along dim 1 (views);
-    ``groups``: per-group tensors (G, ...) in the padded layout, split by
-    :func:`sdecor._common.split_groups`. Returns [the result] without a smaller last group, else
-    [the full groups' result (None when C < d), the last group's]."""
-    x_even, _, r = split_channels(channels[0], d)
-    if r == d:
-        return [fn(d, *channels, *groups)]
-    ce = x_even.shape[1]
-    split = [split_groups(t, r) for t in groups]
-    even = fn(d, *[t[:, :ce] for t in channels], *[s[0] for s in split]) if ce else None
-    return [even, fn(r, *[t[:, ce:] for t in channels], *[s[1] for s in split])]
-
-
-def _joined(results: list, d: int) -> tuple:
-    """The per-group results of :func:`_by_part`'s parts in the padded layout."""
-    if len(results) == 1:
-        return results[0]
-    even, last = results
-    even = (None,) * len(last) if even is None else even
-    return tuple(join_groups(e, t, d) for e, t in zip(even, last))
-
-
 def _cat_channels(results: list, like: Tensor) -> Tensor:
-    """The parts' outputs of :func:`_by_part` along the channels, in the memory format of ``like``."""
+    """The parts' outputs of :func:`sdecor._common.by_part` along the channels, in the memory format of ``like``."""
     if len(results) == 1:
         return results[0]
     return like_format(torch.cat([t for t in results if t is not None], 1).contiguous(), like)
@@ -94,7 +68,7 @@ def _cat_channels(results: list, like: Tensor) -> Tensor:
 
 class _TorchPasses:
     """The blocked torch passes of :mod:`sdecor.ops.whiten_torch` (a smaller last group: on the
-    full groups' channels and on the last group's, see :func:`_by_part`)."""
+    full groups' channels and on the last group's, see :func:`sdecor._common.by_part`)."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
@@ -104,7 +78,7 @@ class _TorchPasses:
             center, c, _, ms, cov = whiten_torch.scaled_stats(xg, xg.shape[0] * xg.shape[3])
             return center + c[:, None] * ms, cov, c
 
-        return _joined(_by_part(d, part, [x], []), d)
+        return joined_parts(by_part(d, part, [x], []), d)
 
     @staticmethod
     def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int):
@@ -122,18 +96,18 @@ class _TorchPasses:
         g = whiten_torch.whitening_scaled_backward(grad_w, rest, eps_s, method, T, _mask(cov, C))
         return g * c.reciprocal()[:, None, None]
 
-    @staticmethod
-    def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    @classmethod
+    def apply(cls, x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """y = diag(weight) W (x - mean) + bias."""
         G, d = mean.shape
         a = w if weight is None else per_group(weight.to(w.dtype), G, d).unsqueeze(-1) * w
-        shift = (torch.zeros(G, d, 1, dtype=w.dtype, device=w.device) if bias is None
-                 else per_group(bias.to(w.dtype), G, d).unsqueeze(-1))
+        shift = torch.zeros_like(mean) if bias is None else per_group(bias.to(w.dtype), G, d)
+        return _cat_channels(by_part(d, cls.apply_part, [x], [a, mean, shift]), x)
 
-        def part(dp, xp, a, mean, shift):
-            return whiten_torch.apply_pass(xp, whiten_torch._regrouped(xp, dp), a, mean, shift)
-
-        return _cat_channels(_by_part(d, part, [x], [a, mean, shift]), x)
+    @staticmethod
+    def apply_part(dp: int, xp: Tensor, a: Tensor, mean: Tensor, shift: Tensor) -> Tensor:
+        """:meth:`apply` on one part (shift (G, d))."""
+        return whiten_torch.apply_pass(xp, whiten_torch._regrouped(xp, dp), a, mean, shift.unsqueeze(-1))
 
     @staticmethod
     def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
@@ -144,7 +118,7 @@ class _TorchPasses:
             s, D = whiten_torch.reduce_pass(gy, xg, mean, c.reciprocal())
             return D, s
 
-        return _joined(_by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
+        return joined_parts(by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
 
     @staticmethod
     def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
@@ -155,7 +129,7 @@ class _TorchPasses:
             dx = whiten_torch.dx_pass(gy, xg, mean, c.reciprocal(), b, a, v.unsqueeze(-1))
             return dx.reshape(dyp.shape).to(dy.dtype)
 
-        return _cat_channels(_by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
+        return _cat_channels(by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
 
 
 def _mask(cov: Tensor, C: int) -> Tensor | None:
@@ -206,7 +180,7 @@ class _TritonPasses:
 
 class _NativePasses(_TorchPasses):
     """The C++ passes of the ``native`` backend (``sdecor::native_whiten_*``, one read of x for the
-    statistics), on the parts of :func:`_by_part` like the torch passes; the d x d math is theirs."""
+    statistics), on the parts of :func:`sdecor._common.by_part` like the torch passes; the d x d math is theirs."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
@@ -214,19 +188,11 @@ class _NativePasses(_TorchPasses):
             center, c, _, ms, cov = torch.ops.sdecor.native_whiten_stats(xp, dp)
             return center + c[:, None] * ms, cov, c
 
-        return _joined(_by_part(d, part, [x], []), d)
+        return joined_parts(by_part(d, part, [x], []), d)
 
     @staticmethod
-    def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        G, d = mean.shape
-        a = w if weight is None else per_group(weight.to(w.dtype), G, d).unsqueeze(-1) * w
-        shift = torch.zeros_like(mean) if bias is None else per_group(bias.to(w.dtype), G, d)
-
-        def part(dp, xp, a, mean, shift):
-            return torch.ops.sdecor.native_whiten_apply(xp, dp, a.contiguous(), mean.contiguous(),
-                                                        shift.contiguous())
-
-        return _cat_channels(_by_part(d, part, [x], [a, mean, shift]), x)
+    def apply_part(dp: int, xp: Tensor, a: Tensor, mean: Tensor, shift: Tensor) -> Tensor:
+        return torch.ops.sdecor.native_whiten_apply(xp, dp, a.contiguous(), mean.contiguous(), shift.contiguous())
 
     @staticmethod
     def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
@@ -235,7 +201,7 @@ class _NativePasses(_TorchPasses):
                                                          c.reciprocal())
             return D, s
 
-        return _joined(_by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
+        return joined_parts(by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
 
     @staticmethod
     def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
@@ -244,7 +210,7 @@ class _NativePasses(_TorchPasses):
                                                    b.contiguous(), a.contiguous(), v.contiguous())
             return dx.to(dy.dtype)
 
-        return _cat_channels(_by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
+        return _cat_channels(by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
 
 
 PASSES = {"torch": _TorchPasses, "triton": _TritonPasses, "native": _NativePasses}
