@@ -44,6 +44,13 @@ def test_setup_packages_everything(setup_kwargs):
     assert package_dir[""] == "python" and package_dir["sdecor_kernels"] == "sdecor_kernels"
 
 
+def test_version_is_the_package_version(setup_kwargs):
+    # setup.py states the version; the package reads its own from sdecor/_version.py
+    from sdecor._version import __version__
+
+    assert setup_kwargs["version"] == __version__
+
+
 def test_extras(setup_kwargs):
     extras = {k: set(v) for k, v in setup_kwargs["extras_require"].items()}
     assert extras["demo"] == {"torchvision", "scikit-learn", "matplotlib", "tqdm"}

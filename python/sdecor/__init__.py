@@ -10,14 +10,13 @@ SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch 
 from . import nn, reference
 from ._backend import BackendUnavailableError, use_backend
 from ._info import info
+from ._version import __version__
 from .convert import ConversionReport, convert_iternorm, convert_whitening
 from .fold import FoldReport, fold_whitening
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
 from .ops import group_cov, group_whiten, topk_mask, whitening_matrix
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import _backend, _ext
+from ._version import __version__
 
 
 def info() -> dict:
@@ -22,8 +23,6 @@ def info() -> dict:
     for dev in devices:
         device = torch.device(dev)
         backends[dev] = {b: (_backend.reason(b, device) or "available") for b in _backend.BACKENDS}
-    from . import __version__
-
     return {
         "sdecor": __version__,
         "python": platform.python_version(),

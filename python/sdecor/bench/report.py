@@ -110,7 +110,8 @@ def environment(device: torch.device, timer: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from .. import __version__, _ext
+    from .. import _ext
+    from .._version import __version__
 
     env = dict(
         device=device.type,
