@@ -35,7 +35,7 @@ import torch
 if not torch.cuda.is_available():
     sys.exit(f"make gpu-check: nvidia-smi sees a GPU but torch {torch.__version__} cannot use it "
              f"(torch.version.cuda = {torch.version.cuda}: a CPU-only torch, or a driver older than its CUDA)")
-from sdecor.bench.report import device_slug
+from sdecor.cli.bench.report import device_slug
 
 print(device_slug(torch.device("cuda")))
 PYEOF

@@ -373,7 +373,7 @@ def test_bf16_training_learns_as_fp32():
     (15 of 256 images). Measured over seeds 0-2: CE differences <= 0.013 (CE ~0.9-1.0 after 3
     epochs, from ~2.2), accuracy differences <= 0.025 (accuracy ~0.73-0.78; chance 0.1).
     """
-    from sdecor import data, train
+    from sdecor.cli import data, train
 
     ds = data.load_digits()
     ds = ds._replace(train=data.Split(ds.train.x[:256], ds.train.y[:256]),

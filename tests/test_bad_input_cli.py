@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from sdecor import _checks, cli, demo, metrics, train
+from sdecor import _checks, cli, metrics
+from sdecor.cli import demo, train
 from sdecor.masking import saliency
-from sdecor.models import MODELS, build_model, check_group_size, layer_channels
+from sdecor.cli.models import MODELS, build_model, check_group_size, layer_channels
 from sdecor.objective import SaliencyDecor
 
 from test_objective import _cnn

@@ -17,11 +17,11 @@ import torch
 
 import sdecor
 
-import sdecor.bench as bench
+import sdecor.cli.bench as bench
 from sdecor import reference as ref
-from sdecor.bench import harness, report
-from sdecor.bench.ops import OP_SPECS, Impl, Prepared
-from sdecor.bench.plot import plot_op
+from sdecor.cli.bench import harness, report
+from sdecor.cli.bench.ops import OP_SPECS, Impl, Prepared
+from sdecor.cli.bench.plot import plot_op
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -193,7 +193,7 @@ def test_baselines_live_in_the_package(tiny_run):
     # the naive IterNorm ran (tiny_run checks it against the reference) without the source tree
     assert _by(tiny_run, impl="iternorm", status="ok")
     assert not [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]
-    from sdecor.bench.baselines import iternorm_train
+    from sdecor.cli.bench.baselines import iternorm_train
 
     x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(iternorm_train(x, 4, 5, 1e-5), ref.group_whiten(x, 4, "newton", 1e-5, 5))
@@ -224,7 +224,7 @@ def suite_run():
 
 
 def test_flop_floor_is_the_products_at_the_matmul_rate(suite_run):
-    from sdecor.bench.ops import floor_flops
+    from sdecor.cli.bench.ops import floor_flops
 
     # the d = 64 case: five products of 2 d^2 m flops per group, m = 32*28*28, G = 256/64
     big = dict(N=32, C=256, S=(28, 28), d=64)
@@ -280,7 +280,7 @@ def test_group_cov_is_measured_against_a_clone(suite_run, tiny_run):
 
 
 def test_sgt_fills_with_each_channels_range():
-    from sdecor.bench.baselines import sgt_mask
+    from sdecor.cli.bench.baselines import sgt_mask
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=gen)
@@ -336,7 +336,7 @@ def test_page_faults_per_call_are_counted(suite_run):
 
 
 def test_allocations_are_kept_with_mallopt_unless_the_environment_says():
-    from sdecor.bench import allocator
+    from sdecor.cli.bench import allocator
 
     calls = []
 
@@ -568,7 +568,7 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
 
 
 def test_distributed_measures_both_layers_and_counts_the_bytes():
-    from sdecor.bench import distributed
+    from sdecor.cli.bench import distributed
     from sdecor.ops.whiten_sync import payload_numel
 
     doc = distributed.measure(2, reps=2, layers=[("tiny", (4, 32, 3, 3), 8)], resnet=None, timeout=300)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdecor import data
+from sdecor.cli import data
 
 
 def test_digits_split_and_range():

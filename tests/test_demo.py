@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sdecor import demo
+from sdecor.cli import demo
 
 UNIT_METRICS = ("accuracy", "gini", "entropy", "deletion_auc", "insertion_auc", "acc_masked")
 
@@ -111,7 +111,7 @@ def test_summarize():
 
 def test_demo_amp_reaches_every_run(tmp_path, monkeypatch, capsys):
     """--amp bf16 is passed to every training run (a tiny digits set keeps this fast) and reported."""
-    from sdecor import data
+    from sdecor.cli import data
 
     def tiny(name, quick):
         ds = data.load_digits()

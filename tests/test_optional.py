@@ -11,7 +11,8 @@ import types
 
 import pytest
 
-from sdecor import _optional, cli, data, train
+from sdecor import _optional, cli
+from sdecor.cli import data, train
 from sdecor._optional import MissingDependencyError, require
 
 

@@ -39,7 +39,7 @@ def test_every_folder_of_modules_is_a_package():
 def test_setup_packages_everything(setup_kwargs):
     packages = set(setup_kwargs["packages"])
     assert packages == _module_folders()
-    assert {"sdecor", "sdecor.bench", "sdecor_kernels"} <= packages
+    assert {"sdecor", "sdecor.cli", "sdecor.cli.bench", "sdecor_kernels"} <= packages
     package_dir = setup_kwargs["package_dir"]
     assert package_dir[""] == "python" and package_dir["sdecor_kernels"] == "sdecor_kernels"
 

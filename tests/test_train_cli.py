@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdecor import SaliencyDecor, cli, data, train
-from sdecor.models import MODELS, build_model
+from sdecor import SaliencyDecor, cli
+from sdecor.cli import data, train
+from sdecor.cli.models import MODELS, build_model
 
 
 def parse(*argv):
@@ -19,7 +20,7 @@ def parse(*argv):
 
 
 def test_cli_registers_train():
-    assert cli.COMMANDS["train"][0] == "sdecor.train"
+    assert cli.COMMANDS["train"][0] == "sdecor.cli.train"
     args = cli.build_parser().parse_args(["train", "--dataset", "shapes", "--epochs", "3"])
     assert args.dataset == "shapes" and args.epochs == 3 and args._run is train.run
 

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from sdecor import cli, data, train
-from sdecor.models import build_model
+from sdecor import cli
+from sdecor.cli import data, train
+from sdecor.cli.models import build_model
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
                 "GROUP_RANK", "TORCHELASTIC_RUN_ID")

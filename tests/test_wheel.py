@@ -1,6 +1,6 @@
 """The installed package, not the source tree: build a wheel, install it into a fresh venv, run the CLI.
 
-What a user gets from ``pip install``: every package and subpackage (sdecor.bench, sdecor_kernels, ...)
+What a user gets from ``pip install``: every package and subpackage (sdecor.cli.bench, sdecor_kernels, ...)
 in the wheel with the compiled extension, the ``sdecor`` console script, and ``sdecor info``,
 ``sdecor demo --quick`` and ``sdecor bench --quick`` working from a folder outside the source tree.
 
@@ -93,9 +93,10 @@ def venv(wheel, tmp_path_factory):
 def test_wheel_holds_every_package_and_the_extension(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = source_modules()
-    assert {"sdecor/__init__.py", "sdecor/bench/__init__.py", "sdecor_kernels/__init__.py"} <= modules
+    assert {"sdecor/__init__.py", "sdecor/cli/__init__.py", "sdecor/cli/bench/__init__.py",
+            "sdecor_kernels/__init__.py"} <= modules
     assert modules <= names, f"not in the wheel: {sorted(modules - names)}"
-    assert any(n.startswith("sdecor/bench/") and n.endswith(".py") for n in names)
+    assert any(n.startswith("sdecor/cli/bench/") and n.endswith(".py") for n in names)
     extension = [n for n in names if n.startswith("sdecor/_C") and n.endswith(".so")]
     assert len(extension) == (1 if HAS_CXX else 0), sorted(names)
     tops = {n.split("/")[0] for n in names if not n.startswith("sdecor-")}
@@ -105,7 +106,7 @@ def test_wheel_holds_every_package_and_the_extension(wheel):
 
 
 def test_installed_package_is_imported_from_the_venv(venv, tmp_path):
-    modules = ["sdecor", "sdecor.bench", "sdecor_kernels"] + (["sdecor._C"] if HAS_CXX else [])
+    modules = ["sdecor", "sdecor.cli.bench", "sdecor_kernels"] + (["sdecor._C"] if HAS_CXX else [])
     code = (f"import json, sys, torch, {', '.join(modules)}; "
             f"print(json.dumps(dict(files={{m: sys.modules[m].__file__ for m in {modules!r}}}, "
             "torch=torch.__version__, editable=[m for m in sys.modules if 'editable' in m])))")

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .. import _backend
-from .. import reference as ref
+from ... import _backend
+from ... import reference as ref
 from . import baselines as bl
 from .baselines import Unavailable
 from .shapes import numel

@@ -36,7 +36,7 @@ the target is at most ``bound``) or "speedup" (baseline time / path time, at lea
   forward at d = 16 against ``x.clone()`` (one read and one write of x);
 * ``topk-cpu``: topk_mask on an ImageNet batch (64x3x224x224), ratio 0.5, uniform fill, shared
   (reduce="mean") and per-element masks, against Saliency Guided Training's masking
-  (:func:`sdecor.bench.baselines.sgt_mask`);
+  (:func:`sdecor.cli.bench.baselines.sgt_mask`);
 * ``eigh``: eigh_small against torch.linalg.eigh on the batches where torch's solver paths differ
   (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1.
 """

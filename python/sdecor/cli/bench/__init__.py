@@ -5,10 +5,10 @@ topk_mask, decorrelation_loss and eigh_small on every backend that can run here,
 reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Saliency Guided
 Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
-Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.bench.shapes`.
+Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`.
 
 CPU timing keeps freed memory in the process (glibc's mmap and trim thresholds raised with mallopt at
-start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.bench.allocator`),
+start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.cli.bench.allocator`),
 and the table and the result files say so, with the thread count (``--threads``).
 
 Results: <device>.json/.csv and a PNG per op, <device>-<op>.png, in ./sdecor-bench-output/ (``--out
@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._backend import BACKENDS
+from ..._backend import BACKENDS
 from .ops import BASELINES, MODES
 from .shapes import DTYPES, OPS, SUITES
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="shape names to run: substrings or globs, e.g. 'resnet50,cifar10-*' (see --list)")
     sel.add_argument("--suite", default=None,
                      help=f"focused comparisons to run, by name: {','.join(SUITES)} (see "
-                          "sdecor/bench/shapes.py); with --quick, the union of both selections")
+                          "sdecor/cli/bench/shapes.py); with --quick, the union of both selections")
     sel.add_argument("--dtypes", default=None,
                      help="fp32,fp16,bf16 (default: all three; float32 with --quick or --suite); ops whose "
                           "inputs are float32 statistics run float32 only")
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "reference always runs, as the correctness oracle)")
     sel.add_argument("--compile", choices=("all", "smallest", "tagged", "off"), default=None,
                      help="torch.compile baseline on every case, on the smallest shape of each op, on the "
-                          "shapes tagged 'compile' in sdecor/bench/shapes.py, or never (default: all; "
+                          "shapes tagged 'compile' in sdecor/cli/bench/shapes.py, or never (default: all; "
                           "tagged with --quick)")
     sel.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where to run (default: cuda when available)")
@@ -159,7 +159,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or the static report); 1 when a fast path disagrees with the reference or fails."""
-    from .._optional import MissingDependencyError
+    from ..._optional import MissingDependencyError
     from .report import NotASourceTree
 
     if args.show:

@@ -11,7 +11,7 @@ outside the timed call).
 Modes: ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one retained forward),
 ``fwdbwd`` (both); an entry's ``modes`` narrows them (e.g. an eval-mode forward).
 
-Flop floor: for entries whose op has one (:meth:`~sdecor.bench.ops.Op.flops`, the GroupWhitening
+Flop floor: for entries whose op has one (:meth:`~sdecor.cli.bench.ops.Op.flops`, the GroupWhitening
 entries with ``flop_floor``), a record ``floor`` per mode (float32): the time the op's d x d x m
 products need at the rate of a large square float32 matmul (:func:`matmul_call`), timed in the same
 interleaved rounds as the case's paths, so that a change of machine load moves both alike. It is a
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _backend
-from ..testing import tol
+from ... import _backend
+from ...testing import tol
 from .ops import BASELINES, MODES, OP_SPECS, Impl, Prepared, Unavailable
 from .shapes import DTYPES, OPS, SHAPES, describe, numel
 

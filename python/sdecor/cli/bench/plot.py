@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._optional import require
+from ..._optional import require
 
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 

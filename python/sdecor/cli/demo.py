@@ -32,12 +32,12 @@ from dataclasses import asdict
 import torch
 
 from . import data as data_mod
-from ._optional import require
+from .._optional import require
 from .train import (AMP_DTYPES, TrainConfig, UsageError, batches, check_amp, check_device, check_out_dir,
                     evaluate, option_name, train_model)
 
 CONFIGS = (
-    # name, label, lambda_consistency, lambda_decor, norm layers (sdecor.train's --norm)
+    # name, label, lambda_consistency, lambda_decor, norm layers (sdecor.cli.train's --norm)
     ("ce", "cross-entropy", 0.0, 0.0, "batch"),
     ("mask", "+ masking consistency", 1.0, 0.0, "batch"),
     ("whiten", "+ whitening layers", 0.0, 0.0, "whitening"),
@@ -112,7 +112,7 @@ def output_files(names: list, figures: bool) -> list:
 
 def check_args(args: argparse.Namespace) -> list:
     """Every option of ``sdecor demo``, before any data is read or any folder made; returns the
-    dataset names. Raises :class:`sdecor.train.UsageError` naming the option."""
+    dataset names. Raises :class:`sdecor.cli.train.UsageError` naming the option."""
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in names if d not in data_mod.EMBEDDED]
     if not names or bad:

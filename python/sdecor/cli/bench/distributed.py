@@ -43,7 +43,7 @@ QUICK_RESNET_CASE = ("resnet18 2x3x32x32 d16", 2, 32, 16)
 
 def layer_bytes(C: int, d: int, world: int, esize: int = 4) -> dict:
     """Bytes one whitening layer of C channels in groups of d moves per training step and process."""
-    from ..ops.whiten_sync import payload_numel
+    from ...ops.whiten_sync import payload_numel
 
     G = C // d
     sent = payload_numel(G, d) * esize
@@ -91,7 +91,7 @@ def _collectives_only(C: int, d: int, dev):
     (D, s)) on buffers of their sizes: the communication floor of a synchronised step."""
     import torch.distributed as dist
 
-    from ..ops.whiten_sync import _all_gather, payload_numel
+    from ...ops.whiten_sync import _all_gather, payload_numel
 
     G = C // d
     packed = torch.zeros(payload_numel(G, d), device=dev)
@@ -109,8 +109,8 @@ def _worker(job: dict, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .. import convert_whitening
-    from ..nn import GroupWhitening, SyncGroupWhitening
+    from ... import convert_whitening
+    from ...nn import GroupWhitening, SyncGroupWhitening
 
     cuda = job["pg_backend"] == "nccl"
     dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
@@ -187,7 +187,7 @@ def measure(world: int = 2, *, quick: bool = False, device: str = "cpu", reps: i
                    OMP_NUM_THREADS=str(threads))
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")      # steady CPU times: freed memory stays
         env.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
-        procs = [subprocess.Popen([sys.executable, "-m", "sdecor.bench.distributed", tmp, str(r), str(world)],
+        procs = [subprocess.Popen([sys.executable, "-m", "sdecor.cli.bench.distributed", tmp, str(r), str(world)],
                                   env=env) for r in range(world)]
         deadline = time.monotonic() + timeout
         try:

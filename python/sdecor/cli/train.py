@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import metrics
-from ._optional import require
+from .. import metrics
+from .._optional import require
 from .models import MODELS, NORMS, build_model, check_group_size
 
 __all__ = ["AMP_DTYPES", "ConfigError", "Distributed", "TrainConfig", "TrainResult", "UsageError", "accuracy",
@@ -320,7 +320,7 @@ def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) 
 def sync_norm_layers(model: torch.nn.Module) -> torch.nn.Module:
     """model with every GroupWhitening made a SyncGroupWhitening and every BatchNorm a SyncBatchNorm
     (the same parameters and buffers), so that the batch statistics are those of all ranks' samples."""
-    from .nn import SyncGroupWhitening
+    from ..nn import SyncGroupWhitening
 
     model = SyncGroupWhitening.convert_sync_whitening(model)
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -334,7 +334,7 @@ def make_objective(model: torch.nn.Module, cfg: TrainConfig, device=None, rank: 
     Its generator (the uniform fill's noise) lives on ``device`` (default cfg.device) and is seeded
     with cfg.seed + 1 + rank, so that the ranks of a distributed run draw different noise.
     """
-    from .objective import SaliencyDecor
+    from ..objective import SaliencyDecor
 
     device = cfg.device if device is None else device
     return SaliencyDecor(model, mask_ratio=cfg.mask_ratio, fill=cfg.fill,
@@ -445,7 +445,7 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: mean loss terms {history[-1]}")
     model.eval()
     if dist is not None:
-        from .nn import SyncGroupWhitening
+        from ..nn import SyncGroupWhitening
 
         model = SyncGroupWhitening.revert_sync_whitening(model)
     return TrainResult(model, cfg, history, time.perf_counter() - start)
@@ -476,7 +476,7 @@ def evaluate(model: torch.nn.Module, split: data_mod.Split, *, fractions=None, f
     accuracy_under_masking) over ``fractions``. ``keep_maps`` > 0 also returns the first maps as a
     tensor under "maps" (for figures).
     """
-    from .masking import saliency as saliency_fn
+    from ..masking import saliency as saliency_fn
 
     model.eval()
     device = next(model.parameters()).device

@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch import nn
 
-from ._checks import divisors
+from .._checks import divisors
 
 __all__ = ["MODELS", "NORMS", "build_model", "check_group_size", "layer_channels", "make_norm", "TinyCNN",
            "SmallCNN", "ResNet8"]
@@ -32,7 +32,7 @@ def make_norm(norm: str, channels: int, num_channels: int = 16) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "whitening":
-        from .nn import GroupWhitening
+        from ..nn import GroupWhitening
 
         return GroupWhitening(channels, num_channels=min(num_channels, channels))
     raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")

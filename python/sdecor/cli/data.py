@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ._optional import require
+from .._optional import require
 
 __all__ = [
     "Dataset",

@@ -1,4 +1,10 @@
-"""Command line: ``python -m sdecor <command>`` (also the ``sdecor`` console script)."""
+"""Command line: ``python -m sdecor <command>`` (also the ``sdecor`` console script).
+
+The applications built on the library: each command is a module of this package with
+``add_arguments(parser)`` and ``run(args) -> int`` -- :mod:`.demo`, :mod:`.train`, :mod:`.bench` --
+beside the datasets and models they train (:mod:`.data`, :mod:`.models`); ``info`` is here. Nothing
+in the library imports this package.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,14 @@ import importlib
 import json
 import sys
 
-from ._optional import MissingDependencyError
+from .._optional import MissingDependencyError
 
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "info": ("sdecor.cli", "versions, available backends and the native extension's build"),
-    "demo": ("sdecor.demo", "the main job: SaliencyDecor ablation on embedded data, metrics and figures"),
-    "train": ("sdecor.train", "train a small CNN with the SaliencyDecor objective and report saliency metrics"),
-    "bench": ("sdecor.bench", "microbenchmarks of every op against its baselines (--static: GPU compile report)"),
+    "demo": ("sdecor.cli.demo", "the main job: SaliencyDecor ablation on embedded data, metrics and figures"),
+    "train": ("sdecor.cli.train", "train a small CNN with the SaliencyDecor objective and report saliency metrics"),
+    "bench": ("sdecor.cli.bench", "microbenchmarks of every op against its baselines (--static: GPU compile report)"),
 }
 
 
@@ -23,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._info import format_info, info
+    from .._info import format_info, info
 
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))
@@ -57,6 +63,3 @@ def main(argv=None) -> int:
         print(f"sdecor {args.command}: error: {err}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .._backend import BACKENDS
+from ..._backend import BACKENDS
 from .ops import BASELINES
 
 DEFAULT_OUT = "sdecor-bench-output"         # under the working directory, like sdecor-demo-output
+PACKAGE_DIR = Path(__file__).resolve().parents[2]     # .../sdecor (this file: sdecor/cli/bench/report.py)
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -54,9 +55,8 @@ def source_root() -> Path | None:
     In a checkout the package is python/sdecor beside setup.py and benchmarks/ (an editable install
     runs from there too); an installed copy lives in site-packages, with neither.
     """
-    pkg = Path(__file__).resolve().parent.parent          # .../sdecor
-    root = pkg.parent.parent
-    if pkg.parent.name == "python" and (root / "setup.py").is_file() and (root / "benchmarks").is_dir():
+    root = PACKAGE_DIR.parent.parent
+    if PACKAGE_DIR.parent.name == "python" and (root / "setup.py").is_file() and (root / "benchmarks").is_dir():
         return root
     return None
 
@@ -71,8 +71,8 @@ def results_dir() -> Path:
     if root is None:
         raise NotASourceTree(
             "--save-results writes the curated results into benchmarks/results/ of a source checkout of "
-            f"sdecor, but this sdecor runs from {Path(__file__).resolve().parent.parent}, which is not in "
-            "one; run it from a checkout (pip install -e .) or write elsewhere with --out DIR")
+            f"sdecor, but this sdecor runs from {PACKAGE_DIR}, which is not in one; run it from a checkout "
+            "(pip install -e .) or write elsewhere with --out DIR")
     return root / "benchmarks" / "results"
 
 
@@ -110,8 +110,8 @@ def environment(device: torch.device, timer: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from .. import _ext
-    from .._version import __version__
+    from ... import _ext
+    from ..._version import __version__
 
     env = dict(
         device=device.type,
