@@ -1,0 +1,132 @@
+"""The command line of ``sdecor train``: its options and their checks, made before any data is read
+or any folder made (:func:`check_args`); a bad option raises :class:`UsageError` naming it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import data as data_mod
+from ..models import MODELS, NORMS
+from .config import AMP_DTYPES, FILLS, ConfigError, TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--dataset", choices=data_mod.DATASETS, default=d.dataset,
+                        help="embedded: digits, shapes; torchvision (from --data-root, no download): "
+                             "mnist, fashion-mnist, cifar10 (default %(default)s)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding the torchvision datasets (torchvision's layout, e.g. "
+                             "ROOT/MNIST/raw, ROOT/cifar-10-batches-py)")
+    parser.add_argument("--model", choices=tuple(MODELS), default=d.model, help="default %(default)s")
+    parser.add_argument("--norm", choices=("auto",) + NORMS, default=d.norm,
+                        help="norm layers; auto = whitening when --lambda-decor > 0, else batch")
+    parser.add_argument("--width", type=int, default=None, help="base channel count of the model")
+    parser.add_argument("--lambda-consistency", type=float, default=d.lambda_consistency,
+                        help="weight of the masking-consistency KL term (default %(default)s)")
+    parser.add_argument("--lambda-decor", type=float, default=d.lambda_decor,
+                        help="weight of the decorrelation loss (default %(default)s)")
+    parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio,
+                        help="fraction of least salient positions masked (default %(default)s)")
+    parser.add_argument("--fill", choices=FILLS, default=d.fill, help="masked values (default %(default)s)")
+    parser.add_argument("--num-channels", type=int, default=d.num_channels,
+                        help="whitening / decorrelation group size d (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--device", default=d.device, help="torch device (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    parser.add_argument("--amp", default=d.amp, metavar="{" + ",".join(AMP_DTYPES) + "}",
+                        help="mixed precision of the training steps: torch.autocast in bf16 or fp16 (fp16 "
+                             "with a GradScaler); evaluation stays fp32 (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--eval-samples", type=int, default=512,
+                        help="test images used for the saliency metrics (default %(default)s)")
+    parser.add_argument("--out", default=None, help="folder for metrics.json and model.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training over the processes torchrun starts (torchrun "
+                             "--nproc-per-node N -m sdecor train --distributed ...; gloo on cpu, nccl on "
+                             "cuda:LOCAL_RANK): --batch-size is the global batch, split evenly over the ranks; "
+                             "norm layers synchronised; only rank 0 prints and writes --out")
+    parser.add_argument("--save-all-ranks", action="store_true",
+                        help="with --distributed and --out: every rank r > 0 also writes its final model as "
+                             "model-rank<r>.pt (to check that all ranks hold the same model)")
+
+
+OUTPUT_FILES = ("metrics.json", "model.pt")
+
+
+class UsageError(ValueError):
+    """A bad command-line option: the one-line message starts with the option's name."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message if message.startswith(option) else f"{option}: {message}")
+        self.option = option
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> TrainConfig:
+    """Every option of ``sdecor train``, before any data is read or any folder made: the training
+    configuration, --data-root, --threads, --eval-samples and --out. Raises :class:`UsageError`."""
+    cfg = TrainConfig(dataset=args.dataset, model=args.model, norm=args.norm,
+                      lambda_consistency=args.lambda_consistency, lambda_decor=args.lambda_decor,
+                      mask_ratio=args.mask_ratio, fill=args.fill, num_channels=args.num_channels,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                      seed=args.seed, width=args.width, amp=args.amp)
+    try:
+        cfg.check()
+    except ConfigError as err:
+        raise UsageError(option_name(err.field), str(err)) from None
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        raise UsageError("--data-root", f"no such folder: {args.data_root}")
+    if args.dataset in data_mod.TORCHVISION and args.data_root is None:
+        raise UsageError("--data-root", f"dataset {args.dataset!r} is read from a local folder (downloads "
+                                        f"are disabled): give its root")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads", f"--threads must be >= 1; got {args.threads}")
+    if args.eval_samples < 1:
+        raise UsageError("--eval-samples", f"--eval-samples must be >= 1; got {args.eval_samples}")
+    if args.save_all_ranks and not args.distributed:
+        raise UsageError("--save-all-ranks", "--save-all-ranks is an option of --distributed runs")
+    if args.save_all_ranks and args.out is None:
+        raise UsageError("--save-all-ranks", "--save-all-ranks writes into --out: give --out")
+    if args.out is not None:
+        try:
+            check_out_dir(args.out, OUTPUT_FILES)
+        except ValueError as err:
+            raise UsageError("--out", str(err)) from None
+    return cfg
+
+
+def check_out_dir(path, files=()) -> str:
+    """The absolute path of an output folder that exists and is writable, or can be created; each
+    of ``files`` in it is absent or a writable regular file. Creates nothing; raises ValueError.
+
+    Checked before any work, so that a run cannot train for minutes and then fail to save.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"must be a folder path; got {path!r}")
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"no permission to write in {path}")
+        for name in files:
+            target = os.path.join(path, name)
+            if os.path.lexists(target) and (not os.path.isfile(target) or not os.access(target, os.W_OK)):
+                raise ValueError(f"{target} exists and is not a writable file")
+        return path
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {path}: no permission to write in {parent}")
+    return path
