@@ -344,7 +344,7 @@ def test_allocations_are_kept_with_mallopt_unless_the_environment_says():
         calls.append((param, value))
         return 1
 
-    if allocator._glibc_version() is None:
+    if allocator.glibc_version() is None:
         got = allocator.keep_allocations({}, fake)
         assert got["kept"] is False and not calls and "not kept" in got["text"]
         return

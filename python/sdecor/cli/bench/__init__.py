@@ -226,7 +226,7 @@ def _run_bench(args, settings) -> int:
     env = dict(report.environment(device, timer), allocations=allocations, threads_from=threads_from)
     print(report.threads_text(env) + ". " + allocations["text"] + ".", file=sys.stderr, flush=True)
     records = harness.run(settings)
-    env["load_average_end"] = report._load()
+    env["load_average_end"] = report.load_average()
     if not records:
         print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
         return 2

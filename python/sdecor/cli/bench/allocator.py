@@ -23,7 +23,8 @@ _ENV = (("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold", M_MMAP_THRESHO
         ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def _glibc_version() -> str | None:
+def glibc_version() -> str | None:
+    """The C library's glibc version ("2.36"), or None for another C library (musl, macOS's)."""
     try:
         text = os.confstr("CS_GNU_LIBC_VERSION")      # "glibc 2.36"; absent on musl and elsewhere
     except (AttributeError, ValueError, OSError):
@@ -56,7 +57,7 @@ def keep_allocations(environ=None, mallopt=None) -> dict:
     mallopt refused); ``text`` is the sentence the table and the result files carry.
     """
     environ = os.environ if environ is None else environ
-    version = _glibc_version() if sys.platform.startswith("linux") else None
+    version = glibc_version() if sys.platform.startswith("linux") else None
     if version is None:
         why = f"not glibc Linux ({sys.platform})" if not sys.platform.startswith("linux") else "the C library is not glibc"
         return dict(kept=False, how=why,

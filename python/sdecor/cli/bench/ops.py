@@ -9,15 +9,15 @@ sdecor functions and modules with one backend forced; a backend that cannot run 
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ... import _backend
+from ... import _backend, _native
 from ... import reference as ref
+from ...nn import GroupWhitening
 from . import baselines as bl
 from .baselines import Unavailable
 from .shapes import numel
@@ -333,13 +333,8 @@ class GroupWhiteningModule(GroupWhiten):
         out = []
         for b in _backend.BACKENDS:
             def build(inp, b=b):
-                try:
-                    nn = importlib.import_module("sdecor.nn")
-                    cls = nn.GroupWhitening
-                except (ImportError, AttributeError) as exc:
-                    raise _backend.BackendUnavailableError(f"sdecor.nn.GroupWhitening is not available ({exc})")
-                mod = self._module(inp, lambda C: cls(C, num_channels=e["d"], method=e["method"], T=e["T"], eps=1e-5,
-                                                      momentum=self.momentum), e)
+                mod = self._module(inp, lambda C: GroupWhitening(C, num_channels=e["d"], method=e["method"], T=e["T"],
+                                                                 eps=1e-5, momentum=self.momentum), e)
                 return Prepared(self._call(_forced(mod, b), inp["x"], e), [inp["x"], mod.weight, mod.bias])
             note = "sdecor.nn.GroupWhitening" + (" in eval mode, under torch.no_grad" if e.get("eval") else "")
             out.append(Impl(f"sdecor[{b}]", "fast", build, backend=b, note=note))
@@ -428,16 +423,6 @@ class DecorrelationLoss(Op):
         return {"fwd": X, "bwd": 2 * X, "fwdbwd": 3 * X}[mode]
 
 
-def _native_eigh():
-    """sdecor's batched Jacobi eigensolver, or raise BackendUnavailableError saying why not."""
-    try:
-        native = importlib.import_module("sdecor._native")
-        fn = native.eigh_small
-    except (ImportError, AttributeError) as exc:
-        raise _backend.BackendUnavailableError(f"sdecor._native.eigh_small is not available ({exc})")
-    return fn
-
-
 class EighSmall(Op):
     name = "eigh_small"
     modes = ("fwd",)
@@ -462,8 +447,7 @@ class EighSmall(Op):
             why = _backend.native_reason(inp["a"].device)
             if why is not None:
                 raise _backend.BackendUnavailableError(why)
-            fn = _native_eigh()
-            return Prepared(lambda: _tuple(fn(inp["a"])))
+            return Prepared(lambda: _tuple(_native.eigh_small(inp["a"])))
         return [Impl("sdecor[native]", "fast", build, backend="native", note="torch.ops.sdecor.eigh_small")]
 
     def canon(self, outs, e):

@@ -96,7 +96,8 @@ def git_revision(root: Path | None = None) -> dict:
         return dict(revision=None, dirty=None)
 
 
-def _load():
+def load_average():
+    """The 1, 5 and 15 minute load averages of the machine (None where the OS has none)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
@@ -129,7 +130,7 @@ def environment(device: torch.device, timer: str) -> dict:
         extension=_ext.build_info() or None,
         timestamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         timer=timer,
-        load_average=_load(),
+        load_average=load_average(),
         env={k: os.environ[k] for k in ("SDECOR_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS",
                                          "CUDA_VISIBLE_DEVICES") if k in os.environ},
     )
