@@ -19,7 +19,7 @@ import sdecor
 
 import sdecor.cli.bench as bench
 from sdecor import reference as ref
-from sdecor.cli.bench import harness, report
+from sdecor.cli.bench import harness, report, timing
 from sdecor.cli.bench.ops import OP_SPECS, Impl, Prepared
 from sdecor.cli.bench.plot import plot_op
 
@@ -319,7 +319,7 @@ def test_targets_are_read_off_per_path(suite_run):
     assert f"{times['sdecor[torch]'] / times['batchnorm']:.3g}x" in torch_row
 
 
-@pytest.mark.skipif(harness.minor_faults() is None, reason="no getrusage here")
+@pytest.mark.skipif(timing.minor_faults() is None, reason="no getrusage here")
 def test_page_faults_per_call_are_counted(suite_run):
     assert all(r["minor_faults"] >= 0 for r in suite_run if r["status"] == "ok" and r["impl"] != "floor")
 

@@ -4,27 +4,25 @@ For each selected (op, shape, dtype): inputs are generated once (outside any tim
 implementation gets its own copy. The reference runs first; each other implementation that computes
 the same function is compared with it -- outputs, and for backward modes every gradient -- with
 :func:`sdecor.testing.tol` of the dtype. One that disagrees is recorded as ``MISMATCH`` with its
-largest error and is never timed. Timing: ``triton.testing.do_bench`` (median, warm-up, gradients
-cleared) on GPU; on CPU a perf_counter loop (median of repeats, gradients cleared between calls,
-outside the timed call).
+largest error and is never timed. Timing (:mod:`.timing`): ``triton.testing.do_bench`` (median,
+warm-up, gradients cleared) on GPU; on CPU a perf_counter loop (median of repeats, gradients cleared
+between calls, outside the timed call).
 
 Modes: ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one retained forward),
 ``fwdbwd`` (both); an entry's ``modes`` narrows them (e.g. an eval-mode forward).
 
 Flop floor: for entries whose op has one (:meth:`~sdecor.cli.bench.ops.Op.flops`, the GroupWhitening
 entries with ``flop_floor``), a record ``floor`` per mode (float32): the time the op's d x d x m
-products need at the rate of a large square float32 matmul (:func:`matmul_call`), timed in the same
-interleaved rounds as the case's paths, so that a change of machine load moves both alike. It is a
-baseline like the others: ``speedup["floor"]`` of a path is floor time / path time.
+products need at the rate of a large square float32 matmul (:func:`.timing.matmul_call`), timed in
+the same interleaved rounds as the case's paths, so that a change of machine load moves both alike.
+It is a baseline like the others: ``speedup["floor"]`` of a path is floor time / path time.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import gc
-import statistics
 import sys
-import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -34,6 +32,7 @@ from ... import _backend
 from ...testing import tol
 from .ops import BASELINES, MODES, OP_SPECS, Impl, Prepared, Unavailable
 from .shapes import DTYPES, OPS, SHAPES, describe, numel
+from .timing import MATMUL_N, clear_grads, matmul_call, time_cpu_interleaved, time_gpu
 
 STATUS_OK, STATUS_MISMATCH, STATUS_SKIPPED, STATUS_ERROR = "ok", "MISMATCH", "skipped", "error"
 TRITON_ON_CPU = "Triton runs on CPU tensors only through its interpreter, which is not a fast path"
@@ -128,89 +127,6 @@ def compare(actual: tuple, expected: tuple, dtype: torch.dtype, names) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# timing
-
-
-def _clear(leaves) -> None:
-    for t in leaves:
-        t.grad = None
-
-
-def _stats(times: list, faults: list | None = None) -> dict:
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return dict(median=statistics.median(times), p20=q[1], p80=q[7], reps=len(times), peak_mem=None,
-                faults=statistics.median(faults) if faults else None)
-
-
-def minor_faults() -> int | None:
-    """Minor page faults of this process so far (None where getrusage is missing): a call that
-    page-faults memory back from the OS shows here, one fault per 4 KiB page."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def time_cpu_interleaved(fns, min_time: float, min_reps: int, max_calls_per_round: int = 50) -> list[dict]:
-    """Time several (fn, leaves) in rounds, each round calling every fn, in a rotating order.
-
-    Interleaving spreads any change of machine load over all paths alike. Within a round a fast fn is
-    called several times (about as long as the slowest one, at most ``max_calls_per_round``); every
-    call is timed on its own with perf_counter, gradients cleared outside the timed call. Stops after
-    ``min_reps`` rounds once ``min_time`` seconds per fn have passed (or 10x that, after 3 rounds).
-    The minor page faults of each call are counted too, outside the timed window (median per call).
-    """
-    est = []
-    for fn, leaves in fns:                      # warm-up, and a first estimate of each call's time
-        _clear(leaves)
-        t0 = time.perf_counter()
-        fn()
-        est.append(time.perf_counter() - t0)
-    slowest = max(est)
-    calls = [max(1, min(max_calls_per_round, int(slowest / max(t, 1e-7)))) for t in est]
-    times = [[] for _ in fns]
-    faults = [[] for _ in fns] if minor_faults() is not None else None
-    start, rounds, n = time.perf_counter(), 0, len(fns)
-    while True:
-        for j in range(n):
-            i = (j + rounds) % n
-            fn, leaves = fns[i]
-            for _ in range(calls[i]):
-                _clear(leaves)
-                f0 = minor_faults() if faults is not None else 0
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                if faults is not None:
-                    faults[i].append(minor_faults() - f0)
-                times[i].append(t1 - t0)
-        rounds += 1
-        elapsed = time.perf_counter() - start
-        if (rounds >= min_reps and elapsed >= min_time * n) or (rounds >= 3 and elapsed >= 10 * min_time * n):
-            break
-    for _, leaves in fns:
-        _clear(leaves)
-    return [_stats(t, None if faults is None else faults[i]) for i, t in enumerate(times)]
-
-
-def time_gpu(fn, leaves) -> dict:
-    """triton.testing.do_bench median (and 20/80 % quantiles), gradients cleared; peak memory."""
-    from triton.testing import do_bench
-
-    med, lo, hi = do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.5, 0.2, 0.8])
-    _clear(leaves)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    _clear(leaves)
-    return dict(median=med / 1e3, p20=lo / 1e3, p80=hi / 1e3, reps=None, peak_mem=int(peak), faults=None)
-
-
-# ---------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -245,19 +161,6 @@ def _compile_targets(settings: Settings, entries) -> set:
             smallest = min(es, key=numel)
             out.add((op, smallest["name"], dts[0]))
     return out
-
-
-# side of the square float32 matmul whose rate sets the flop floor: large enough to run at the BLAS's
-# peak (2048^3 is 17 GFLOP, about 0.1 s on 2 cores), larger on a GPU
-MATMUL_N = {"cpu": 2048, "cuda": 8192}
-
-
-def matmul_call(device, n: int) -> dict:
-    """An n x n x n float32 matmul into a preallocated output (2 n^3 flops): {'n', 'flops', 'fn'}."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
-    out = torch.empty(n, n, device=device)
-    return dict(n=n, flops=2 * n ** 3, fn=lambda: torch.mm(a, b, out=out))
 
 
 def entry_modes(spec, e: dict, settings: Settings) -> list[str]:
@@ -322,7 +225,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
                         torch.randn(o.shape, generator=gen).to(o.dtype).to(device) for o in diff)
             _backward(diff, dys)
             ref_grads = tuple(leaf.grad.detach().clone() for leaf in ref_prep.leaves)
-            _clear(ref_prep.leaves)
+            clear_grads(ref_prep.leaves)
         ref_canon = spec.canon(ref_outs, e)
     except Exception as exc:  # without the oracle nothing of this case can be checked or timed
         why = f"the reference failed, nothing checked: {_one_line(exc)}"
@@ -386,9 +289,9 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
         for impl, prep, _ in ready:
             try:
                 fn = _mode_fn(spec, prep, m, dys)
-                _clear(prep.leaves)
+                clear_grads(prep.leaves)
                 fn()                        # warm-up; a path that cannot run this mode is reported
-                _clear(prep.leaves)
+                clear_grads(prep.leaves)
                 fns.append((impl, fn, prep.leaves))
             except Exception as exc:
                 failed[impl.name] = _one_line(exc)
@@ -463,7 +366,7 @@ def _gate(spec, e, prep: Prepared, need_grad, dtype, dys, ref_canon, ref_grads, 
         g = compare(grads, ref_grads, dtype, grad_names)
         if not g["ok"] or g["err_ratio"] > res["err_ratio"]:
             res = g
-    _clear(prep.leaves)
+    clear_grads(prep.leaves)
     return res
 
 
@@ -472,7 +375,7 @@ def _smoke(spec, prep: Prepared, need_grad) -> None:
     outs = spec.diff_outputs(prep.forward())
     if need_grad:
         _backward(outs, [torch.randn_like(o) for o in outs])
-    _clear(prep.leaves)
+    clear_grads(prep.leaves)
 
 
 def _mode_fn(spec, prep: Prepared, mode, dys):
