@@ -1,7 +1,9 @@
 """Decorrelation loss and the SaliencyDecor objective.
 
 ``decorrelation_loss`` goes through group_cov (:mod:`sdecor.ops.cov`), so it runs on whichever
-backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors).
+backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors). With a
+process group of several ranks it works on the global batch instead, from float64 moments summed
+over the ranks (:mod:`sdecor.ops.cov_sync`, plain torch ops).
 
 ``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
 
@@ -20,20 +22,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation, no_autocast
+from ._common import decorrelation, decorrelation_per_group, no_autocast, stats_dtype
 from .masking import saliency as input_saliency
+from .ops import cov_sync
 from .ops.cov import run_group_cov
 from .ops.topk import topk_mask
 
 
 @no_autocast
 def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
-                       last_group: str = "even") -> torch.Tensor:
+                       last_group: str = "even", process_group=None) -> torch.Tensor:
     """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov).
 
     last_group="smaller": d need not divide C; the last group of r = C - (G - 1) d channels is a
     group of its own (its penalty over its r channels, "corr" normalised by r (r - 1)), and the mean
-    is over all G groups."""
+    is over all G groups.
+
+    process_group: None (the default) computes the loss of this process's x alone. A
+    torch.distributed ProcessGroup of world size W > 1 (e.g. ``torch.distributed.group.WORLD``)
+    computes it on the global batch: each group's mean and covariance are those of the
+    concatenation of every rank's x (ranks may hold different batch sizes, 0 included; at least 2
+    values per channel over all ranks together), the loss is the same number on every rank, and the
+    gradient on each rank is the gradient of that loss w.r.t. the rank's own x. Every rank of the
+    group must call it, in the same order, with the same C, num_channels, kind and last_group;
+    where they differ, or a rank's arguments fail their checks, every rank raises the same
+    ValueError. Only statistics travel (:mod:`sdecor.ops.cov_sync`): per call one all_reduce of a
+    header of 6 W integers (every rank's C, num_channels, kind, last_group and sample count), and
+    one all_reduce of G (d + d^2) float64 numbers (each group's sum x and sum x x^T; for
+    kind="corr" on float64 input one more of G exponents); the backward communicates nothing.
+    The statistics are accumulated in float64, and the loss is returned in float32 (float64 for
+    float64 input) as without a group. A rank that never calls leaves the others waiting until the
+    process group's timeout (``init_process_group(timeout=...)``, ``new_group(timeout=...)``),
+    which then raises there. World size 1: the single-process computation, no communication."""
+    if cov_sync.world_size(process_group) > 1:
+        return _global_decorrelation(x, num_channels, kind, last_group, process_group)
     _checks.check_decor_args(num_channels, kind)
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1], last_group)
@@ -41,6 +63,33 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
         _checks.check_corr_groups(num_channels, x.shape[1])
     _checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, run_group_cov)
+
+
+@no_autocast
+def _global_decorrelation(x, num_channels, kind: str, last_group: str, group,
+                          grad_scale: float = 1.0) -> torch.Tensor:
+    """decorrelation_loss on the concatenation of all ranks' x (:mod:`sdecor.ops.cov_sync`); the
+    gradient w.r.t. this rank's x is that of the loss times ``grad_scale``."""
+    # A rank whose arguments fail their checks still joins the header exchange, so that the others
+    # raise too rather than wait in the next collective.
+    try:
+        _checks.check_decor_args(num_channels, kind)
+        _checks.check_input(x)
+        _checks.check_groups(num_channels, x.shape[1], last_group)
+        if kind == "corr":
+            _checks.check_corr_groups(num_channels, x.shape[1])
+        failed = None
+    except (TypeError, ValueError) as err:
+        failed = err
+    table = cov_sync.exchange_header(cov_sync.header_row(failed is None, x, num_channels, kind, last_group),
+                                     group, x)
+    if failed is not None:
+        raise failed
+    n = cov_sync.check_header(table, "decorrelation_loss")
+    covs = cov_sync.global_cov(cov_sync.parts(x, num_channels), n, group,
+                               common_scale=kind == "corr" and x.dtype == torch.float64, grad_scale=grad_scale)
+    loss = torch.cat([decorrelation_per_group(cov, kind) for cov in covs]).mean()
+    return loss.to(stats_dtype(x.dtype))
 
 
 def _snapshot(model: nn.Module, generator) -> tuple:
