@@ -156,11 +156,28 @@ class SaliencyDecor(nn.Module):
       pre-hook during the clean forward only). C must be divisible by ``num_channels`` (checked here
       for the default layer when lambda_decor > 0, else in the forward).
     - ``kind``: "decov" (default) or "corr" (see decorrelation_loss).
+    - ``process_group``: None (the default) computes each decorrelation term on this process's
+      features alone. A torch.distributed ProcessGroup computes it on the global batch, as
+      ``decorrelation_loss(..., process_group=process_group)`` does: the covariance of every rank's
+      features together, the same value D on every rank (one header and one statistics
+      all_reduce per decorrelated layer and step; every rank must call the objective in the same
+      order, as DDP requires anyway). CE and KL stay means over this rank's batch.
+
+    Scaling under DistributedDataParallel (DDP averages the parameter gradients over the W ranks):
+    ``decorrelation`` and ``total`` hold the value D, but the backward carries W times its gradient
+    w.r.t. this rank's features, W dD/dx_r (as if each rank's loss held the W ranks' copies of D,
+    the convention of SyncBatchNorm). The mean over the ranks of W dD/dx_r dx_r/dtheta is dD/dtheta,
+    while that of the CE and KL gradients is the gradient of their global batch means when the ranks
+    hold equal batch sizes; so one DDP step equals the single-process step on the concatenated batch
+    (with unequal sizes the CE and KL terms weigh each rank's samples by 1 / (W N_r) instead). The
+    reported terms, and their mean over the ranks, keep the single-process values. At world size 1
+    the objective is the single-process one exactly.
     """
 
     def __init__(self, model: nn.Module, mask_ratio: float = 0.5, fill: str = "uniform",
                  lambda_consistency: float = 1.0, lambda_decor: float = DEFAULT_LAMBDA_DECOR,
-                 decor_layers=None, num_channels: int = 16, *, kind: str = "decov", generator=None):
+                 decor_layers=None, num_channels: int = 16, *, kind: str = "decov", generator=None,
+                 process_group=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -175,10 +192,13 @@ class SaliencyDecor(nn.Module):
             raise ValueError(f"num_channels must be a positive int; got {num_channels!r}")
         _checks.check_decor_args(num_channels, kind)
         _checks.check_generator(generator)
+        if process_group is not None:
+            cov_sync.check_process_group(process_group)
         self.model = model
         self.mask_ratio, self.fill = float(mask_ratio), fill
         self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)
         self.num_channels, self.kind, self.generator = num_channels, kind, generator
+        self.process_group = process_group
         self.decor_layers = self._resolve_layers(model, decor_layers)
         if decor_layers is None and self.lambda_decor > 0:        # with lambda_decor = 0 nothing is grouped
             C = self.decor_layers[0][1].in_features
@@ -239,8 +259,14 @@ class SaliencyDecor(nn.Module):
 
     def _decorrelation(self, feats: list[tuple[str, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
         total = like.new_zeros(())
+        world = cov_sync.world_size(self.process_group)
         for name, f in feats:
-            total = total + decorrelation_loss(f, self.num_channels, self.kind).to(total.dtype)
+            if world > 1:      # the global term, W times its gradient (see the class docstring)
+                term = _global_decorrelation(f, self.num_channels, self.kind, "even", self.process_group,
+                                             grad_scale=float(world))
+            else:
+                term = decorrelation_loss(f, self.num_channels, self.kind)
+            total = total + term.to(total.dtype)
         return total
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> SaliencyDecorTerms:
