@@ -1,7 +1,9 @@
 """Decorrelation loss and the SaliencyDecor objective.
 
 ``decorrelation_loss`` goes through group_cov (:mod:`sdecor.ops.cov`), so it runs on whichever
-backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors).
+backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors). With a
+process group of several ranks it works on the global batch instead, from float64 moments summed
+over the ranks (:mod:`sdecor.ops.cov_sync`, plain torch ops).
 
 ``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
 
@@ -20,20 +22,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation, no_autocast
+from ._common import decorrelation, decorrelation_per_group, no_autocast, stats_dtype
 from .masking import saliency as input_saliency
+from .ops import cov_sync
 from .ops.cov import run_group_cov
 from .ops.topk import topk_mask
 
 
 @no_autocast
 def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
-                       last_group: str = "even") -> torch.Tensor:
+                       last_group: str = "even", process_group=None) -> torch.Tensor:
     """Mean over groups of the decov or corr penalty of the group covariance (uses group_cov).
 
     last_group="smaller": d need not divide C; the last group of r = C - (G - 1) d channels is a
     group of its own (its penalty over its r channels, "corr" normalised by r (r - 1)), and the mean
-    is over all G groups."""
+    is over all G groups.
+
+    process_group: None (the default) computes the loss of this process's x alone. A
+    torch.distributed ProcessGroup of world size W > 1 (e.g. ``torch.distributed.group.WORLD``)
+    computes it on the global batch: each group's mean and covariance are those of the
+    concatenation of every rank's x (ranks may hold different batch sizes, 0 included; at least 2
+    values per channel over all ranks together), the loss is the same number on every rank, and the
+    gradient on each rank is the gradient of that loss w.r.t. the rank's own x. Every rank of the
+    group must call it, in the same order, with the same C, num_channels, kind and last_group;
+    where they differ, or a rank's arguments fail their checks, every rank raises the same
+    ValueError. Only statistics travel (:mod:`sdecor.ops.cov_sync`): per call one all_reduce of a
+    header of 6 W integers (every rank's C, num_channels, kind, last_group and sample count), and
+    one all_reduce of G (d + d^2) float64 numbers (each group's sum x and sum x x^T; for
+    kind="corr" on float64 input one more of G exponents); the backward communicates nothing.
+    The statistics are accumulated in float64, and the loss is returned in float32 (float64 for
+    float64 input) as without a group. A rank that never calls leaves the others waiting until the
+    process group's timeout (``init_process_group(timeout=...)``, ``new_group(timeout=...)``),
+    which then raises there. World size 1: the single-process computation, no communication."""
+    if cov_sync.world_size(process_group) > 1:
+        return _global_decorrelation(x, num_channels, kind, last_group, process_group)
     _checks.check_decor_args(num_channels, kind)
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1], last_group)
@@ -41,6 +63,33 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
         _checks.check_corr_groups(num_channels, x.shape[1])
     _checks.check_training_samples(x)
     return decorrelation(x, num_channels, kind, run_group_cov)
+
+
+@no_autocast
+def _global_decorrelation(x, num_channels, kind: str, last_group: str, group,
+                          grad_scale: float = 1.0) -> torch.Tensor:
+    """decorrelation_loss on the concatenation of all ranks' x (:mod:`sdecor.ops.cov_sync`); the
+    gradient w.r.t. this rank's x is that of the loss times ``grad_scale``."""
+    # A rank whose arguments fail their checks still joins the header exchange, so that the others
+    # raise too rather than wait in the next collective.
+    try:
+        _checks.check_decor_args(num_channels, kind)
+        _checks.check_input(x)
+        _checks.check_groups(num_channels, x.shape[1], last_group)
+        if kind == "corr":
+            _checks.check_corr_groups(num_channels, x.shape[1])
+        failed = None
+    except (TypeError, ValueError) as err:
+        failed = err
+    table = cov_sync.exchange_header(cov_sync.header_row(failed is None, x, num_channels, kind, last_group),
+                                     group, x)
+    if failed is not None:
+        raise failed
+    n = cov_sync.check_header(table, "decorrelation_loss")
+    covs = cov_sync.global_cov(cov_sync.parts(x, num_channels), n, group,
+                               common_scale=kind == "corr" and x.dtype == torch.float64, grad_scale=grad_scale)
+    loss = torch.cat([decorrelation_per_group(cov, kind) for cov in covs]).mean()
+    return loss.to(stats_dtype(x.dtype))
 
 
 def _snapshot(model: nn.Module, generator) -> tuple:
@@ -107,11 +156,28 @@ class SaliencyDecor(nn.Module):
       pre-hook during the clean forward only). C must be divisible by ``num_channels`` (checked here
       for the default layer when lambda_decor > 0, else in the forward).
     - ``kind``: "decov" (default) or "corr" (see decorrelation_loss).
+    - ``process_group``: None (the default) computes each decorrelation term on this process's
+      features alone. A torch.distributed ProcessGroup computes it on the global batch, as
+      ``decorrelation_loss(..., process_group=process_group)`` does: the covariance of every rank's
+      features together, the same value D on every rank (one header and one statistics
+      all_reduce per decorrelated layer and step; every rank must call the objective in the same
+      order, as DDP requires anyway). CE and KL stay means over this rank's batch.
+
+    Scaling under DistributedDataParallel (DDP averages the parameter gradients over the W ranks):
+    ``decorrelation`` and ``total`` hold the value D, but the backward carries W times its gradient
+    w.r.t. this rank's features, W dD/dx_r (as if each rank's loss held the W ranks' copies of D,
+    the convention of SyncBatchNorm). The mean over the ranks of W dD/dx_r dx_r/dtheta is dD/dtheta,
+    while that of the CE and KL gradients is the gradient of their global batch means when the ranks
+    hold equal batch sizes; so one DDP step equals the single-process step on the concatenated batch
+    (with unequal sizes the CE and KL terms weigh each rank's samples by 1 / (W N_r) instead). The
+    reported terms, and their mean over the ranks, keep the single-process values. At world size 1
+    the objective is the single-process one exactly.
     """
 
     def __init__(self, model: nn.Module, mask_ratio: float = 0.5, fill: str = "uniform",
                  lambda_consistency: float = 1.0, lambda_decor: float = DEFAULT_LAMBDA_DECOR,
-                 decor_layers=None, num_channels: int = 16, *, kind: str = "decov", generator=None):
+                 decor_layers=None, num_channels: int = 16, *, kind: str = "decov", generator=None,
+                 process_group=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -126,10 +192,13 @@ class SaliencyDecor(nn.Module):
             raise ValueError(f"num_channels must be a positive int; got {num_channels!r}")
         _checks.check_decor_args(num_channels, kind)
         _checks.check_generator(generator)
+        if process_group is not None:
+            cov_sync.check_process_group(process_group)
         self.model = model
         self.mask_ratio, self.fill = float(mask_ratio), fill
         self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)
         self.num_channels, self.kind, self.generator = num_channels, kind, generator
+        self.process_group = process_group
         self.decor_layers = self._resolve_layers(model, decor_layers)
         if decor_layers is None and self.lambda_decor > 0:        # with lambda_decor = 0 nothing is grouped
             C = self.decor_layers[0][1].in_features
@@ -190,8 +259,14 @@ class SaliencyDecor(nn.Module):
 
     def _decorrelation(self, feats: list[tuple[str, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
         total = like.new_zeros(())
+        world = cov_sync.world_size(self.process_group)
         for name, f in feats:
-            total = total + decorrelation_loss(f, self.num_channels, self.kind).to(total.dtype)
+            if world > 1:      # the global term, W times its gradient (see the class docstring)
+                term = _global_decorrelation(f, self.num_channels, self.kind, "even", self.process_group,
+                                             grad_scale=float(world))
+            else:
+                term = decorrelation_loss(f, self.num_channels, self.kind)
+            total = total + term.to(total.dtype)
         return total
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> SaliencyDecorTerms:
