@@ -513,7 +513,7 @@ def _t_needed(s: torch.Tensor, tol: float) -> torch.Tensor:
     eye = torch.eye(k, dtype=torch.float64, device=s.device)
     trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     sn = s / trace                                                   # Y_0 = Sn
-    y, z = sn, eye.expand_as(s)                                      # Z_0 = I
+    y, z = sn, eye.expand(s.shape).clone()                          # Z_0 = I (not a stride-0 batch in matmul)
     needed = torch.full(s.shape[:1], -1.0, dtype=torch.float64, device=s.device)
     for step in range(1, MAX_T + 1):
         m = 0.5 * (3.0 * eye - z @ y)
