@@ -250,6 +250,30 @@ def test_every_backend_on_cpu(backend, method):
         _check_record(record, expected[record.name], rtol=1e-6)
 
 
+def test_w_where_the_running_matrix_cannot_hold_it():
+    """float64 input to a layer with float32 buffers, and a layer without running statistics: W is
+    then computed apart from the layer; it must still be the layer's, here recovered from the
+    layer's own training output y = W (x - mean) (weight 1, bias 0): W = (Y Xc^T) (Xc Xc^T)^-1."""
+    model = nn.Sequential(GroupWhitening(24, 8, T=4), GroupWhitening(24, 6, T=3, track_running_stats=False))
+    x = torch.randn(64, 24, dtype=F64) * torch.linspace(0.5, 2, 24, dtype=F64) + 0.3
+    report = sdecor.whitening_report(model, x)
+    twin, seen = copy.deepcopy(model), {}
+    for name, layer in _whitening_layers(twin):
+        layer.register_forward_hook(lambda l, i, o, name=name: seen.__setitem__(name, (i[0].clone(), o.clone())))
+    with torch.no_grad():
+        twin.train()(x)
+    for record, (name, layer) in zip(report, _whitening_layers(model)):
+        xin, y = seen[name]
+        assert xin.dtype == y.dtype == F64
+        d, G = layer.num_channels, layer.num_groups
+        xc = (xin - xin.mean(0)).T.reshape(G, d, -1)                  # (G, d, m)
+        yg = y.T.reshape(G, d, -1)
+        w = (yg @ xc.mT) @ torch.linalg.inv(xc @ xc.mT)
+        expected = hr.layer_health(xin, d, method=layer.method, eps=layer.eps, T=layer.T, w=w,
+                                   running_wm=layer.running_wm if layer.track_running_stats else None)
+        _check_record(record, expected)
+
+
 def test_t_needed_is_the_smallest_newton_step_count_that_whitens():
     x = _spectral_batch(48, _spectra((8, 8), 3e3))
     report = sdecor.whitening_report(nn.Sequential(GroupWhitening(16, 8, eps=1e-6, dtype=F64)), x, tol=1e-4)
@@ -313,11 +337,13 @@ def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             {n: m.training for n, m in model.named_modules()},
             {n: p for n, p in model.named_parameters()},
-            torch.get_rng_state())
+            torch.get_rng_state(),
+            {n: m.momentum for n, m in _whitening_layers(model)})
 
 
 def _assert_unchanged(model, snapshot):
-    state, flags, params, rng = snapshot
+    state, flags, params, rng, momenta = snapshot
+    assert {n: m.momentum for n, m in _whitening_layers(model)} == momenta
     now = model.state_dict()
     assert list(now) == list(state)
     for k, v in state.items():

@@ -266,18 +266,20 @@ def whitening_report(model: nn.Module, x, *, tol: float = 1e-3) -> WhiteningRepo
 
     Nothing of the model or of torch's random state changes: every parameter and buffer (running
     statistics, ``num_batches_tracked``; ``model.state_dict()`` is bitwise equal afterwards), every
-    module's ``training`` flag and the CPU and CUDA random number generators' states are restored,
+    module's ``training`` flag, the whitening layers' ``momentum`` and the CPU and CUDA random number
+    generators' states are restored,
     also when the forward raises (the error is then raised as it is). The hooks are removed in any
     case. Dropout and other random layers draw as a training step would, from the current random
     state, which is then put back: two calls give the same report.
 
     How the numbers are obtained:
 
-    - W_g, the matrix the layer uses in training, is computed from the layer's input by the layer's
-      own training path (a :class:`~sdecor.nn.GroupWhitening` with the layer's ``num_channels``,
-      ``method``, ``T``, ``eps`` and ``last_group``, on the active backend): in float32 for float32
-      (and float16 / bfloat16) input, float64 for float64 input, as the layer computes it. Its errors
-      are then evaluated in float64.
+    - W_g, the matrix the layer uses in training, is the one the layer itself computes in this
+      forward (on the active backend, in float32 for float32 / float16 / bfloat16 input and float64
+      for float64 input): each whitening layer runs at momentum 1 during the forward, so that its
+      running matrix right after it is this batch's W, read in the hook (a layer without running
+      statistics, or with buffers of another dtype than W's, has W computed by the same training
+      path of a fresh GroupWhitening with its settings). Its errors are then evaluated in float64.
     - Sigma_g is the biased covariance of the layer's input in float64
       (:func:`sdecor.reference.group_cov` of the input converted to float64); the eigenvalues come
       from one batched ``torch.linalg.eigh`` per layer (the smaller last group on its own r x r
@@ -343,15 +345,22 @@ def whitening_report(model: nn.Module, x, *, tol: float = 1e-3) -> WhiteningRepo
         captured[name] = _layer_stats(layer, inputs[0])
 
     with _model_kept(model):
+        # momentum 1: after its forward a layer's running matrix is the W it computed (_layer_stats);
+        # the running statistics are restored with every other buffer
+        momenta = [(layer, layer.momentum) for _, layer in layers]
         handles = [layer.register_forward_hook(lambda l, i, o, name=name: hook(name, l, i, o))
                    for name, layer in layers]
         try:
+            for layer, _ in momenta:
+                layer.momentum = 1.0
             model.train()
             with torch.no_grad():
                 model(*args)
         finally:
             for h in handles:
                 h.remove()
+            for layer, momentum in momenta:
+                layer.momentum = momentum
     if not captured:
         raise ValueError(f"none of model's {len(layers)} whitening layer(s) ran in the forward on x")
     ran = [(name, layer) for name, layer in layers if name in captured]
@@ -443,18 +452,25 @@ class _LayerStats:
 def _layer_stats(layer: GroupWhitening, x: torch.Tensor) -> _LayerStats:
     """Sigma (float64) and the layer's training W for its input x. Runs in the hook, right after the
     layer (so that no later in-place operation on x can change what is measured, and x need not be
-    kept), with autocast off: the float64 math stays float64."""
+    kept), with autocast off: the float64 math stays float64.
+
+    W: the layer ran at momentum 1 (see :func:`whitening_report`), so its running matrix now holds
+    this batch's W exactly (r <- r + 1 * (W - r) gives W), where that buffer has W's dtype. Otherwise
+    (no running statistics, or buffers of another dtype) a fresh GroupWhitening with the layer's
+    settings runs the same training path on x and holds W in a buffer of W's dtype."""
     x = x.detach()
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # the layer's own training path with the layer's settings: with momentum 1 the running
-        # matrix after one batch is that batch's W (lerp with weight 1 returns its end exactly)
-        probe = GroupWhitening(layer.num_features, layer.num_channels, method=layer.method, T=layer.T,
-                               eps=layer.eps, momentum=1.0, affine=False, track_running_stats=True,
-                               last_group=layer.last_group, device=x.device, dtype=stats_dtype)
-        probe(x)
+        if layer.track_running_stats and layer.running_wm.dtype == stats_dtype:
+            w = layer.running_wm.clone()
+        else:
+            probe = GroupWhitening(layer.num_features, layer.num_channels, method=layer.method, T=layer.T,
+                                   eps=layer.eps, momentum=1.0, affine=False, track_running_stats=True,
+                                   last_group=layer.last_group, device=x.device, dtype=stats_dtype)
+            probe(x)
+            w = probe.running_wm
         _, sigma = reference.group_cov(x.to(torch.float64), layer.num_channels, layer.last_group)
-    return _LayerStats(sigma=sigma, w=probe.running_wm)
+    return _LayerStats(sigma=sigma, w=w)
 
 
 # ---------------------------------------------------------------------------------------------------
