@@ -9,8 +9,9 @@ inverse square root, the effective rank of the covariance, the share of its eige
 and the smallest T that would whiten the group to a tolerance. The model is left exactly as it was.
 
 The definitions, one group at a time in float64, are :mod:`sdecor.health_reference`; the report
-computes the same fields batched over groups (one eigendecomposition per layer, one Newton-Schulz run
-for all groups of a size), and the tests hold it to the reference.
+computes the same fields batched over groups (one batched eigendecomposition per layer, a second for a
+smaller last group; one Newton-Schulz run for all groups of a size in the model), and the tests hold it
+to the reference.
 """
 
 from __future__ import annotations
