@@ -1,7 +1,8 @@
 """sdecor: fused kernels for group-wise ZCA whitening, decorrelation and saliency-guided training.
 
 Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_loss, saliency,
-progressive_masks, convert_whitening, convert_iternorm, fold_whitening (for inference). Modules (also in
+progressive_masks, convert_whitening, convert_iternorm, fold_whitening (for inference), whitening_report
+(per-layer whitening health on a batch). Modules (also in
 :mod:`sdecor.nn`): GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed),
 SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the functions live in
 :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
@@ -13,6 +14,7 @@ from ._info import info
 from ._version import __version__
 from .convert import ConversionReport, convert_iternorm, convert_whitening
 from .fold import FoldReport, fold_whitening
+from .health import WhiteningRecord, WhiteningReport, whitening_report
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
@@ -28,6 +30,8 @@ __all__ = [
     "SaliencyDecorTerms",
     "SaliencyMasker",
     "SyncGroupWhitening",
+    "WhiteningRecord",
+    "WhiteningReport",
     "convert_iternorm",
     "convert_whitening",
     "decorrelation_loss",
@@ -42,4 +46,5 @@ __all__ = [
     "topk_mask",
     "use_backend",
     "whitening_matrix",
+    "whitening_report",
 ]
