@@ -522,3 +522,35 @@ def test_bad_input():
     with pytest.raises(ValueError, match="'1' ran more than once"):
         sdecor.whitening_report(twice, x)
     _assert_unchanged(twice, before)
+
+
+def test_newton_errors_per_step_count():
+    # the error of T steps for every T, against the reference's Newton-Schulz matrix rerun per T
+    x = _spectral_batch(40, _spectra((8, 8), 1e4))
+    sigmas = hr.group_covariances(x, 8)
+    s = torch.stack([sg + 1e-5 * torch.eye(8, dtype=F64) for sg in sigmas])
+    errors = sdecor.health.newton_errors(s, 30)
+    assert errors.shape == (30, 2) and errors.dtype == F64
+    for T in (1, 5, 17, 30):
+        for g in range(2):
+            want = hr.whitening_error(sdecor.reference.newton_schulz(s[g], T), s[g])
+            assert math.isclose(errors[T - 1, g].item(), want, rel_tol=1e-9, abs_tol=64 * U64 * 8 * 1e4)
+    # its first value below tol is the report's t_needed
+    report = sdecor.whitening_report(nn.Sequential(GroupWhitening(16, 8, dtype=F64)), x, tol=1e-4)
+    full = sdecor.health.newton_errors(s, 100)
+    for g in range(2):
+        below = (full[:, g] < 1e-4).nonzero()
+        assert report[0].t_needed[g].item() == (below[0].item() + 1 if len(below) else -1)
+    # float32 input runs in float64
+    assert torch.equal(sdecor.health.newton_errors(s.float(), 3), sdecor.health.newton_errors(s.float().double(), 3))
+    with pytest.raises(TypeError, match="s must be a tensor"):
+        sdecor.health.newton_errors(s.numpy(), 3)
+    for bad in (s[0], s.to(torch.int64), s[:, :, :7]):
+        with pytest.raises(ValueError, match=r"s must be a \(B, d, d\) floating-point tensor"):
+            sdecor.health.newton_errors(bad, 3)
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="max_T must be an int from 1 to 100"):
+            sdecor.health.newton_errors(s, bad)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match="max_T must be an int"):
+            sdecor.health.newton_errors(s, bad)

@@ -11,7 +11,8 @@ and the smallest T that would whiten the group to a tolerance. The model is left
 The definitions, one group at a time in float64, are :mod:`sdecor.health_reference`; the report
 computes the same fields batched over groups (one batched eigendecomposition per layer, a second for a
 smaller last group; one Newton-Schulz run for all groups of a size in the model), and the tests hold it
-to the reference.
+to the reference. :func:`newton_errors` gives the whitening error of every Newton-Schulz step count
+from 1 to a maximum for a batch of matrices (the curve whose first value below ``tol`` is ``t_needed``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from . import reference
 from .health_reference import FIELDS, MAX_T
 from .nn import GroupWhitening, SyncGroupWhitening
 
-__all__ = ["WhiteningRecord", "WhiteningReport", "WorstGroup", "whitening_report"]
+__all__ = ["WhiteningRecord", "WhiteningReport", "WorstGroup", "newton_errors", "whitening_report"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,6 +369,40 @@ def whitening_report(model: nn.Module, x, *, tol: float = 1e-3) -> WhiteningRepo
     return WhiteningReport(_records(ran, captured, tol), tol)
 
 
+def newton_errors(s: torch.Tensor, max_T: int = 30) -> torch.Tensor:
+    r"""The whitening error of T Newton-Schulz steps, for every T from 1 to ``max_T``: how fast the
+    iteration whitens each matrix of a batch.
+
+    For each S of ``s`` (e.g. a group's Sigma + eps I), row T - 1 of the result is
+    ||W_T S W_T^T - I||_F / sqrt(d), W_T the Newton-Schulz matrix of S after T steps (the design
+    contract's coupled iteration, as :func:`sdecor.reference.newton_schulz` computes it), all in
+    float64: one run of the iteration for the whole batch. These are the errors whose first one
+    below ``tol`` gives a report's ``t_needed``.
+
+    Args:
+        s: (B, d, d) symmetric positive definite matrices, a floating dtype (computed in float64).
+        max_T: the largest step count, an int from 1 to 100.
+
+    Returns:
+        A (max_T, B) float64 tensor on the device of ``s``.
+
+    Raises:
+        TypeError: ``s`` is not a tensor; ``max_T`` is not an int.
+        ValueError: ``s`` is not a batch of square floating-point matrices; ``max_T`` is out of range.
+    """
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"s must be a tensor; got {type(s).__name__}")
+    if s.dim() != 3 or s.shape[-1] != s.shape[-2] or not s.is_floating_point():
+        raise ValueError(f"s must be a (B, d, d) floating-point tensor of square matrices; got a {s.dtype} "
+                         f"tensor of shape {tuple(s.shape)}")
+    if isinstance(max_T, bool) or not isinstance(max_T, numbers.Integral):
+        raise TypeError(f"max_T must be an int; got {type(max_T).__name__}")
+    if not 1 <= max_T <= MAX_T:
+        raise ValueError(f"max_T must be an int from 1 to {MAX_T}; got {max_T!r}")
+    steps = _newton_step_errors(s.to(torch.float64))
+    return torch.stack([next(steps) for _ in range(int(max_T))])
+
+
 # ---------------------------------------------------------------------------------------------------
 # argument checks
 
@@ -522,21 +557,27 @@ def _part_fields(sigma, w, running, method: str, eps: float) -> dict[str, torch.
     }
 
 
-def _t_needed(s: torch.Tensor, tol: float) -> torch.Tensor:
-    """The smallest T <= MAX_T at which Newton-Schulz whitens each S of the batch s (B, k, k, float64)
-    to whitening error < tol, -1 where none does: one coupled iteration for the whole batch, with
-    W_T S W_T^T = Z_T Sn Z_T^T."""
+def _newton_step_errors(s: torch.Tensor):
+    """The whitening error after each Newton-Schulz step (1, 2, ...) of every S of the batch s
+    (B, k, k, float64): one coupled iteration for the whole batch, with W_T S W_T^T = Z_T Sn Z_T^T."""
     k = s.shape[-1]
     eye = torch.eye(k, dtype=torch.float64, device=s.device)
     trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     sn = s / trace                                                   # Y_0 = Sn
     y, z = sn, eye.expand(s.shape).clone()                          # Z_0 = I (not a stride-0 batch in matmul)
-    needed = torch.full(s.shape[:1], -1.0, dtype=torch.float64, device=s.device)
-    for step in range(1, MAX_T + 1):
+    while True:
         m = 0.5 * (3.0 * eye - z @ y)
         y = y @ m
         z = m @ z
-        err = torch.linalg.matrix_norm(z @ sn @ z.mT - eye) / math.sqrt(k)
+        yield torch.linalg.matrix_norm(z @ sn @ z.mT - eye) / math.sqrt(k)
+
+
+def _t_needed(s: torch.Tensor, tol: float) -> torch.Tensor:
+    """The smallest T <= MAX_T at which Newton-Schulz whitens each S of the batch s (B, k, k, float64)
+    to whitening error < tol, -1 where none does (:func:`_newton_step_errors`, stopped once every
+    matrix has reached tol)."""
+    needed = torch.full(s.shape[:1], -1.0, dtype=torch.float64, device=s.device)
+    for step, err in zip(range(1, MAX_T + 1), _newton_step_errors(s)):
         needed = torch.where((needed < 0) & (err < tol), float(step), needed)
         if bool((needed >= 0).all()):
             break
