@@ -4,9 +4,10 @@ The objective is CE + lambda_consistency * KL(f(x) || f(x masked)) + lambda_deco
 (:class:`sdecor.SaliencyDecor`); with both lambdas 0 it is plain cross-entropy. The model's norm
 layers are BatchNorm where decorrelation is off and GroupWhitening where it is on (``--norm auto``).
 After training it reports test accuracy and the saliency metrics of :mod:`sdecor.metrics`, and
-writes ``metrics.json`` and ``model.pt`` into ``--out``. ``--amp bf16|fp16`` runs the training steps
-in mixed precision (forward and loss under torch.autocast; fp16 with a GradScaler); evaluation stays
-in fp32.
+writes ``metrics.json`` and ``model.pt`` into ``--out``. ``--report-every N`` logs the worst group of
+the whitening layers every N epochs (:mod:`.health`), also kept in metrics.json. ``--amp bf16|fp16``
+runs the training steps in mixed precision (forward and loss under torch.autocast; fp16 with a
+GradScaler); evaluation stays in fp32.
 
 ``--distributed`` trains data-parallel over the processes that torchrun starts (see
 :func:`check_distributed` and :func:`train_model`): --batch-size stays the global batch, split
@@ -97,7 +98,8 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
                                           world_size)))
     disable = args.no_progress or not sys.stderr.isatty() or not lead
     with tqdm(total=steps, desc="train", unit="step", disable=disable) as bar:
-        result = train_model(cfg, dataset, progress=bar, dist=dist)
+        result = train_model(cfg, dataset, progress=bar, dist=dist,
+                             report_every=getattr(args, "report_every", 0), log=bar.write)
     if not lead:
         if args.save_all_ranks:
             os.makedirs(args.out, exist_ok=True)
@@ -114,6 +116,8 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
     if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
         record = {"config": asdict(cfg), "history": result.history, "train_seconds": result.seconds, "test": ev}
+        if result.whitening:
+            record["whitening"] = result.whitening
         if dist is not None:
             record["distributed"] = {"world_size": world_size, "backend": dist.backend(cfg.device),
                                      "batch_per_rank": cfg.batch_size // world_size}

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=512,
                         help="test images used for the saliency metrics (default %(default)s)")
     parser.add_argument("--out", default=None, help="folder for metrics.json and model.pt")
+    parser.add_argument("--report-every", type=int, default=0, metavar="N",
+                        help="every N epochs, log the worst group of the whitening layers (layer, group, "
+                             "whitening error, condition number, T needed) on the first --batch-size training "
+                             "images, also kept in metrics.json; needs whitening layers (default 0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel training over the processes torchrun starts (torchrun "
@@ -91,6 +95,11 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError("--threads", f"--threads must be >= 1; got {args.threads}")
     if args.eval_samples < 1:
         raise UsageError("--eval-samples", f"--eval-samples must be >= 1; got {args.eval_samples}")
+    if args.report_every < 0:
+        raise UsageError("--report-every", f"--report-every must be >= 0 (0: off); got {args.report_every}")
+    if args.report_every > 0 and cfg.resolved_norm() != "whitening":
+        raise UsageError("--report-every", "--report-every reports on whitening layers, and this model's norm "
+                                           "layers are BatchNorm: add --norm whitening (or --lambda-decor > 0)")
     if args.save_all_ranks and not args.distributed:
         raise UsageError("--save-all-ranks", "--save-all-ranks is an option of --distributed runs")
     if args.save_all_ranks and args.out is None:

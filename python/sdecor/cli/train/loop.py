@@ -15,6 +15,7 @@ from .. import data as data_mod
 from ..models import build_model
 from .config import AMP_DTYPES, TrainConfig
 from .distributed import Distributed, check_distributed_config, sync_norm_layers
+from .health import format_entry, health_entry
 
 
 @dataclass
@@ -23,6 +24,7 @@ class TrainResult:
     config: TrainConfig
     history: list = field(default_factory=list)   # per epoch: mean loss terms
     seconds: float = 0.0
+    whitening: list = field(default_factory=list)  # report_every: the worst whitening group per report
 
 
 def make_objective(model: torch.nn.Module, cfg: TrainConfig, device=None, rank: int = 0):
@@ -64,7 +66,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, 
 
 
 def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
-                dist: Optional[Distributed] = None) -> TrainResult:
+                dist: Optional[Distributed] = None, report_every: int = 0, log=print) -> TrainResult:
     """Train cfg.model on dataset.train with the SaliencyDecor objective given by cfg.
 
     With cfg.amp "bf16" / "fp16" each step's forward and loss run under torch.autocast in that dtype
@@ -82,6 +84,11 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
     decorrelation loss too: the covariance of the rank's features, not of the global batch), the
     history holds their means over the ranks. The model returned is the trained model itself (not
     the DDP wrapper), its whitening layers reverted to GroupWhitening (sharing the trained tensors).
+
+    ``report_every`` N > 0: after every N-th epoch, the worst group of the model's whitening report
+    on the first cfg.batch_size training images (:func:`.health.health_entry`) goes to
+    ``result.whitening`` and, as one line, to ``log`` (rank 0 only; the model needs whitening layers);
+    ``result.seconds`` leaves the reports' time out.
     """
     cfg.check()
     rank, world_size = (0, 1) if dist is None else (dist.rank, dist.world_size)
@@ -113,7 +120,8 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
                                                 pct_start=0.25)
     amp_dtype = AMP_DTYPES[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    history = []
+    history, whitening = [], []
+    reporting = 0.0                                                  # seconds of the reports, not of training
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -140,12 +148,17 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
         history.append({"epoch": epoch + 1, **dict(zip(terms._fields, means))})
         if not all(math.isfinite(v) for v in means):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: mean loss terms {history[-1]}")
+        if report_every > 0 and (epoch + 1) % report_every == 0 and rank == 0:
+            t0 = time.perf_counter()
+            whitening.append(health_entry(cfg, model, dataset, epoch + 1))
+            log(f"epoch {epoch + 1}: {format_entry(whitening[-1])}")
+            reporting += time.perf_counter() - t0
     model.eval()
     if dist is not None:
         from ...nn import SyncGroupWhitening
 
         model = SyncGroupWhitening.revert_sync_whitening(model)
-    return TrainResult(model, cfg, history, time.perf_counter() - start)
+    return TrainResult(model, cfg, history, time.perf_counter() - start - reporting, whitening)
 
 
 @torch.no_grad()
