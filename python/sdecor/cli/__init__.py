@@ -21,6 +21,8 @@ COMMANDS = {
     "demo": ("sdecor.cli.demo", "the main job: SaliencyDecor ablation on embedded data, metrics and figures"),
     "train": ("sdecor.cli.train", "train a small CNN with the SaliencyDecor objective and report saliency metrics"),
     "bench": ("sdecor.cli.bench", "microbenchmarks of every op against its baselines (--static: GPU compile report)"),
+    "inspect": ("sdecor.cli.inspect", "whitening health of a model that sdecor train saved: per layer condition, "
+                                      "whitening error, Newton residual, effective rank, T needed"),
 }
 
 
