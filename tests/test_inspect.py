@@ -289,3 +289,21 @@ def _shifted_covariances(model, x):
     layer = model[1]
     return [s + layer.eps * torch.eye(s.shape[0], dtype=torch.float64)
             for s in hr.group_covariances(xin, layer.num_channels, layer.last_group)]
+
+
+def test_summary_names_the_layers_or_counts_them(run_dir, digits):
+    out, _ = run_dir
+    model, cfg = _model(out / "model.pt", digits)
+    report = sdecor.whitening_report(model, digits.train.x[:cfg["batch_size"]])
+    slow = [(int(r.t_needed.max()), r.name) for r in report if int(r.t_needed.max()) > r.T]
+    lines = inspect_cli.summary(report)
+    for t, name in slow:
+        assert f"{name} ({t} > T=5)" in lines[0]
+    if len(slow) > 1:
+        short = inspect_cli.summary(report, most=1)[0]
+        top = max(slow, key=lambda item: item[0])
+        assert (f"{len(slow)} of 3 layers, {min(slow)[0]} to {top[0]} steps > T=5; the most: {top[1]} ({top[0]})"
+                in short)
+    first = report["features.0.1"]                  # 16 channels from a 3x3 conv of one input channel: rank <= 9
+    assert float(first.eps_share.max()) == 7 / 16
+    assert "features.0.1 (group 0: 7 of 16 below eps=1e-05)" in lines[1]

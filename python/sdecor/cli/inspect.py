@@ -140,25 +140,42 @@ def inspect_model(model: torch.nn.Module, x: torch.Tensor, *, tol: float = 1e-3,
     return report
 
 
-def summary(report: WhiteningReport) -> list[str]:
+def summary(report: WhiteningReport, most: int = 6) -> list[str]:
     """Lines naming the layers whose groups need more Newton-Schulz steps than the layer's T to reach
-    the report's tol, and those with covariance eigenvalues below eps."""
+    the report's tol, and those with covariance eigenvalues below eps (more than ``most`` layers of
+    a kind: their count, range and worst one)."""
     slow, eps_scaled = [], []
     for r in report:
         t = r.t_needed
         worst_t = math.inf if bool((t < 0).any()) else float(t.max())
         if r.method == "newton" and worst_t > r.T:
-            slow.append(f"{r.name} ({'>100' if worst_t == math.inf else int(worst_t)} > T={r.T})")
+            slow.append((worst_t, r.name, r.T))
         share = float(r.eps_share.max())
         if share > 0:
             g = int(r.eps_share.argmax())
-            below = round(share * r.group_sizes[g])
-            eps_scaled.append(f"{r.name} (group {g}: {below} of {r.group_sizes[g]} below eps={r.eps:g})")
-    lines = [f"more Newton-Schulz steps than T needed for error < {report.tol:g}: "
-             + (", ".join(slow) if slow else "none")]
-    lines.append("covariance eigenvalues below eps (eps, not the data, scales those directions): "
-                 + (", ".join(eps_scaled) if eps_scaled else "none"))
-    return lines
+            eps_scaled.append((share, f"{r.name} (group {g}: {round(share * r.group_sizes[g])} of "
+                                      f"{r.group_sizes[g]} below eps={r.eps:g})"))
+
+    def steps(t):
+        return ">100" if t == math.inf else str(int(t))
+
+    if not slow:
+        needs = "none"
+    elif len(slow) <= most:
+        needs = ", ".join(f"{name} ({steps(t)} > T={T})" for t, name, T in slow)
+    else:
+        Ts = sorted({T for _, _, T in slow})
+        top = max(slow, key=lambda item: item[0])
+        needs = (f"{len(slow)} of {len(report)} layers, {steps(min(slow)[0])} to {steps(top[0])} steps > "
+                 f"T={'/'.join(map(str, Ts))}; the most: {top[1]} ({steps(top[0])})")
+    if not eps_scaled:
+        below = "none"
+    elif len(eps_scaled) <= most:
+        below = ", ".join(text for _, text in eps_scaled)
+    else:
+        below = f"{len(eps_scaled)} of {len(report)} layers; the largest share: {max(eps_scaled)[1]}"
+    return [f"more Newton-Schulz steps than T needed for error < {report.tol:g}: {needs}",
+            f"covariance eigenvalues below eps (eps, not the data, scales those directions): {below}"]
 
 
 @dataclasses.dataclass
