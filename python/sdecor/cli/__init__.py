@@ -1,7 +1,7 @@
 """Command line: ``python -m sdecor <command>`` (also the ``sdecor`` console script).
 
 The applications built on the library: each command is a module of this package with
-``add_arguments(parser)`` and ``run(args) -> int`` -- :mod:`.demo`, :mod:`.train`, :mod:`.bench` --
+``add_arguments(parser)`` and ``run(args) -> int`` -- :mod:`.demo`, :mod:`.train`, :mod:`.inspect`, :mod:`.bench` --
 beside the datasets and models they train (:mod:`.data`, :mod:`.models`); ``info`` is here. Nothing
 in the library imports this package.
 """
