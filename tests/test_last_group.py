@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import sdecor
 from sdecor import reference as ref
-from sdecor._common import like_format
+from sdecor._layout import like_format
 from sdecor.nn import GroupWhitening, SyncGroupWhitening
 from sdecor.ops import whiten, whiten_sync
 from sdecor.testing import assert_close

@@ -21,7 +21,8 @@ import torch
 
 import sdecor
 from sdecor import reference as ref
-from sdecor._common import samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
+from sdecor._layout import samples_per_channel
+from sdecor._zca import shifted_cov, zca_backward, zca_from_eigh
 from sdecor.ops import cov as cov_ops
 from sdecor.ops import whiten as wh
 from sdecor.testing import tol

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._layout import group_layout
+
 __all__ = [
     "DECOR_KINDS",
     "FILLS",
@@ -109,13 +111,6 @@ def check_last_group(last_group) -> None:
         raise ValueError(f"last_group must be one of {LAST_GROUPS}; got {last_group!r}")
 
 
-def _group_layout(C: int, d: int) -> tuple[int, int]:
-    """(G, r) of C channels in groups of d: G = ceil(C / d) groups, the last one of r = C - (G - 1) d
-    channels (r = d when d divides C)."""
-    G = -(-C // d)
-    return G, C - (G - 1) * d
-
-
 def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
     """Validate the group size d against C channels and return the number of groups G.
 
@@ -132,7 +127,7 @@ def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
             f"num_channels (group size d={num_channels}) must divide the channel count C={C}; "
             f"valid group sizes for C={C} are {divisors(C)}, or pass last_group=\"smaller\" for a "
             f"last group of C % d = {C % num_channels} channels")
-    return _group_layout(C, num_channels)[0]
+    return group_layout(C, num_channels)[0]
 
 
 def check_training_samples(x: torch.Tensor) -> int:
@@ -268,7 +263,7 @@ def check_decor_args(num_channels, kind: str) -> None:
 
 def check_corr_groups(num_channels: int, C: int) -> None:
     """kind='corr' with last_group="smaller": the last group, of C - (G - 1) d channels, needs 2 too."""
-    if _group_layout(C, num_channels)[1] < 2:
+    if group_layout(C, num_channels)[1] < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; the last group of C={C} "
                          f"channels in groups of num_channels={num_channels} holds 1")
 

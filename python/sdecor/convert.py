@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _checks
+from ._layout import group_layout, group_sizes
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
 __all__ = ["convert_whitening", "convert_iternorm", "ConversionReport"]
@@ -129,12 +130,6 @@ def _swap_in(model: nn.Module, swaps: list) -> None:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _group_layout(C: int, d: int) -> tuple[int, int]:
-    """(G, r): C channels in G = ceil(C / d) groups of d, the last one of r = C - (G - 1) d."""
-    G = -(-C // d)
-    return G, C - (G - 1) * d
 
 
 def _last_group_option(last_group: str) -> dict:
@@ -418,12 +413,12 @@ def _iternorm_state(layer: nn.Module) -> dict:
         _expect_shape(getattr(layer, "running_wm", None), (G, d, d), "running_wm")
         mean, wm, settings = layer.running_mean, layer.running_wm, layer
     else:                                # flexible groups: one IterNorm_Single per group
-        G, r = _group_layout(C, d)
+        G, r = group_layout(C, d)
         if not isinstance(groups, nn.ModuleList) or len(groups) != G:
             held = f"{len(groups)} groups" if isinstance(groups, nn.ModuleList) else repr(groups)
             raise _Skip(f"iterNorm_Groups holds {held}; expected a ModuleList of ceil({C} / {d}) = {G} "
                         f"groups")
-        sizes = [d] * (G - 1) + [r]
+        sizes = group_sizes(C, d)
         for g, (single, c) in enumerate(zip(groups, sizes)):
             _expect_shape(getattr(single, "running_mean", None), (c, 1), f"iterNorm_Groups[{g}].running_mean")
             _expect_shape(getattr(single, "running_wm", None), (c, c), f"iterNorm_Groups[{g}].running_wm")
@@ -441,7 +436,7 @@ def _iternorm_state(layer: nn.Module) -> dict:
     eps = _iternorm_number(settings, "eps", "a number")
     momentum = _iternorm_number(settings, "momentum", "a number")
     weight, bias = _iternorm_affine(layer, C)
-    return {"C": C, "d": d, "G": G, "last": C - (G - 1) * d, "T": T, "eps": eps, "momentum": momentum,
+    return {"C": C, "d": d, "G": G, "last": group_layout(C, d)[1], "T": T, "eps": eps, "momentum": momentum,
             "weight": weight, "bias": bias, "mean": mean, "wm": wm}
 
 
@@ -523,7 +518,7 @@ def convert_iternorm(model: nn.Module, include=None, exclude=None) -> Conversion
             continue
         new = built[id(layer)]
         variant = "flexible groups" if hasattr(layer, "iterNorm_Groups") else "even groups"
-        last = new.num_features - (new.num_groups - 1) * new.num_channels
+        last = group_layout(new.num_features, new.num_channels)[1]
         extra = f", last_group='smaller' (last group of {last})" if last != new.num_channels else ""
         C, d = new.num_features, new.num_channels
         report.replaced.append((name, f"IterNorm ({variant}) ({C}) -> GroupWhitening({C}, num_channels={d}, "

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _checks
+from ._layout import channel_mask
 from .masking import SaliencyMasker
 from .objective import SaliencyDecor
 from .ops import whiten, whiten_sync
@@ -102,9 +103,8 @@ class GroupWhitening(nn.Module):
     def _initial_wm(self, factory: dict) -> torch.Tensor:
         """The identity of every group's own channels (G, d, d): zeros in the padding of a smaller
         last group."""
-        G, d = self.num_groups, self.num_channels
-        mask = (torch.arange(G * d, device=factory["device"]) < self.num_features).reshape(G, d)
-        return torch.diag_embed(mask.to(factory["dtype"] or torch.get_default_dtype()))
+        return torch.diag_embed(channel_mask(self.num_groups, self.num_channels, self.num_features,
+                                             factory["dtype"] or torch.get_default_dtype(), factory["device"]))
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running whitening matrices the identity (of each group's own channels),

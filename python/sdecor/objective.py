@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation, no_autocast
+from ._decorrelation import decorrelation
+from ._precision import no_autocast
 from .masking import saliency as input_saliency
 from .ops.cov import run_group_cov
 from .ops.topk import topk_mask

@@ -12,8 +12,10 @@ These functions run anywhere (CPU or GPU, float32 or float64; float16/bfloat16 i
 in float32, also under torch.autocast, which they turn off: outputs keep the dtypes they have without
 it). They are the oracle of the tests and benchmarks, and what the ``torch`` backend runs for
 group_cov and whitening_matrix. Argument checks come from :mod:`sdecor._checks`; the pieces the
-backends share with the reference (group views, ZCA from eigh and its stable backward, top-k scores
-and fills) from :mod:`sdecor._common`.
+backends share with the reference from the helper modules: group layout (:mod:`sdecor._layout`), the
+precision policy (:mod:`sdecor._precision`), ZCA from eigh and its stable backward
+(:mod:`sdecor._zca`), top-k scores and fills (:mod:`sdecor._masking_math`) and the decorrelation
+penalty (:mod:`sdecor._decorrelation`).
 """
 
 from __future__ import annotations
@@ -22,23 +24,11 @@ import torch
 
 from . import _checks as checks
 from ._checks import DECOR_KINDS, FILLS, MAX_NEWTON_STEPS, METHODS
-from ._common import (
-    ZCAWhitening,
-    decorrelation,
-    eye_like,
-    fill_values,
-    grouped,
-    join_groups,
-    like_format,
-    mask_scores,
-    no_autocast,
-    rank_order,
-    samples_per_channel,
-    shifted_cov,
-    split_channels,
-    split_groups,
-    stats_dtype,
-)
+from ._decorrelation import decorrelation
+from ._layout import group_layout, grouped, join_groups, like_format, samples_per_channel, split_channels, split_groups
+from ._masking_math import fill_values, mask_scores, rank_order
+from ._precision import no_autocast, stats_dtype
+from ._zca import ZCAWhitening, eye_like, shifted_cov
 
 __all__ = [
     "group_cov",
@@ -121,7 +111,7 @@ def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-
     """Whitening matrices W (..., d, d) of Se = cov + eps I.
 
     "zca": W = Se^-1/2 exactly: Se = U diag(l) U^T, W = U diag(l^-1/2) U^T (eigenvalues clamped at
-    eps), with the stable backward dL/dSe = U (F o (U^T sym(G) U)) U^T (see sdecor._common).
+    eps), with the stable backward dL/dSe = U (F o (U^T sym(G) U)) U^T (see :mod:`sdecor._zca`).
     "newton": IterNorm's T Newton-Schulz steps (see :func:`newton_schulz`).
     """
     checks.check_cov(cov)
@@ -140,8 +130,8 @@ def _group_whitening(cov, C, method, eps, T, eigh=torch.linalg.eigh):
     """W (G, d, d) of the groups of C channels from their covariances (G, d, d) (padded layout): with
     a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding.
     ``eigh``: the eigensolver of zca."""
-    G, d = cov.shape[0], cov.shape[-1]
-    r = C - (G - 1) * d
+    d = cov.shape[-1]
+    r = group_layout(C, d)[1]
     if r == d:
         return _whitening_matrix(cov, method, eps, T, eigh)
     cov_even, cov_last = split_groups(cov, r)
@@ -196,7 +186,7 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
     """Replace the k least (largest=True: most) salient positions of every sample.
 
     score = |saliency| (abs=False: saliency), averaged over C for reduce="mean"; the selected set is
-    the k first positions of each sample in the order of :func:`sdecor._common.rank_order` (by value,
+    the k first positions of each sample in the order of :func:`sdecor._masking_math.rank_order` (by value,
     ties by lower flat index, NaN as the largest value). Returns (x_masked, mask); mask is bool,
     True = replaced, shaped (N, *S) for reduce="mean" (one mask shared by all channels) or like x for
     reduce=None.

@@ -17,14 +17,9 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import reference as ref
-from .._common import (
-    by_part,
-    graph_backward,
-    joined_parts,
-    no_autocast,
-    no_autocast_function,
-    samples_per_channel,
-)
+from .._double_backward import graph_backward
+from .._layout import by_part, joined_parts, samples_per_channel
+from .._precision import no_autocast, no_autocast_function
 from ._library import triton_custom_op
 
 __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]

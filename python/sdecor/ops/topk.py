@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _ext
-from .._common import like_format, no_autocast, stats_dtype
+from .._layout import like_format
+from .._precision import no_autocast, stats_dtype
 from . import topk_torch
 from ._library import triton_custom_op
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import fill_values, mask_scores, rank_order
+from .._masking_math import fill_values, mask_scores, rank_order
 
 __all__ = ["FAST_TORCH_DTYPES", "order_keys", "select_mask", "topk_mask", "value_keys"]
 

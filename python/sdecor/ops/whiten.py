@@ -24,9 +24,9 @@ itself). Backends:
   (forced only on CPU), on CUDA also the eigensolver of the triton zca path.
 
 Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
-is itself differentiable (sdecor._common.ZCAWhitening), and the backward of every triton op, when a
+is itself differentiable (:class:`sdecor._zca.ZCAWhitening`), and the backward of every triton op, when a
 graph of it is requested, differentiates the torch formulation recomputed from the saved inputs
-(sdecor._common.graph_backward) instead of launching kernels that have no derivative.
+(:func:`sdecor._double_backward.graph_backward`) instead of launching kernels that have no derivative.
 """
 
 from __future__ import annotations
@@ -38,18 +38,10 @@ from torch import Tensor
 
 from .. import _backend, _checks, _native
 from .. import reference as ref
-from .._common import (
-    ZCAWhitening,
-    channel_mask,
-    graph_backward,
-    no_autocast,
-    per_channel,
-    per_group,
-    samples_per_channel,
-    shifted_cov,
-    zca_backward_scaled,
-    zca_from_eigh_scaled,
-)
+from .._double_backward import graph_backward
+from .._layout import channel_mask, per_channel, per_group, samples_per_channel
+from .._precision import no_autocast
+from .._zca import ZCAWhitening, shifted_cov, zca_backward_scaled, zca_from_eigh_scaled
 from . import whiten_torch
 from ._library import triton_custom_op
 
@@ -186,7 +178,7 @@ def _eigh_for(device: torch.device):
 
 
 def _last_group_mask(cov: Tensor, C: int) -> Tensor | None:
-    """The channel mask (G, d) of a smaller last group (:func:`sdecor._common.channel_mask`), or None
+    """The channel mask (G, d) of a smaller last group (:func:`sdecor._layout.channel_mask`), or None
     when d divides C."""
     G, d = cov.shape[0], cov.shape[-1]
     return None if C == G * d else channel_mask(G, d, C, cov.dtype, cov.device)
@@ -211,7 +203,7 @@ def _zca_scaled(cov: Tensor, eps: float, scale: Tensor, C: int, eigh):
 
 
 def zca_backward_masked(grad_w: Tensor, evals: Tensor, evecs: Tensor, eps: float, scale: Tensor, C: int) -> Tensor:
-    """:func:`sdecor._common.zca_backward_scaled` of :func:`_zca_scaled`'s eigenpairs: the padding of
+    """:func:`sdecor._zca.zca_backward_scaled` of :func:`_zca_scaled`'s eigenpairs: the padding of
     a smaller last group set to zero (the block-diagonal derivative is zero there in exact arithmetic)."""
     g = zca_backward_scaled(grad_w, evals, evecs, eps, scale)
     mask = _last_group_mask(g, C)

@@ -38,18 +38,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _backend
-from .._common import (
-    by_part,
-    channel_mask,
-    joined_parts,
-    like_format,
-    no_autocast,
-    no_autocast_function,
-    per_channel,
-    per_group,
-    power_of_two,
-    stats_dtype,
-)
+from .._layout import by_part, channel_mask, group_layout, joined_parts, like_format, per_channel, per_group
+from .._precision import no_autocast, no_autocast_function, power_of_two, stats_dtype
 from . import whiten, whiten_torch
 
 __all__ = ["combine", "payload_numel", "run_train_sync"]
@@ -60,7 +50,7 @@ __all__ = ["combine", "payload_numel", "run_train_sync"]
 
 
 def _cat_channels(results: list, like: Tensor) -> Tensor:
-    """The parts' outputs of :func:`sdecor._common.by_part` along the channels, in the memory format of ``like``."""
+    """The parts' outputs of :func:`sdecor._layout.by_part` along the channels, in the memory format of ``like``."""
     if len(results) == 1:
         return results[0]
     return like_format(torch.cat([t for t in results if t is not None], 1).contiguous(), like)
@@ -68,7 +58,7 @@ def _cat_channels(results: list, like: Tensor) -> Tensor:
 
 class _TorchPasses:
     """The blocked torch passes of :mod:`sdecor.ops.whiten_torch` (a smaller last group: on the
-    full groups' channels and on the last group's, see :func:`sdecor._common.by_part`)."""
+    full groups' channels and on the last group's, see :func:`sdecor._layout.by_part`)."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
@@ -180,7 +170,7 @@ class _TritonPasses:
 
 class _NativePasses(_TorchPasses):
     """The C++ passes of the ``native`` backend (``sdecor::native_whiten_*``, one read of x for the
-    statistics), on the parts of :func:`sdecor._common.by_part` like the torch passes; the d x d math is theirs."""
+    statistics), on the parts of :func:`sdecor._layout.by_part` like the torch passes; the d x d math is theirs."""
 
     @staticmethod
     def stats(x: Tensor, d: int):
@@ -307,7 +297,7 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, passes, d, method, eps, T, group):
         N, C = x.shape[:2]
-        G = -(-C // d)                                               # the last group may be smaller
+        G = group_layout(C, d)[0]                                    # the last group may be smaller
         m = N * math.prod(x.shape[2:])
         sd = stats_dtype(x.dtype)
         if m > 0:

@@ -39,19 +39,10 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import (
-    eye_like,
-    graph_backward,
-    grouped,
-    join_groups,
-    like_format,
-    no_autocast_function,
-    power_of_two,
-    split_channels,
-    stats_dtype,
-    zca_backward,
-    zca_from_eigh,
-)
+from .._double_backward import graph_backward
+from .._layout import grouped, join_groups, like_format, split_channels
+from .._precision import no_autocast_function, power_of_two, stats_dtype
+from .._zca import eye_like, zca_backward, zca_from_eigh
 
 __all__ = ["group_whiten_eval", "group_whiten_eval_native", "group_whiten_train", "newton_forward",
            "newton_backward", "train_composition", "train_graph_backward"]
@@ -264,7 +255,7 @@ def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int
     """W' = f(cov' + eps' I) (G, d, d) in units of the scales, and what its backward
     (:func:`whitening_scaled_backward`) needs: (W', small, history).
 
-    ``mask`` (G, d) (:func:`sdecor._common.channel_mask`): a smaller last group, zero padded in cov;
+    ``mask`` (G, d) (:func:`sdecor._layout.channel_mask`): a smaller last group, zero padded in cov;
     its W' is that of its own block (eps' I and the trace over its channels), zeros in the padding.
     For zca the padding block of the matrix given to eigh is the identity (decoupled from the real
     block, and positive), and W' is masked after."""
