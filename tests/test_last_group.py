@@ -82,7 +82,7 @@ def _reference(x, d, method, weight, bias, T=5):
     w = weight.detach().clone().requires_grad_()
     b = bias.detach().clone().requires_grad_()
     mean, cov = ref.group_cov(xx, d, last_group="smaller")
-    wm = ref._group_whitening(cov, x.shape[1], method, 1e-5, T)
+    wm = ref.group_whitening_matrix(cov, x.shape[1], method, 1e-5, T)
     y = ref.apply_whitening(xx, mean, wm) * _affine(w, xx) + _affine(b, xx)
     (y * _grad_out(y)).sum().backward()
     return y.detach(), mean.detach(), wm.detach(), xx.grad, w.grad, b.grad
@@ -284,7 +284,7 @@ def test_module_running_stats_and_eval(backend, method, device, poison):
     for x in xs:
         mean_b, cov_b = ref.group_cov(x, d, last_group="smaller")
         mean_run = 0.5 * mean_run + 0.5 * mean_b
-        wm_run = 0.5 * wm_run + 0.5 * ref._group_whitening(cov_b, C, method, 1e-5, 5)
+        wm_run = 0.5 * wm_run + 0.5 * ref.group_whitening_matrix(cov_b, C, method, 1e-5, 5)
     assert_close(layer.running_mean.squeeze(-1), mean_run)
     assert_close(layer.running_wm, wm_run)
     pad = _padding_mask(C, d, dev)

@@ -11,11 +11,15 @@ the padding).
 These functions run anywhere (CPU or GPU, float32 or float64; float16/bfloat16 inputs are computed
 in float32, also under torch.autocast, which they turn off: outputs keep the dtypes they have without
 it). They are the oracle of the tests and benchmarks, and what the ``torch`` backend runs for
-group_cov and whitening_matrix. Argument checks come from :mod:`sdecor._checks`; the pieces the
-backends share with the reference from the helper modules: group layout (:mod:`sdecor._layout`), the
-precision policy (:mod:`sdecor._precision`), ZCA from eigh and its stable backward
-(:mod:`sdecor._zca`), top-k scores and fills (:mod:`sdecor._masking_math`) and the decorrelation
-penalty (:mod:`sdecor._decorrelation`).
+group_cov and whitening_matrix: the backends call the same equations without the argument checks,
+which they ran once themselves (:func:`group_cov_unchecked`, :func:`whitening_matrix_unchecked`,
+:func:`group_whitening_matrix`). zca uses torch.linalg.eigh; a backend that picks another
+eigensolver composes the ZCA math of :mod:`sdecor._zca` itself.
+
+Argument checks come from :mod:`sdecor._checks`; the pieces the backends share with the reference
+from the helper modules: group layout (:mod:`sdecor._layout`), the precision policy
+(:mod:`sdecor._precision`), ZCA from eigh and its stable backward (:mod:`sdecor._zca`), top-k scores
+and fills (:mod:`sdecor._masking_math`) and the decorrelation penalty (:mod:`sdecor._decorrelation`).
 """
 
 from __future__ import annotations
@@ -60,10 +64,11 @@ def group_cov(x: torch.Tensor, num_channels: int, last_group: str = "even") -> t
     checks.check_input(x)
     checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_training_samples(x)
-    return _group_cov(x, num_channels)
+    return group_cov_unchecked(x, num_channels)
 
 
-def _group_cov(x, num_channels):
+def group_cov_unchecked(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_cov` of checked arguments (a smaller last group whenever d does not divide C)."""
     x_even, x_last, r = split_channels(x, num_channels)
     if r == num_channels:
         return _even_group_cov(x, num_channels)
@@ -116,27 +121,27 @@ def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-
     """
     checks.check_cov(cov)
     checks.check_whitening_args(method, eps, T)
-    return _whitening_matrix(cov, method, eps, T)
+    return whitening_matrix_unchecked(cov, method, eps, T)
 
 
-def _whitening_matrix(cov, method, eps, T, eigh=torch.linalg.eigh):
+def whitening_matrix_unchecked(cov: torch.Tensor, method: str, eps: float, T: int) -> torch.Tensor:
+    """:func:`whitening_matrix` of checked arguments."""
     se = shifted_cov(cov, eps)
     if method == "zca":
-        return ZCAWhitening.apply(se, float(eps), eigh)
+        return ZCAWhitening.apply(se, float(eps), torch.linalg.eigh)
     return newton_schulz(se, T)
 
 
-def _group_whitening(cov, C, method, eps, T, eigh=torch.linalg.eigh):
+def group_whitening_matrix(cov: torch.Tensor, C: int, method: str, eps: float, T: int) -> torch.Tensor:
     """W (G, d, d) of the groups of C channels from their covariances (G, d, d) (padded layout): with
-    a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding.
-    ``eigh``: the eigensolver of zca."""
+    a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding."""
     d = cov.shape[-1]
     r = group_layout(C, d)[1]
     if r == d:
-        return _whitening_matrix(cov, method, eps, T, eigh)
+        return whitening_matrix_unchecked(cov, method, eps, T)
     cov_even, cov_last = split_groups(cov, r)
-    return join_groups(_whitening_matrix(cov_even, method, eps, T, eigh),
-                       _whitening_matrix(cov_last, method, eps, T, eigh), d)
+    return join_groups(whitening_matrix_unchecked(cov_even, method, eps, T),
+                       whitening_matrix_unchecked(cov_last, method, eps, T), d)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,8 +160,8 @@ def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps
     checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_whitening_args(method, eps, T)
     checks.check_training_samples(x)
-    mean, cov = _group_cov(x, num_channels)
-    w = _group_whitening(cov, x.shape[1], method, eps, T)            # (G, d, d)
+    mean, cov = group_cov_unchecked(x, num_channels)
+    w = group_whitening_matrix(cov, x.shape[1], method, eps, T)      # (G, d, d)
     return apply_whitening(x, mean, w)
 
 
@@ -225,4 +230,4 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
     if kind == "corr":
         checks.check_corr_groups(num_channels, x.shape[1])
     checks.check_training_samples(x)
-    return decorrelation(x, num_channels, kind, _group_cov)
+    return decorrelation(x, num_channels, kind, group_cov_unchecked)

@@ -48,7 +48,7 @@ def run_group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
         return group_cov_op(x, num_channels)
     if backend == "native":
         return _group_cov_native(x, num_channels)
-    return ref._group_cov(x, num_channels)
+    return ref.group_cov_unchecked(x, num_channels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def _group_cov_backward(ctx, grad_mean, grad_cov):
     x, mean = ctx.saved_tensors
     if torch.is_grad_enabled():                                       # create_graph=True: double backward
         def fn(x):
-            return ref._group_cov(x, mean.shape[-1])
+            return ref.group_cov_unchecked(x, mean.shape[-1])
         return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
     m = samples_per_channel(x)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
@@ -116,7 +116,7 @@ class _GroupCovNative(torch.autograd.Function):
         d = ctx.d
         if torch.is_grad_enabled():                                   # create_graph=True: double backward
             def fn(x):
-                return ref._group_cov(x, d)
+                return ref.group_cov_unchecked(x, d)
             return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
         m = samples_per_channel(x)
         G = center.shape[0]

@@ -89,7 +89,7 @@ def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: 
         flat = cov.to(torch.float32).reshape(-1, d, d).contiguous()
         return newton_op(flat, float(eps), T).reshape(cov.shape)
     # torch; triton for zca (torch.linalg.eigh with the stable backward) and for an empty batch
-    return ref._whitening_matrix(cov, method, eps, T)
+    return ref.whitening_matrix_unchecked(cov, method, eps, T)
 
 
 def group_whiten(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,

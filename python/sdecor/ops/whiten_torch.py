@@ -40,9 +40,9 @@ import torch
 
 from .. import reference as ref
 from .._double_backward import graph_backward
-from .._layout import grouped, join_groups, like_format, split_channels
+from .._layout import group_layout, grouped, join_groups, like_format, split_channels, split_groups
 from .._precision import no_autocast_function, power_of_two, stats_dtype
-from .._zca import eye_like, zca_backward, zca_from_eigh
+from .._zca import ZCAWhitening, eye_like, shifted_cov, zca_backward, zca_from_eigh
 
 __all__ = ["group_whiten_eval", "group_whiten_eval_native", "group_whiten_train", "newton_forward",
            "newton_backward", "train_composition", "train_graph_backward"]
@@ -392,12 +392,30 @@ class _GroupWhitenTrain(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, *nones
 
 
+def whitening_matrices(cov, C: int, method: str, eps: float, T: int, eigh=torch.linalg.eigh):
+    """W (G, d, d) of the groups of C channels from their covariances by differentiable torch ops:
+    :func:`sdecor.reference.group_whitening_matrix` with ``eigh`` as the zca eigensolver (the
+    training paths pick sdecor's Jacobi solver where the native backend runs)."""
+    def of(cov):
+        se = shifted_cov(cov, eps)
+        if method == "zca":
+            return ZCAWhitening.apply(se, float(eps), eigh)
+        return ref.newton_schulz(se, T)
+
+    d = cov.shape[-1]
+    r = group_layout(C, d)[1]
+    if r == d:
+        return of(cov)
+    cov_even, cov_last = split_groups(cov, r)
+    return join_groups(of(cov_even), of(cov_last), d)
+
+
 def train_composition(x, weight, bias, num_channels: int, method: str, eps: float, T: int,
                       eigh=torch.linalg.eigh):
     """y = weight * W(cov(x)) (x - mean) + bias by differentiable torch ops: the reference's composition,
     whose autograd gives the double backward of the training paths (``eigh``: the zca eigensolver)."""
-    mean, cov = ref._group_cov(x, num_channels)
-    w = ref._group_whitening(cov, x.shape[1], method, eps, T, eigh)
+    mean, cov = ref.group_cov_unchecked(x, num_channels)
+    w = whitening_matrices(cov, x.shape[1], method, eps, T, eigh)
     return group_whiten_eval(x, mean, w, weight, bias)
 
 
