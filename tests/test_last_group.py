@@ -17,8 +17,9 @@ import torch.distributed as dist
 import sdecor
 from sdecor import reference as ref
 from sdecor._layout import like_format
+from sdecor._zca import zca_backward_masked, zca_scaled
 from sdecor.nn import GroupWhitening, SyncGroupWhitening
-from sdecor.ops import whiten, whiten_sync
+from sdecor.ops import whiten, whiten_native, whiten_sync
 from sdecor.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -200,9 +201,9 @@ def test_whitening_kernels_keep_the_padding_block_decoupled(device):
     assert not w[-1, r:].any() and not w[-1, :, r:].any() and not g[-1, r:].any() and not g[-1, :, r:].any()
     native = _ext.available() and (device.type == "cpu" or _ext.has_cuda())
     one = torch.ones(2, device=device)
-    for eigh in [torch.linalg.eigh] + ([whiten._native_eigh] if native else []):
-        evals, evecs, wz = whiten._zca_scaled(cov, 1e-5, one, C, eigh)
-        gz = whiten.zca_backward_masked(gw, evals, evecs, 1e-5, one, C)
+    for eigh in [torch.linalg.eigh] + ([whiten_native.eigh_native] if native else []):
+        evals, evecs, wz = zca_scaled(cov, 1e-5, one, C, eigh)
+        gz = zca_backward_masked(gw, evals, evecs, 1e-5, one, C)
         c = cov[-1:, :r, :r].clone().requires_grad_()
         wz_r = ref.whitening_matrix(c, "zca", 1e-5)
         wz_r.backward(gw[-1:, :r, :r])
