@@ -25,8 +25,8 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._conversion import report_rows
 from ._layout import group_sizes
-from .convert import report_rows
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
 __all__ = ["fold_whitening", "FoldReport"]
