@@ -149,8 +149,9 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
         G = group_layout(C, d)[0]                                    # the last group may be smaller
         m = N * math.prod(x.shape[2:])
         sd = stats_dtype(x.dtype)
+        run = passes(x, d) if m > 0 else None                        # the passes over the local x
         if m > 0:
-            st = passes(x, d).statistics()
+            st = run.statistics()
             mean_r, cov_r, c_r = st.mean, st.cov, st.c
         else:                                                        # a rank without samples
             mean_r = torch.zeros(G, d, dtype=sd, device=x.device)
@@ -160,7 +161,7 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
         mean, cov, c, n = combine(gathered, G, d)
         w, state = passes.matrix(cov, c, method, eps, T, C)
         if m > 0:
-            y = passes(x, d).whiten(mean, w, weight, bias)
+            y = run.whiten(mean, w, weight, bias)
         else:
             y = torch.empty_like(x)
         ctx.meta = (passes, d, method, eps, T, m, group, weight is not None, bias is not None)
