@@ -21,6 +21,12 @@ __all__ = ["GroupWhitening", "SyncGroupWhitening", "GroupWhiteningAct", "SyncGro
 class GroupWhitening(nn.Module):
     r"""Group-wise whitening of the channels, with running statistics and an affine map (IterNorm).
 
+    ``num_channels`` is the group size d, the number of channels in each group (IterNorm's meaning),
+    not a channel total: the opposite of ``torch.nn.GroupNorm(num_groups, num_channels)``, whose
+    ``num_channels`` is the channel count C (here ``num_features``) and ``num_groups`` the number of
+    groups G (here G = C / d). ``GroupNorm(4, 64)`` makes 4 groups of 16 channels; the same grouping
+    here is ``GroupWhitening(64, num_channels=16)``.
+
     The C = ``num_features`` channels are split into G = C / d groups of d = ``num_channels``
     contiguous channels; d must divide C unless ``last_group="smaller"`` (IterNorm's flexible
     groups): then G = ceil(C / d) and the last group holds the r = C - (G - 1) d remaining channels

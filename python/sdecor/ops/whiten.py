@@ -5,7 +5,8 @@ Public functions check their arguments once and pick the backend (``SUPPORTS``);
 itself). Backends:
 
 - ``triton`` (CUDA tensors of float32/float16/bfloat16; CPU tensors only when forced under
-  TRITON_INTERPRET=1): the ops below, each a launcher of :mod:`sdecor_kernels`. Forward of
+  TRITON_INTERPRET=1): the custom ops below, each a launcher of :mod:`sdecor_kernels`, and their
+  autograd; :class:`TritonPasses` are its passes of the training paths. Forward of
   ``whiten_train``: statistics (one read of x; for d <= 32 the Newton-Schulz steps run in the same
   finalize program) -> W -> apply (one read of x, one write of y). Backward: one pass over (dy, x) for
   D = sum dy (x - mean)^T and sum dy, the d x d math (Newton backward kernel, or the stable ZCA
@@ -15,18 +16,23 @@ itself). Backends:
   so that y, W and dx stay finite up to |x| ~ 3e38, where the covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
-- ``native``: on CPU tensors (picked automatically where the extension is built), group whitening in
-  training and eval mode through the C++ passes of ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``:
-  statistics in one read of x, apply in one read and one write, backward in two reads of (dy, x) and
-  one write, parallel over groups and blocks of samples with BLAS for the d x d x block products),
-  with the d x d math and the autograd of :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca)
-  the batched Jacobi eigensolver :func:`sdecor._native.eigh_small` with the stable ZCA backward
-  (forced only on CPU), on CUDA also the eigensolver of the triton zca path.
+- ``native``: :mod:`sdecor.ops.whiten_native`. On CPU tensors (picked automatically where the
+  extension is built), group whitening in training and eval mode through the C++ passes of
+  ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``: statistics in one read of x, apply in one read
+  and one write, backward in two reads of (dy, x) and one write, parallel over groups and blocks of
+  samples with BLAS for the d x d x block products), with the d x d math and the autograd of
+  :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca) the batched Jacobi eigensolver
+  :func:`sdecor._native.eigh_small` with the stable ZCA backward (forced only on CPU), on CUDA also
+  the eigensolver of the triton zca path.
+
+The passes of the training paths share one interface (:mod:`sdecor.ops._whiten_passes`), used by
+the single-process path and by SyncGroupWhitening (:mod:`sdecor.ops.whiten_sync`).
 
 Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
-is itself differentiable (:class:`sdecor._zca.ZCAWhitening`), and the backward of every triton op, when a
-graph of it is requested, differentiates the torch formulation recomputed from the saved inputs
-(:func:`sdecor._double_backward.graph_backward`) instead of launching kernels that have no derivative.
+is itself differentiable (:class:`sdecor._zca.ZCAWhitening`), and the backward of every triton op,
+when a graph of it is requested, differentiates the torch formulation recomputed from the saved
+inputs (:func:`sdecor._double_backward.graph_backward`) instead of launching kernels that have no
+derivative.
 """
 
 from __future__ import annotations
@@ -98,8 +104,10 @@ def group_whiten(x: Tensor, num_channels: int, method: str = "newton", eps: floa
                  T: int = 5, last_group: str = "even") -> Tensor:
     """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x.
 
-    last_group="smaller": d need not divide C; a last group of r = C - (G - 1) d channels is
-    whitened as a group of its own."""
+    ``num_channels`` is the group size d: G = C / d groups of d contiguous channels (IterNorm's
+    meaning), the opposite of ``torch.nn.GroupNorm(num_groups, num_channels)``, whose num_channels is
+    the channel count C. last_group="smaller": d need not divide C; a last group of
+    r = C - (G - 1) d channels is whitened as a group of its own."""
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1], last_group)
     _checks.check_whitening_args(method, eps, T)
