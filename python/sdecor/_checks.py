@@ -1,8 +1,9 @@
 """Argument checks of every public function and module, in one place.
 
 Each public call runs its checks once, before any work, and raises TypeError / ValueError naming the
-argument and what was expected (DESIGN.md). The reference, the op modules (:mod:`sdecor.ops`) and the
-modules (:mod:`sdecor.nn`) all call these; nothing below them checks again.
+argument and what was expected (docs/design.md, "Semantics"). The reference, the op modules
+(:mod:`sdecor.ops`) and the modules (:mod:`sdecor.nn`) all call these; nothing below them checks
+again.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
 
 
 def check_eps(eps, name: str = "eps") -> None:
-    """eps: a finite number > 0 (DESIGN.md). With eps = 0 a singular covariance (a constant channel, a
+    """eps: a finite number > 0 (docs/design.md, "Semantics"). With eps = 0 a singular covariance (a constant channel, a
     group of more channels than samples) gives W = inf / NaN; with eps = inf, W = 0."""
     if not is_finite_number(eps) or not eps > 0:
         raise ValueError(f"{name} must be a finite number > 0; got {eps!r}")

@@ -3,7 +3,7 @@
 ``decorrelation_loss`` goes through group_cov (:mod:`sdecor.ops.cov`), so it runs on whichever
 backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA tensors).
 
-``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
+``SaliencyDecor`` (docs/design.md, "Semantics", SaliencyDecor objective):
 
     saliency = |d logit_y / d x|                      (eval mode, one backward, no parameter grads)
     x~       = topk_mask(x, saliency, ratio, fill)    (detached: the least salient positions replaced)
