@@ -1,10 +1,10 @@
 """What the kernel families share: jit helpers, block sizes of the passes over x, layout, the launch.
 
-Notation (see DESIGN.md): x (N, C, *S) is read as (N, C, L), L = prod(S), through three strides
-(sn, sc, sl), so contiguous NCHW-style inputs (sl = 1) and channels_last inputs (sc = 1, sl = C) are
-both read in place, without a transposed copy. Sample j in [0, m), m = N * L, is (n, l) = divmod(j, L).
-Group g holds channels [g*d, (g+1)*d); every kernel works on tiles [BD, BM] (channels x samples) with
-BD = next power of two >= d (masked), and accumulates in fp32.
+Notation (see docs/design.md, "Semantics"): x (N, C, *S) is read as (N, C, L), L = prod(S), through
+three strides (sn, sc, sl), so contiguous NCHW-style inputs (sl = 1) and channels_last inputs
+(sc = 1, sl = C) are both read in place, without a transposed copy. Sample j in [0, m), m = N * L,
+is (n, l) = divmod(j, L). Group g holds channels [g*d, (g+1)*d); every kernel works on tiles
+[BD, BM] (channels x samples) with BD = next power of two >= d (masked), and accumulates in fp32.
 
 A smaller last group (IterNorm's flexible groups): the kernels take the channel count C, and group g
 holds dg = min(d, C - g*d) channels (:func:`_group_size`); loads of x, dy, weight and bias are masked

@@ -35,10 +35,8 @@ and whether tensor-core instructions appear (mma / wgmma in PTX, HMMA / HGMMA in
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -54,18 +52,27 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel_modules() -> list[str]:
-    """Names of the modules of sdecor_kernels (those defining STATIC_SPECS are compiled)."""
-    import sdecor_kernels
+def _modules() -> dict:
+    """The kernel modules of sdecor_kernels by dotted name: every public module but this one
+    (tests/test_static_compile.py checks the list against the package's modules). Imported on first
+    use, so that importing this module imports neither Triton nor the kernels."""
+    from . import apply, backward, newton, stats, topk
 
-    return sorted(f"sdecor_kernels.{m.name}" for m in pkgutil.iter_modules(sdecor_kernels.__path__)
-                  if m.name != "static" and not m.name.startswith("_"))
+    return {m.__name__: m for m in (apply, backward, newton, stats, topk)}
+
+
+def kernel_modules() -> list[str]:
+    """Names of the kernel modules of sdecor_kernels (those defining STATIC_SPECS are compiled)."""
+    return sorted(_modules())
 
 
 def specs_of(module) -> list[dict]:
-    """The STATIC_SPECS of a module (object or dotted name); [] when it defines none."""
+    """The STATIC_SPECS of a kernel module (object or dotted name); [] when it defines none."""
     if isinstance(module, str):
-        module = importlib.import_module(module)
+        modules = _modules()
+        if module not in modules:
+            raise ValueError(f"{module!r} is not a kernel module of sdecor_kernels; they are {sorted(modules)}")
+        module = modules[module]
     return list(getattr(module, "STATIC_SPECS", []))
 
 

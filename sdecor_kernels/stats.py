@@ -32,7 +32,7 @@ from . import newton
 from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _exp2i, _eye,
                       _group_size, _mm, _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, pow2,
                       signature)
-from .newton import _newton_regs
+from ._newton_iteration import _newton_regs
 
 __all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"]
 

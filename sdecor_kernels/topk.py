@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import LaunchConfig, launch
 
-__all__ = ["FILL_CODES", "STATIC_SPECS", "TopkConfig", "topk_mask"]
+__all__ = ["FILL_CODES", "STATIC_SPECS", "TopkConfig", "launch_topk_mask"]
 
 # fill codes (the order of sdecor.reference.FILLS)
 FILL_CODES = {"zero": 0, "constant": 1, "mean": 2, "uniform": 3, "baseline": 4}
@@ -193,8 +193,8 @@ FILL_CONFIG = TopkConfig(BLOCK=FILL_BLOCK)
 # launcher
 
 
-def topk_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: bool, shared: bool, abs: bool,
-              fill: str, value: float, baseline: torch.Tensor | None, seed: int, call: int):
+def launch_topk_mask(x: torch.Tensor, saliency: torch.Tensor, k: int, largest: bool, shared: bool, abs: bool,
+                     fill: str, value: float, baseline: torch.Tensor | None, seed: int, call: int):
     """Launch the three kernels on x, saliency (N, C, *S) (and baseline, like x, for fill="baseline").
 
     shared: reduce="mean" (one mask (N, *S) for all channels); else reduce=None (mask like x).

@@ -1,4 +1,4 @@
-"""Mixed precision (DESIGN.md, "Precision"): under torch.autocast the statistics and the d x d math run
+"""Mixed precision (docs/design.md, "Precision"): under torch.autocast the statistics and the d x d math run
 in fp32 (fp64 for fp64 input) and every output has the dtype it has without autocast (y: the input's
 dtype, as BatchNorm's), forward and backward, on every backend, in the reference, through the custom
 ops' Autocast kernels and under torch.compile; an fp16 step with GradScaler; a bf16 training run that

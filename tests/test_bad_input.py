@@ -19,7 +19,7 @@ from sdecor.convert import convert_whitening
 from sdecor.nn import GroupWhitening
 from sdecor.objective import SaliencyDecor
 
-# eps is a finite number > 0 (DESIGN.md): 0, a negative, inf, nan, a string and a bool are refused.
+# eps is a finite number > 0 (docs/design.md, "Semantics"): 0, a negative, inf, nan, a string and a bool are refused.
 BAD_EPS = [0, 0.0, -1.0, float("inf"), float("nan"), "1e-5", True, 10 ** 400]
 BAD_EPS_IDS = ["int0", "zero", "negative", "inf", "nan", "str", "bool", "int-beyond-float"]
 EPS_MESSAGE = r"eps must be a finite number > 0; got "

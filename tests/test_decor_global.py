@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import sdecor
-from sdecor._common import decorrelation
+from sdecor._decorrelation import decorrelation
 from sdecor.ops.cov import run_group_cov
 
 from decor_worker import case_x, launch, offsets, sd_batch, sd_model, sd_objective, sgd_step

@@ -10,7 +10,7 @@ from torch.func import functional_call
 import sdecor
 from sdecor import _ext
 from sdecor import reference as ref
-from sdecor._common import sym
+from sdecor._zca import sym
 from sdecor.nn import GroupWhitening
 from sdecor.ops import whiten, whiten_torch
 from sdecor.testing import assert_close

@@ -110,7 +110,7 @@ def test_conv_groups_follow_the_whitening_groups():
     assert fold.conv_groups([8, 8, 8]) == 3
     assert fold.conv_groups([4, 4, 2]) == 1
     assert fold.conv_groups([6, 6, 6, 2]) == 1                 # C = 20: no equal split keeps groups whole
-    assert fold.group_sizes(standin(10, 4)) == [4, 4, 2]
+    assert fold.layer_group_sizes(standin(10, 4)) == [4, 4, 2]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ import torch.distributed as dist
 
 import sdecor
 from sdecor import reference as ref
-from sdecor._common import like_format
+from sdecor._layout import like_format
+from sdecor._zca import zca_backward_masked, zca_scaled
 from sdecor.nn import GroupWhitening, SyncGroupWhitening
-from sdecor.ops import whiten, whiten_sync
+from sdecor.ops import whiten, whiten_native, whiten_sync
 from sdecor.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -82,7 +83,7 @@ def _reference(x, d, method, weight, bias, T=5):
     w = weight.detach().clone().requires_grad_()
     b = bias.detach().clone().requires_grad_()
     mean, cov = ref.group_cov(xx, d, last_group="smaller")
-    wm = ref._group_whitening(cov, x.shape[1], method, 1e-5, T)
+    wm = ref.group_whitening_matrix(cov, x.shape[1], method, 1e-5, T)
     y = ref.apply_whitening(xx, mean, wm) * _affine(w, xx) + _affine(b, xx)
     (y * _grad_out(y)).sum().backward()
     return y.detach(), mean.detach(), wm.detach(), xx.grad, w.grad, b.grad
@@ -200,9 +201,9 @@ def test_whitening_kernels_keep_the_padding_block_decoupled(device):
     assert not w[-1, r:].any() and not w[-1, :, r:].any() and not g[-1, r:].any() and not g[-1, :, r:].any()
     native = _ext.available() and (device.type == "cpu" or _ext.has_cuda())
     one = torch.ones(2, device=device)
-    for eigh in [torch.linalg.eigh] + ([whiten._native_eigh] if native else []):
-        evals, evecs, wz = whiten._zca_scaled(cov, 1e-5, one, C, eigh)
-        gz = whiten.zca_backward_masked(gw, evals, evecs, 1e-5, one, C)
+    for eigh in [torch.linalg.eigh] + ([whiten_native.eigh_native] if native else []):
+        evals, evecs, wz = zca_scaled(cov, 1e-5, one, C, eigh)
+        gz = zca_backward_masked(gw, evals, evecs, 1e-5, one, C)
         c = cov[-1:, :r, :r].clone().requires_grad_()
         wz_r = ref.whitening_matrix(c, "zca", 1e-5)
         wz_r.backward(gw[-1:, :r, :r])
@@ -284,7 +285,7 @@ def test_module_running_stats_and_eval(backend, method, device, poison):
     for x in xs:
         mean_b, cov_b = ref.group_cov(x, d, last_group="smaller")
         mean_run = 0.5 * mean_run + 0.5 * mean_b
-        wm_run = 0.5 * wm_run + 0.5 * ref._group_whitening(cov_b, C, method, 1e-5, 5)
+        wm_run = 0.5 * wm_run + 0.5 * ref.group_whitening_matrix(cov_b, C, method, 1e-5, 5)
     assert_close(layer.running_mean.squeeze(-1), mean_run)
     assert_close(layer.running_wm, wm_run)
     pad = _padding_mask(C, d, dev)

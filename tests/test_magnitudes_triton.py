@@ -21,9 +21,11 @@ import torch
 
 import sdecor
 from sdecor import reference as ref
-from sdecor._common import samples_per_channel, shifted_cov, zca_backward, zca_from_eigh
+from sdecor._layout import samples_per_channel
+from sdecor._zca import shifted_cov, zca_backward, zca_from_eigh
 from sdecor.ops import cov as cov_ops
 from sdecor.ops import whiten as wh
+from sdecor.ops import whiten_native
 from sdecor.testing import tol
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -77,7 +79,7 @@ def _unscaled_composition(x, d, method, weight, bias):
         if method == "newton":
             w = wh.newton_op(cov, EPS, T)
         else:
-            evals, evecs = wh._eigh_for(x.device)(shifted_cov(cov, EPS))
+            evals, evecs = whiten_native.eigh_for(x.device)(shifted_cov(cov, EPS))
             w = zca_from_eigh(evals, evecs, EPS)
         y = wh.whiten_apply_op(x, mean, w, weight, bias)
         D, s = wh.whiten_bwd_reduce_op(dy, x, mean)

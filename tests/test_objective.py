@@ -1,4 +1,4 @@
-"""SaliencyDecor: terms as DESIGN.md defines them, gradients reach every parameter, training lowers it."""
+"""SaliencyDecor: terms as docs/design.md ("Semantics") defines them, gradients reach every parameter, training lowers it."""
 
 import copy
 

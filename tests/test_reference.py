@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdecor import reference as ref
-from sdecor._common import sym
+from sdecor._zca import sym
 
 SHAPES = {
     "2d-N5-C8": (5, 8),

@@ -114,6 +114,20 @@ def test_modules_with_specs_exist():
         assert mod in MODULES
 
 
+def test_kernel_module_list_is_every_module_of_the_package():
+    """static imports the kernel modules by an explicit list: it must hold every public module of
+    sdecor_kernels but static itself, so that no kernel is left out of the compile checks."""
+    import pkgutil
+
+    import sdecor_kernels
+
+    found = sorted(f"sdecor_kernels.{m.name}" for m in pkgutil.iter_modules(sdecor_kernels.__path__)
+                   if m.name != "static" and not m.name.startswith("_"))
+    assert static.kernel_modules() == found
+    with pytest.raises(ValueError, match="not a kernel module"):
+        static.specs_of("sdecor_kernels.nonexistent")
+
+
 def test_every_spec_compiled(spill_free_rows):
     for mod in MODULES:
         for spec in static.specs_of(mod):

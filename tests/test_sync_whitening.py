@@ -462,7 +462,8 @@ def test_combine_is_stable_where_sums_of_squares_cancel():
         xr = x[lo:hi].to(F32)
         if hi > lo:
             with sdecor.use_backend("torch"):
-                mean, cov, c = whiten_sync.PASSES["torch"].stats(xr, d)
+                st = whiten_sync.PASSES["torch"](xr, d).statistics()
+                mean, cov, c = st.mean, st.cov, st.c
         else:
             mean, cov, c = torch.zeros(1, d), torch.zeros(1, d, d), torch.ones(1)
         packed.append(whiten_sync._pack((hi - lo) * L, mean, cov, c))

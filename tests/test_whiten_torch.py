@@ -32,7 +32,7 @@ FUSED_CASES = [  # (shape, d, method, T)
                          ids=[f"{len(c[0])}d-C{c[0][1]}-d{c[1]}-{c[2]}{c[3]}" for c in FUSED_CASES])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_torch_backend_matches_reference(shape, d, method, T, dtype, affine):
-    from sdecor.ops.whiten_torch import group_whiten_train as group_whiten_train_torch
+    from sdecor.ops.whiten_torch import train_torch as group_whiten_train_torch
     C = shape[1]
     x = (torch.randn(shape, dtype=dtype) * 1.5 + 0.7).requires_grad_()
     weight = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None

@@ -10,7 +10,8 @@ import torch
 import sdecor
 from sdecor import reference as ref
 from sdecor import _backend
-from sdecor._common import like_format, sym
+from sdecor._layout import like_format
+from sdecor._zca import sym
 from sdecor.ops import cov
 from sdecor.ops import whiten as wh
 from sdecor.testing import assert_close, tol

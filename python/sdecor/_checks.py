@@ -1,8 +1,9 @@
 """Argument checks of every public function and module, in one place.
 
 Each public call runs its checks once, before any work, and raises TypeError / ValueError naming the
-argument and what was expected (DESIGN.md). The reference, the op modules (:mod:`sdecor.ops`) and the
-modules (:mod:`sdecor.nn`) all call these; nothing below them checks again.
+argument and what was expected (docs/design.md, "Semantics"). The reference, the op modules
+(:mod:`sdecor.ops`) and the modules (:mod:`sdecor.nn`) all call these; nothing below them checks
+again.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._layout import group_layout
 
 __all__ = [
     "DECOR_KINDS",
@@ -109,13 +112,6 @@ def check_last_group(last_group) -> None:
         raise ValueError(f"last_group must be one of {LAST_GROUPS}; got {last_group!r}")
 
 
-def _group_layout(C: int, d: int) -> tuple[int, int]:
-    """(G, r) of C channels in groups of d: G = ceil(C / d) groups, the last one of r = C - (G - 1) d
-    channels (r = d when d divides C)."""
-    G = -(-C // d)
-    return G, C - (G - 1) * d
-
-
 def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
     """Validate the group size d against C channels and return the number of groups G.
 
@@ -132,7 +128,7 @@ def check_groups(num_channels: int, C: int, last_group: str = "even") -> int:
             f"num_channels (group size d={num_channels}) must divide the channel count C={C}; "
             f"valid group sizes for C={C} are {divisors(C)}, or pass last_group=\"smaller\" for a "
             f"last group of C % d = {C % num_channels} channels")
-    return _group_layout(C, num_channels)[0]
+    return group_layout(C, num_channels)[0]
 
 
 def check_training_samples(x: torch.Tensor) -> int:
@@ -229,7 +225,7 @@ def check_stats(mean, wm, x: torch.Tensor) -> tuple[int, int]:
 
 
 def check_eps(eps, name: str = "eps") -> None:
-    """eps: a finite number > 0 (DESIGN.md). With eps = 0 a singular covariance (a constant channel, a
+    """eps: a finite number > 0 (docs/design.md, "Semantics"). With eps = 0 a singular covariance (a constant channel, a
     group of more channels than samples) gives W = inf / NaN; with eps = inf, W = 0."""
     if not is_finite_number(eps) or not eps > 0:
         raise ValueError(f"{name} must be a finite number > 0; got {eps!r}")
@@ -268,7 +264,7 @@ def check_decor_args(num_channels, kind: str) -> None:
 
 def check_corr_groups(num_channels: int, C: int) -> None:
     """kind='corr' with last_group="smaller": the last group, of C - (G - 1) d channels, needs 2 too."""
-    if _group_layout(C, num_channels)[1] < 2:
+    if group_layout(C, num_channels)[1] < 2:
         raise ValueError(f"kind='corr' needs groups of at least 2 channels; the last group of C={C} "
                          f"channels in groups of num_channels={num_channels} holds 1")
 

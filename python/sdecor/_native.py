@@ -68,7 +68,7 @@ def eigh_small(a: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch
     shape, dtype and device type are checked, nothing waits for the GPU, and torch.compile traces the
     call without a graph break.
 
-    No autograd: the outputs are detached (the ZCA backward has its own formula, see DESIGN.md).
+    No autograd: the outputs are detached (the ZCA backward has its own formula, see docs/design.md, "Semantics").
     Raises ImportError when the extension is not built, and BackendUnavailableError for a CUDA tensor
     when the extension was built without its CUDA part.
     """

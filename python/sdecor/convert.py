@@ -8,14 +8,13 @@ and build every new layer before they change the model, and return a :class:`Con
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import _checks
+from ._conversion import (ConversionReport, Skip, instance_changes, patterns, qualname, selected, state_like,
+                          swap_in)
+from ._layout import group_layout, group_sizes
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
 __all__ = ["convert_whitening", "convert_iternorm", "ConversionReport"]
@@ -54,116 +53,9 @@ _KNOWN = {
 }
 
 
-def report_rows(sections) -> list[str]:
-    """The lines of a report's (title, [(name, what), ...]) sections: a title, then one aligned row
-    per layer; an empty section prints nothing."""
-    lines = []
-    for title, rows in sections:
-        if rows:
-            lines.append(f"{title}:")
-            width = max(len(name) for name, _ in rows)
-            lines.extend(f"  {name:<{width}}  {what}" for name, what in rows)
-    return lines
-
-
-@dataclasses.dataclass
-class ConversionReport:
-    """What a conversion did: ``replaced`` and ``skipped`` are lists of (name, reason), in the order
-    of ``model.named_modules()``; ``function`` names the conversion that wrote it."""
-
-    replaced: list = dataclasses.field(default_factory=list)
-    skipped: list = dataclasses.field(default_factory=list)
-    function: str = "convert_whitening"
-
-    def __str__(self) -> str:
-        lines = [f"{self.function}: replaced {len(self.replaced)} layer(s), skipped {len(self.skipped)}"]
-        lines += report_rows((("replaced", self.replaced), ("skipped", self.skipped)))
-        return "\n".join(lines)
-
-
-class _Skip(Exception):
-    """A layer that is left as it is; the message is the report's reason."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# shared by both conversions
-
-
-def _patterns(value, argname: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    try:
-        items = tuple(value)
-    except TypeError:
-        items = None
-    if items is None or not all(isinstance(p, str) for p in items):
-        raise TypeError(f"{argname} must be None, a glob pattern (str) or a list of them; got {value!r}")
-    return items
-
-
-def _selected(model: nn.Module, include, exclude, wanted):
-    """(name, module) of the modules for which ``wanted(module)`` holds and whose name passes the
-    include / exclude patterns, outermost first; a module reachable under several names comes once
-    per name. The submodules of a module that comes are part of it (replaced or left with it): they
-    do not come themselves."""
-    taken = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not wanted(module) or any(name.startswith(prefix) for prefix in taken):
-            continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        taken.append(name + "." if name else "")
-        yield name, module
-
-
-def _swap_in(model: nn.Module, swaps: list) -> None:
-    for name, new in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _group_layout(C: int, d: int) -> tuple[int, int]:
-    """(G, r): C channels in G = ceil(C / d) groups of d, the last one of r = C - (G - 1) d."""
-    G = -(-C // d)
-    return G, C - (G - 1) * d
-
-
 def _last_group_option(last_group: str) -> dict:
     # "even" is GroupWhitening's default: passed on only when it is not.
     return {} if last_group == "even" else {"last_group": last_group}
-
-
-def _state_like(*tensors) -> dict:
-    """device and dtype of the first initialised tensor among ``tensors``."""
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin):
-            return {"device": t.device, "dtype": t.dtype}
-    return {}
-
-
-def _instance_changes(module: nn.Module) -> str | None:
-    """Why ``module``'s instance computes something its class does not, or None."""
-    if "forward" in vars(module):
-        return "its forward is replaced on the instance"
-    hooks = [kind for kind, table in (("forward", module._forward_hooks),
-                                      ("forward pre-", module._forward_pre_hooks),
-                                      ("backward", module._backward_hooks),
-                                      ("backward pre-", module._backward_pre_hooks)) if table]
-    if hooks:
-        return (f"it has {' and '.join(hooks)} hooks, which the new layer would not run; remove them, "
-                f"convert, and register them on the new layer")
-    if parametrize.is_parametrized(module):
-        return "its parameters are parametrized (torch.nn.utils.parametrize)"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,16 +63,16 @@ def _instance_changes(module: nn.Module) -> str | None:
 
 
 def _target(module: nn.Module) -> type:
-    """The whitening class for a BatchNorm layer (see ``_KNOWN``); raises _Skip with the reason."""
+    """The whitening class for a BatchNorm layer (see ``_KNOWN``); raises Skip with the reason."""
     for cls in type(module).__mro__:
-        entry = _KNOWN.get(_qualname(cls))
+        entry = _KNOWN.get(qualname(cls))
         if isinstance(entry, str):
-            raise _Skip(entry)
+            raise Skip(entry)
         if entry is not None:
             return entry
         if "forward" in vars(cls):
-            raise _Skip(f"{_qualname(type(module))} is a BatchNorm subclass with its own forward "
-                        f"(in {_qualname(cls)}), not one of the known variants: what it adds is unknown")
+            raise Skip(f"{qualname(type(module))} is a BatchNorm subclass with its own forward "
+                        f"(in {qualname(cls)}), not one of the known variants: what it adds is unknown")
     raise AssertionError("unreachable: every BatchNorm layer derives from torch's _BatchNorm")
 
 
@@ -203,7 +95,7 @@ def _whitening_layer(bn: nn.modules.batchnorm._BatchNorm, target: type, num_chan
         kw["drop"] = getattr(bn, "drop", None)
         kw["act"] = getattr(bn, "act", None)
     new = target(bn.num_features, num_channels, method=method, **kw,
-                 **_state_like(bn.weight, bn.running_mean))
+                 **state_like(bn.weight, bn.running_mean))
     with torch.no_grad():
         if new.affine and bn.affine:
             new.weight.copy_(bn.weight)
@@ -252,23 +144,23 @@ def _description(bn: nn.Module, new: GroupWhitening, method: str, last_group: st
 
 
 def _convert_batchnorm(name: str, bn, num_channels: int, method: str, last_group: str, kw: dict):
-    """The new layer for one BatchNorm layer; raises _Skip with the reason it is left as it is."""
+    """The new layer for one BatchNorm layer; raises Skip with the reason it is left as it is."""
     if not name:
-        raise _Skip("the model itself is a BatchNorm layer; put it in a container (e.g. nn.Sequential) "
+        raise Skip("the model itself is a BatchNorm layer; put it in a container (e.g. nn.Sequential) "
                     "to convert it")
     if _is_uninitialized(bn):
-        raise _Skip(f"{type(bn).__name__} is not initialized yet: its channel count is unknown until a "
+        raise Skip(f"{type(bn).__name__} is not initialized yet: its channel count is unknown until a "
                     f"first forward pass")
     target = _target(bn)
-    changed = _instance_changes(bn)
+    changed = instance_changes(bn)
     if changed:
-        raise _Skip(changed)
+        raise Skip(changed)
     if target is GroupWhiteningAct and not all(isinstance(getattr(bn, a, None), nn.Module)
                                                for a in ("drop", "act")):
-        raise _Skip(f"{type(bn).__name__} without the drop and act submodules it is expected to have")
+        raise Skip(f"{type(bn).__name__} without the drop and act submodules it is expected to have")
     C = bn.num_features
     if last_group == "even" and C % num_channels != 0:
-        raise _Skip(f"{C} channels are not divisible by num_channels={num_channels} (valid group sizes: "
+        raise Skip(f"{C} channels are not divisible by num_channels={num_channels} (valid group sizes: "
                     f"{_checks.divisors(C)}; or pass last_group=\"smaller\" for a last group of "
                     f"{C % num_channels} channels)")
     if "eps" not in kw:                   # a BatchNorm layer may hold eps = 0, which whitening refuses
@@ -278,7 +170,7 @@ def _convert_batchnorm(name: str, bn, num_channels: int, method: str, last_group
 
 def _is_candidate(module: nn.Module) -> bool:
     return (isinstance(module, nn.modules.batchnorm._BatchNorm)
-            or isinstance(_KNOWN.get(_qualname(type(module))), str))
+            or isinstance(_KNOWN.get(qualname(type(module))), str))
 
 
 def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "newton", include=None,
@@ -344,26 +236,26 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
     if not isinstance(last_group, str) or last_group not in _LAST_GROUPS:
         raise ValueError(f"last_group must be one of {_LAST_GROUPS}; got {last_group!r}")
     _checks.check_whitening_args(method, kw.get("eps", 1e-5), kw.get("T", 5))
-    include = _patterns(include, "include")
-    exclude = _patterns(exclude, "exclude")
+    include = patterns(include, "include")
+    exclude = patterns(exclude, "exclude")
     # Validate the remaining options once, on a layer the size of a group.
     GroupWhitening(num_channels, num_channels, method=method, **kw, **_last_group_option(last_group))
 
     report = ConversionReport()
     swaps = []
     built = {}                           # a layer reachable under several names gets one replacement
-    for name, module in _selected(model, include, exclude, _is_candidate):
+    for name, module in selected(model, include, exclude, _is_candidate):
         try:
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                raise _Skip(_KNOWN[_qualname(type(module))])
+                raise Skip(_KNOWN[qualname(type(module))])
             if id(module) not in built:
                 built[id(module)] = _convert_batchnorm(name, module, num_channels, method, last_group, kw)
-        except _Skip as skip:
+        except Skip as skip:
             report.skipped.append((name, str(skip)))
             continue
         swaps.append((name, built[id(module)]))
         report.replaced.append((name, _description(module, built[id(module)], method, last_group)))
-    _swap_in(model, swaps)
+    swap_in(model, swaps)
     return report
 
 
@@ -374,7 +266,7 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
 def _iternorm_number(layer: nn.Module, attr: str, what: str):
     value = getattr(layer, attr, None)
     if not _checks.is_number(value):
-        raise _Skip(f"its {attr} is {value!r}, not {what}")
+        raise Skip(f"its {attr} is {value!r}, not {what}")
     return value
 
 
@@ -382,7 +274,7 @@ def _iternorm_affine(layer: nn.Module, C: int):
     """(weight, bias) as (C,) tensors, or (None, None); IterNorm stores them as (1, C, 1, ...)."""
     affine = getattr(layer, "affine", None)
     if not isinstance(affine, bool):
-        raise _Skip(f"its affine is {affine!r}, not a bool")
+        raise Skip(f"its affine is {affine!r}, not a bool")
     if not affine:
         return None, None
     out = []
@@ -390,7 +282,7 @@ def _iternorm_affine(layer: nn.Module, C: int):
         t = getattr(layer, attr, None)
         if not isinstance(t, torch.Tensor) or t.numel() != C or (t.dim() > 1 and t.shape[1] != C):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else t
-            raise _Skip(f"its {attr} has shape {shape}; expected C={C} values along dim 1")
+            raise Skip(f"its {attr} has shape {shape}; expected C={C} values along dim 1")
         out.append(t.detach().reshape(C))
     return tuple(out)
 
@@ -398,7 +290,7 @@ def _iternorm_affine(layer: nn.Module, C: int):
 def _expect_shape(t, shape: tuple, what: str) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
-        raise _Skip(f"{what} has shape {got}; expected {shape}")
+        raise Skip(f"{what} has shape {got}; expected {shape}")
 
 
 def _iternorm_state(layer: nn.Module) -> dict:
@@ -407,29 +299,29 @@ def _iternorm_state(layer: nn.Module) -> dict:
     C = _iternorm_number(layer, "num_features", "a channel count")
     d = _iternorm_number(layer, "num_channels", "a group size")
     if not (isinstance(C, int) and isinstance(d, int) and 1 <= d and C >= 1):
-        raise _Skip(f"num_features={C!r} and num_channels={d!r} are not positive ints")
+        raise Skip(f"num_features={C!r} and num_channels={d!r} are not positive ints")
     groups = getattr(layer, "iterNorm_Groups", None)
     if groups is None:                   # one module for all groups, each of d channels
         G = C // d
         if G * d != C or getattr(layer, "num_groups", None) != G:
-            raise _Skip(f"num_groups={getattr(layer, 'num_groups', None)!r} groups of num_channels={d} "
+            raise Skip(f"num_groups={getattr(layer, 'num_groups', None)!r} groups of num_channels={d} "
                         f"do not make num_features={C}")
         _expect_shape(getattr(layer, "running_mean", None), (G, d, 1), "running_mean")
         _expect_shape(getattr(layer, "running_wm", None), (G, d, d), "running_wm")
         mean, wm, settings = layer.running_mean, layer.running_wm, layer
     else:                                # flexible groups: one IterNorm_Single per group
-        G, r = _group_layout(C, d)
+        G, r = group_layout(C, d)
         if not isinstance(groups, nn.ModuleList) or len(groups) != G:
             held = f"{len(groups)} groups" if isinstance(groups, nn.ModuleList) else repr(groups)
-            raise _Skip(f"iterNorm_Groups holds {held}; expected a ModuleList of ceil({C} / {d}) = {G} "
+            raise Skip(f"iterNorm_Groups holds {held}; expected a ModuleList of ceil({C} / {d}) = {G} "
                         f"groups")
-        sizes = [d] * (G - 1) + [r]
+        sizes = group_sizes(C, d)
         for g, (single, c) in enumerate(zip(groups, sizes)):
             _expect_shape(getattr(single, "running_mean", None), (c, 1), f"iterNorm_Groups[{g}].running_mean")
             _expect_shape(getattr(single, "running_wm", None), (c, c), f"iterNorm_Groups[{g}].running_wm")
             for attr in ("T", "eps", "momentum"):   # each group whitens with its own settings
                 if getattr(single, attr, None) != getattr(groups[0], attr, None):
-                    raise _Skip(f"its groups differ in {attr}; a GroupWhitening layer has one {attr}")
+                    raise Skip(f"its groups differ in {attr}; a GroupWhitening layer has one {attr}")
         ref = groups[0].running_mean
         mean = ref.new_zeros(G, d, 1)
         wm = ref.new_zeros(G, d, d)
@@ -441,25 +333,25 @@ def _iternorm_state(layer: nn.Module) -> dict:
     eps = _iternorm_number(settings, "eps", "a number")
     momentum = _iternorm_number(settings, "momentum", "a number")
     weight, bias = _iternorm_affine(layer, C)
-    return {"C": C, "d": d, "G": G, "last": C - (G - 1) * d, "T": T, "eps": eps, "momentum": momentum,
+    return {"C": C, "d": d, "G": G, "last": group_layout(C, d)[1], "T": T, "eps": eps, "momentum": momentum,
             "weight": weight, "bias": bias, "mean": mean, "wm": wm}
 
 
 def _convert_one_iternorm(name: str, layer: nn.Module) -> GroupWhitening:
     if not name:
-        raise _Skip("the model itself is an IterNorm layer; put it in a container (e.g. nn.Sequential) "
+        raise Skip("the model itself is an IterNorm layer; put it in a container (e.g. nn.Sequential) "
                     "to convert it")
-    changed = _instance_changes(layer)
+    changed = instance_changes(layer)
     if changed:
-        raise _Skip(changed)
+        raise Skip(changed)
     s = _iternorm_state(layer)
     option = {} if s["last"] == s["d"] else {"last_group": "smaller"}
     try:
         new = GroupWhitening(s["C"], s["d"], method="newton", T=s["T"], eps=s["eps"], momentum=s["momentum"],
                              affine=s["weight"] is not None, track_running_stats=True,
-                             **option, **_state_like(s["mean"]))
+                             **option, **state_like(s["mean"]))
     except (TypeError, ValueError) as e:
-        raise _Skip(f"its settings do not make a GroupWhitening layer: {e}") from None
+        raise Skip(f"its settings do not make a GroupWhitening layer: {e}") from None
     with torch.no_grad():
         if new.affine:
             new.weight.copy_(s["weight"])
@@ -505,8 +397,8 @@ def convert_iternorm(model: nn.Module, include=None, exclude=None) -> Conversion
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    include = _patterns(include, "include")
-    exclude = _patterns(exclude, "exclude")
+    include = patterns(include, "include")
+    exclude = patterns(exclude, "exclude")
 
     def is_iternorm(module):
         return type(module).__name__ == "IterNorm" and not isinstance(module, GroupWhitening)
@@ -514,20 +406,20 @@ def convert_iternorm(model: nn.Module, include=None, exclude=None) -> Conversion
     report = ConversionReport(function="convert_iternorm")
     swaps = []
     built = {}
-    for name, layer in _selected(model, include, exclude, is_iternorm):
+    for name, layer in selected(model, include, exclude, is_iternorm):
         try:
             if id(layer) not in built:
                 built[id(layer)] = _convert_one_iternorm(name, layer)
-        except _Skip as skip:
-            report.skipped.append((name, f"{_qualname(type(layer))}: {skip}"))
+        except Skip as skip:
+            report.skipped.append((name, f"{qualname(type(layer))}: {skip}"))
             continue
         new = built[id(layer)]
         variant = "flexible groups" if hasattr(layer, "iterNorm_Groups") else "even groups"
-        last = new.num_features - (new.num_groups - 1) * new.num_channels
+        last = group_layout(new.num_features, new.num_channels)[1]
         extra = f", last_group='smaller' (last group of {last})" if last != new.num_channels else ""
         C, d = new.num_features, new.num_channels
         report.replaced.append((name, f"IterNorm ({variant}) ({C}) -> GroupWhitening({C}, num_channels={d}, "
                                       f"method='newton', T={new.T}{extra})"))
         swaps.append((name, new))
-    _swap_in(model, swaps)
+    swap_in(model, swaps)
     return report

@@ -25,7 +25,8 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .convert import report_rows
+from ._conversion import report_rows
+from ._layout import group_sizes
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
 __all__ = ["fold_whitening", "FoldReport"]
@@ -181,17 +182,17 @@ def _check_layers(model: nn.Module) -> None:
 # the eval-mode map of a whitening layer
 
 
-def group_sizes(layer: GroupWhitening) -> list[int]:
-    """Channels per group: num_channels for all groups but the last, which holds the rest."""
-    G, d, C = layer.num_groups, layer.num_channels, layer.num_features
-    return [d] * (G - 1) + [C - (G - 1) * d]
+def layer_group_sizes(layer: GroupWhitening) -> list[int]:
+    """Channels per group of a whitening layer (:func:`sdecor._layout.group_sizes`): num_channels for
+    all groups but the last, which holds the rest."""
+    return group_sizes(layer.num_features, layer.num_channels)
 
 
 def affine_map(layer: GroupWhitening) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks (G, d, d), shift (C,)), float64, of the layer's eval mode: y = A x + shift with A the
     block-diagonal matrix of ``blocks`` (the last group's block its top-left r x r part, the rest 0)."""
     G, d, C = layer.num_groups, layer.num_channels, layer.num_features
-    r = group_sizes(layer)[-1]
+    r = layer_group_sizes(layer)[-1]
     f64 = torch.float64
     wm = layer.running_wm.detach().to(f64).clone()
     mean = layer.running_mean.detach().to(f64).reshape(G, d).clone()
@@ -287,7 +288,7 @@ def _foldable_reason(layer: nn.Module, wl: GroupWhitening, rank: int | None) -> 
     want = 2 if base is nn.Linear else len(layer.kernel_size) + 2
     if rank is not None and rank != want:
         return f"its output is {rank}D, not {want}D"
-    if base is not nn.Linear and layer.groups > 1 and not _groups_fit(group_sizes(wl), out // layer.groups):
+    if base is not nn.Linear and layer.groups > 1 and not _groups_fit(layer_group_sizes(wl), out // layer.groups):
         return (f"its {layer.groups} groups of {out // layer.groups} output channels split whitening "
                 f"groups of {wl.num_channels}")
     return None
@@ -309,7 +310,7 @@ def affine_layer(wl: GroupWhitening, rank: int | None) -> nn.Module:
             lin.weight.copy_(dense)
             lin.bias.copy_(shift)
         return lin
-    k = conv_groups(group_sizes(wl))
+    k = conv_groups(layer_group_sizes(wl))
     s = C // k
     weight = torch.stack([dense[j * s:(j + 1) * s, j * s:(j + 1) * s] for j in range(k)]).reshape(C, s)
     conv_cls = _RANK_LAYERS[rank] if rank is not None else nn.Conv1d

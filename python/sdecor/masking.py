@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._common import fill_values, mask_scores, rank_order
+from ._masking_math import fill_values, mask_scores, rank_order
 from .ops.topk import topk_mask
 from .ops.topk_torch import FAST_TORCH_DTYPES, order_keys
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _checks
+from ._layout import channel_mask
 from .masking import SaliencyMasker
 from .objective import SaliencyDecor
 from .ops import whiten, whiten_sync
@@ -19,6 +20,12 @@ __all__ = ["GroupWhitening", "SyncGroupWhitening", "GroupWhiteningAct", "SyncGro
 
 class GroupWhitening(nn.Module):
     r"""Group-wise whitening of the channels, with running statistics and an affine map (IterNorm).
+
+    ``num_channels`` is the group size d, the number of channels in each group (IterNorm's meaning),
+    not a channel total: the opposite of ``torch.nn.GroupNorm(num_groups, num_channels)``, whose
+    ``num_channels`` is the channel count C (here ``num_features``) and ``num_groups`` the number of
+    groups G (here G = C / d). ``GroupNorm(4, 64)`` makes 4 groups of 16 channels; the same grouping
+    here is ``GroupWhitening(64, num_channels=16)``.
 
     The C = ``num_features`` channels are split into G = C / d groups of d = ``num_channels``
     contiguous channels; d must divide C unless ``last_group="smaller"`` (IterNorm's flexible
@@ -102,9 +109,8 @@ class GroupWhitening(nn.Module):
     def _initial_wm(self, factory: dict) -> torch.Tensor:
         """The identity of every group's own channels (G, d, d): zeros in the padding of a smaller
         last group."""
-        G, d = self.num_groups, self.num_channels
-        mask = (torch.arange(G * d, device=factory["device"]) < self.num_features).reshape(G, d)
-        return torch.diag_embed(mask.to(factory["dtype"] or torch.get_default_dtype()))
+        return torch.diag_embed(channel_mask(self.num_groups, self.num_channels, self.num_features,
+                                             factory["dtype"] or torch.get_default_dtype(), factory["device"]))
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running whitening matrices the identity (of each group's own channels),

@@ -5,7 +5,7 @@ backend group_cov selects (the Triton statistics kernel, with gradients, on CUDA
 process group of several ranks it works on the global batch instead, from float64 moments summed
 over the ranks (:mod:`sdecor.ops.cov_sync`, plain torch ops).
 
-``SaliencyDecor`` (DESIGN.md, "SaliencyDecor objective"):
+``SaliencyDecor`` (docs/design.md, "Semantics", SaliencyDecor objective):
 
     saliency = |d logit_y / d x|                      (eval mode, one backward, no parameter grads)
     x~       = topk_mask(x, saliency, ratio, fill)    (detached: the least salient positions replaced)
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._common import decorrelation, decorrelation_per_group, no_autocast, stats_dtype
+from ._decorrelation import decorrelation, decorrelation_per_group
+from ._precision import no_autocast, stats_dtype
 from .masking import saliency as input_saliency
 from .ops import cov_sync
 from .ops.cov import run_group_cov

@@ -11,9 +11,15 @@ the padding).
 These functions run anywhere (CPU or GPU, float32 or float64; float16/bfloat16 inputs are computed
 in float32, also under torch.autocast, which they turn off: outputs keep the dtypes they have without
 it). They are the oracle of the tests and benchmarks, and what the ``torch`` backend runs for
-group_cov and whitening_matrix. Argument checks come from :mod:`sdecor._checks`; the pieces the
-backends share with the reference (group views, ZCA from eigh and its stable backward, top-k scores
-and fills) from :mod:`sdecor._common`.
+group_cov and whitening_matrix: the backends call the same equations without the argument checks,
+which they ran once themselves (:func:`group_cov_unchecked`, :func:`whitening_matrix_unchecked`,
+:func:`group_whitening_matrix`). zca uses torch.linalg.eigh; a backend that picks another
+eigensolver composes the ZCA math of :mod:`sdecor._zca` itself.
+
+Argument checks come from :mod:`sdecor._checks`; the pieces the backends share with the reference
+from the helper modules: group layout (:mod:`sdecor._layout`), the precision policy
+(:mod:`sdecor._precision`), ZCA from eigh and its stable backward (:mod:`sdecor._zca`), top-k scores
+and fills (:mod:`sdecor._masking_math`) and the decorrelation penalty (:mod:`sdecor._decorrelation`).
 """
 
 from __future__ import annotations
@@ -22,23 +28,11 @@ import torch
 
 from . import _checks as checks
 from ._checks import DECOR_KINDS, FILLS, MAX_NEWTON_STEPS, METHODS
-from ._common import (
-    ZCAWhitening,
-    decorrelation,
-    eye_like,
-    fill_values,
-    grouped,
-    join_groups,
-    like_format,
-    mask_scores,
-    no_autocast,
-    rank_order,
-    samples_per_channel,
-    shifted_cov,
-    split_channels,
-    split_groups,
-    stats_dtype,
-)
+from ._decorrelation import decorrelation
+from ._layout import group_layout, grouped, join_groups, like_format, samples_per_channel, split_channels, split_groups
+from ._masking_math import fill_values, mask_scores, rank_order
+from ._precision import no_autocast, stats_dtype
+from ._zca import ZCAWhitening, eye_like, shifted_cov
 
 __all__ = [
     "group_cov",
@@ -70,10 +64,11 @@ def group_cov(x: torch.Tensor, num_channels: int, last_group: str = "even") -> t
     checks.check_input(x)
     checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_training_samples(x)
-    return _group_cov(x, num_channels)
+    return group_cov_unchecked(x, num_channels)
 
 
-def _group_cov(x, num_channels):
+def group_cov_unchecked(x: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_cov` of checked arguments (a smaller last group whenever d does not divide C)."""
     x_even, x_last, r = split_channels(x, num_channels)
     if r == num_channels:
         return _even_group_cov(x, num_channels)
@@ -121,32 +116,32 @@ def whitening_matrix(cov: torch.Tensor, method: str = "newton", eps: float = 1e-
     """Whitening matrices W (..., d, d) of Se = cov + eps I.
 
     "zca": W = Se^-1/2 exactly: Se = U diag(l) U^T, W = U diag(l^-1/2) U^T (eigenvalues clamped at
-    eps), with the stable backward dL/dSe = U (F o (U^T sym(G) U)) U^T (see sdecor._common).
+    eps), with the stable backward dL/dSe = U (F o (U^T sym(G) U)) U^T (see :mod:`sdecor._zca`).
     "newton": IterNorm's T Newton-Schulz steps (see :func:`newton_schulz`).
     """
     checks.check_cov(cov)
     checks.check_whitening_args(method, eps, T)
-    return _whitening_matrix(cov, method, eps, T)
+    return whitening_matrix_unchecked(cov, method, eps, T)
 
 
-def _whitening_matrix(cov, method, eps, T, eigh=torch.linalg.eigh):
+def whitening_matrix_unchecked(cov: torch.Tensor, method: str, eps: float, T: int) -> torch.Tensor:
+    """:func:`whitening_matrix` of checked arguments."""
     se = shifted_cov(cov, eps)
     if method == "zca":
-        return ZCAWhitening.apply(se, float(eps), eigh)
+        return ZCAWhitening.apply(se, float(eps), torch.linalg.eigh)
     return newton_schulz(se, T)
 
 
-def _group_whitening(cov, C, method, eps, T, eigh=torch.linalg.eigh):
+def group_whitening_matrix(cov: torch.Tensor, C: int, method: str, eps: float, T: int) -> torch.Tensor:
     """W (G, d, d) of the groups of C channels from their covariances (G, d, d) (padded layout): with
-    a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding.
-    ``eigh``: the eigensolver of zca."""
-    G, d = cov.shape[0], cov.shape[-1]
-    r = C - (G - 1) * d
+    a smaller last group, its W is that of its own r x r block (cov + eps I_r), zeros in the padding."""
+    d = cov.shape[-1]
+    r = group_layout(C, d)[1]
     if r == d:
-        return _whitening_matrix(cov, method, eps, T, eigh)
+        return whitening_matrix_unchecked(cov, method, eps, T)
     cov_even, cov_last = split_groups(cov, r)
-    return join_groups(_whitening_matrix(cov_even, method, eps, T, eigh),
-                       _whitening_matrix(cov_last, method, eps, T, eigh), d)
+    return join_groups(whitening_matrix_unchecked(cov_even, method, eps, T),
+                       whitening_matrix_unchecked(cov_last, method, eps, T), d)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,8 +160,8 @@ def group_whiten(x: torch.Tensor, num_channels: int, method: str = "newton", eps
     checks.check_groups(num_channels, x.shape[1], last_group)
     checks.check_whitening_args(method, eps, T)
     checks.check_training_samples(x)
-    mean, cov = _group_cov(x, num_channels)
-    w = _group_whitening(cov, x.shape[1], method, eps, T)            # (G, d, d)
+    mean, cov = group_cov_unchecked(x, num_channels)
+    w = group_whitening_matrix(cov, x.shape[1], method, eps, T)      # (G, d, d)
     return apply_whitening(x, mean, w)
 
 
@@ -196,7 +191,7 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
     """Replace the k least (largest=True: most) salient positions of every sample.
 
     score = |saliency| (abs=False: saliency), averaged over C for reduce="mean"; the selected set is
-    the k first positions of each sample in the order of :func:`sdecor._common.rank_order` (by value,
+    the k first positions of each sample in the order of :func:`sdecor._masking_math.rank_order` (by value,
     ties by lower flat index, NaN as the largest value). Returns (x_masked, mask); mask is bool,
     True = replaced, shaped (N, *S) for reduce="mean" (one mask shared by all channels) or like x for
     reduce=None.
@@ -235,4 +230,4 @@ def decorrelation_loss(x: torch.Tensor, num_channels: int, kind: str = "decov",
     if kind == "corr":
         checks.check_corr_groups(num_channels, x.shape[1])
     checks.check_training_samples(x)
-    return decorrelation(x, num_channels, kind, _group_cov)
+    return decorrelation(x, num_channels, kind, group_cov_unchecked)

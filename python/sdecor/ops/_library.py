@@ -17,9 +17,9 @@ launch through ``wrap_triton``. Under the Triton interpreter (TRITON_INTERPRET=1
 interpreted kernels cannot be traced, so it is an opaque ``custom_op`` whose fake implementation is the
 body itself (the launchers skip kernels on fake tensors).
 
-Autocast (DESIGN.md, "Precision"): every op has a kernel on the AutocastCPU and AutocastCUDA keys
+Autocast (docs/design.md, "Precision"): every op has a kernel on the AutocastCPU and AutocastCUDA keys
 (:func:`register_no_autocast`) that runs it with autocast off and its inputs as given, and its backward
-runs under :func:`sdecor._common.no_autocast`, so that the statistics and the d x d math stay in fp32
+runs under :func:`sdecor._precision.no_autocast`, so that the statistics and the d x d math stay in fp32
 and the outputs keep the dtype of x, in eager code and under torch.compile alike. The C++ op
 ``eigh_small`` has the same kernel in ``csrc/ops.cpp``.
 """
@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from .. import _backend
-from .._common import AUTOCAST_DEVICES, no_autocast
+from .._precision import AUTOCAST_DEVICES, no_autocast
 
 __all__ = ["NAMESPACE", "TritonCustomOp", "register_custom_ops", "register_no_autocast", "triton_custom_op"]
 

@@ -2,12 +2,12 @@
 
 Public function -> backend table -> ``triton``: the op ``sdecor::group_cov`` (launcher
 :func:`sdecor_kernels.stats.group_stats`: one read of x) and its backward op
-``sdecor::group_cov_backward`` (launcher :func:`sdecor_kernels.backward.whiten_bwd_dx` without dy);
-``native`` (CPU tensors, picked automatically where the extension is built): the C++ statistics pass
-``sdecor::native_whiten_stats`` (one read of x) and, backward, ``sdecor::native_whiten_dx`` (one read of
-x, one write of dx); ``torch``: :func:`sdecor.reference.group_cov`. A backward with create_graph=True
-(double backward) differentiates the reference recomputed from the saved x instead of launching the
-backward op.
+``sdecor::group_cov_backward`` (launcher :func:`sdecor_kernels.backward.whiten_bwd_dx` without dy),
+below; ``native`` (CPU tensors, picked automatically where the extension is built):
+:func:`sdecor.ops.cov_native.group_cov_native`, the C++ statistics pass (one read of x) and its
+backward; ``torch``: :func:`sdecor.reference.group_cov`. A backward with create_graph=True (double
+backward) differentiates the reference recomputed from the saved x instead of launching the backward
+op.
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import reference as ref
-from .._common import (
-    by_part,
-    graph_backward,
-    joined_parts,
-    no_autocast,
-    no_autocast_function,
-    samples_per_channel,
-)
+from .._double_backward import graph_backward
+from .._layout import samples_per_channel
+from .._precision import no_autocast
+from . import cov_native
 from ._library import triton_custom_op
 
 __all__ = ["SUPPORTS", "group_cov", "run_group_cov"]
@@ -52,8 +48,8 @@ def run_group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         return group_cov_op(x, num_channels)
     if backend == "native":
-        return _group_cov_native(x, num_channels)
-    return ref._group_cov(x, num_channels)
+        return cov_native.group_cov_native(x, num_channels)
+    return ref.group_cov_unchecked(x, num_channels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def _group_cov_backward(ctx, grad_mean, grad_cov):
     x, mean = ctx.saved_tensors
     if torch.is_grad_enabled():                                       # create_graph=True: double backward
         def fn(x):
-            return ref._group_cov(x, mean.shape[-1])
+            return ref.group_cov_unchecked(x, mean.shape[-1])
         return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
     m = samples_per_channel(x)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
@@ -95,47 +91,3 @@ def _group_cov_backward(ctx, grad_mean, grad_cov):
 
 
 group_cov_op.register_autograd(_group_cov_backward, setup_context=_group_cov_setup)
-
-
-# ---------------------------------------------------------------------------------------------------
-# native backend
-
-
-@no_autocast_function
-class _GroupCovNative(torch.autograd.Function):
-    """(mean, cov) of x for d | C from ``sdecor::native_whiten_stats`` (in units of each group's
-    power-of-two scale c: mean = centre + c ms, cov = c^2 cov'). Backward:
-    dx = (grad_cov + grad_cov^T) (x - mean) / m + grad_mean / m by ``sdecor::native_whiten_dx``, with
-    x - mean = c (xs - ms), xs = (x - centre) / c."""
-
-    @staticmethod
-    def forward(ctx, x, d):
-        center, c, inv_c, ms, cov = torch.ops.sdecor.native_whiten_stats(x, d)
-        ctx.d = d
-        ctx.save_for_backward(x, center, c, inv_c, ms)
-        return center + c[:, None] * ms, cov * (c * c)[:, None, None]
-
-    @staticmethod
-    def backward(ctx, grad_mean, grad_cov):
-        x, center, c, inv_c, ms = ctx.saved_tensors
-        d = ctx.d
-        if torch.is_grad_enabled():                                   # create_graph=True: double backward
-            def fn(x):
-                return ref._group_cov(x, d)
-            return graph_backward(fn, (x,), (True,), (grad_mean, grad_cov))[0], None
-        m = samples_per_channel(x)
-        G = center.shape[0]
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(center)
-        if grad_cov is None:
-            grad_cov = torch.zeros(G, d, d, dtype=center.dtype, device=center.device)
-        s2 = (grad_cov + grad_cov.transpose(-1, -2)) * (c / m)[:, None, None]
-        shift = grad_mean / m - (s2 @ ms.unsqueeze(-1)).squeeze(-1)
-        dx = torch.ops.sdecor.native_whiten_dx(None, x, d, center, inv_c, None, s2.contiguous(), shift.contiguous())
-        return dx, None
-
-
-def _group_cov_native(x: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """group_cov on the native backend; a smaller last group as a part of its own (views of x), its
-    statistics in the padded layout."""
-    return joined_parts(by_part(d, lambda dp, xp: _GroupCovNative.apply(xp, dp), [x], []), d)

@@ -15,7 +15,7 @@ header   one all_reduce (max) of an int64 table (W, 6): rank r writes its row (i
          for the device. On a group of device tensors only (nccl) it travels on the device, and
          reading it back waits for the device.
 scale    kind "corr" on float64 input only: one all_reduce (max) of the G power-of-two exponents
-         that bring every group below 2^48 on all ranks (as :func:`sdecor._common.scale_for_corr`
+         that bring every group below 2^48 on all ranks (as :func:`sdecor._decorrelation.scale_for_corr`
          does for one process: the correlation does not change, and sum x x^T stays finite at any
          finite scale of x). Other dtypes need none: x x^T of their values fits float64.
 moments  one all_reduce (sum) of each group's sum x (d numbers) and sum x x^T (d x d), accumulated
@@ -41,7 +41,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._checks import DECOR_KINDS, LAST_GROUPS
-from .._common import _CORR_MAX_EXP, grouped, power_of_two, split_channels
+from .._decorrelation import CORR_MAX_EXP
+from .._layout import grouped, split_channels
+from .._precision import power_of_two
 
 __all__ = ["check_header", "check_process_group", "exchange_header", "global_cov", "header_row", "parts",
            "world_size"]
@@ -175,7 +177,7 @@ def _common_scale(pieces: list[tuple[Tensor, int]], group) -> list[Tensor]:
     for xp, dp in pieces:
         xg = grouped(xp.detach(), dp)                                # (N, G, d, L)
         if xg.numel():
-            e = torch.frexp(xg.abs().amax(dim=(0, 2, 3))).exponent - _CORR_MAX_EXP
+            e = torch.frexp(xg.abs().amax(dim=(0, 2, 3))).exponent - CORR_MAX_EXP
         else:                                                        # no samples on this rank
             e = torch.zeros(xg.shape[1], dtype=torch.int32, device=xp.device)
         exps.append(e.clamp(0, 1022).to(torch.int64))

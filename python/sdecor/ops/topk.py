@@ -2,16 +2,16 @@
 
 Public function (checks once, picks the backend from ``SUPPORTS``) -> backends:
 
-- ``triton``: the op ``sdecor::topk_mask`` (launcher :func:`sdecor_kernels.topk.topk_mask`: score
+- ``triton``: the op ``sdecor::topk_mask`` (launcher :func:`sdecor_kernels.topk.launch_topk_mask`: score
   keys, an exact radix select of the k-th key per row, and one pass writing x_masked for every fill),
   with its autograd below. Picked automatically for CUDA tensors of float16, bfloat16 and float32;
   runs on CPU tensors only when forced under ``TRITON_INTERPRET=1``.
-- ``native``: the C++ op ``sdecor::native_topk_mask`` of ``sdecor._C`` (``csrc/topk_cpu.cpp``: per
-  sample, order-preserving score keys, the k-th key by a histogram of their top bits and
-  nth_element within one bucket, then one pass writing the mask and x_masked), with the same
-  autograd. Picked automatically for CPU tensors of float32, float64, bfloat16 and float16 when the
+- ``native``: :func:`sdecor.ops.topk_native.topk_mask_native`, the C++ op ``sdecor::native_topk_mask``
+  of ``sdecor._C`` (``csrc/topk_cpu.cpp``: per sample, order-preserving score keys, the k-th key by a
+  histogram of their top bits and nth_element within one bucket, then one pass writing the mask and
+  x_masked), with the autograd of the triton op. Picked automatically for CPU tensors of float32, float64, bfloat16 and float16 when the
   extension is built; every output equals the torch backend's bit for bit, the uniform noise aside.
-- ``torch``: :func:`sdecor.ops.topk_torch.topk_mask`, bit-identical to the reference.
+- ``torch``: :func:`sdecor.ops.topk_torch.topk_mask_torch`, bit-identical to the reference.
 
 All backends give identical masks (ties by lower flat index, NaN ranked as the largest value,
 -0.0 equal to +0.0). The ``uniform`` fill draws from ``generator`` on each, but from different
@@ -23,6 +23,7 @@ the same generator state.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -30,11 +31,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _ext
-from .._common import like_format, no_autocast, stats_dtype
-from . import topk_torch
+from .._layout import like_format
+from .._precision import no_autocast, stats_dtype
+from . import topk_native, topk_torch
 from ._library import triton_custom_op
 
-__all__ = ["NATIVE_DTYPES", "SUPPORTS", "philox_seed", "topk_mask"]
+__all__ = ["NATIVE_DTYPES", "SUPPORTS", "philox_seed", "topk_mask", "topk_mask_triton"]
 
 # Backends of topk_mask per device type, in order of preference ("interpret": forced only, on CPU
 # tensors under TRITON_INTERPRET=1).
@@ -62,11 +64,13 @@ def topk_mask(x: Tensor, saliency: Tensor, *, ratio=None, k=None, largest: bool 
     k = _checks.resolve_k(D, ratio, k)
     _checks.check_generator(generator, x.device)
     backend = _backend.select("topk_mask", {"x": x, "saliency": saliency}, _supports(x, saliency))
+    if backend == "torch":
+        return topk_torch.topk_mask_torch(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
+    # an empty x draws nothing, so the generator is left as the torch backend leaves it
+    seed, call = philox_seed(generator, x.device) if fill == "uniform" and x.numel() else (0, 0)
     if backend == "triton":
-        return _topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
-    if backend == "native":
-        return _topk_mask_native(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
-    return topk_torch.topk_mask(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator)
+        return topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, seed, call)
+    return topk_native.topk_mask_native(x, saliency, k, largest, reduce, abs, fill, value, baseline, seed, call)
 
 
 def _supports(x: Tensor, saliency: Tensor):
@@ -102,9 +106,9 @@ def philox_seed(generator, device: torch.device) -> tuple[int, int]:
     return generator.initial_seed() & (2**63 - 1), offset
 
 
-def _topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
-    # an empty x draws nothing, so the generator is left as the torch backend leaves it
-    seed, call = philox_seed(generator, x.device) if fill == "uniform" and x.numel() else (0, 0)
+def topk_mask_triton(x, saliency, k, largest, reduce, abs, fill, value, baseline, seed: int, call: int):
+    """(x_masked, mask) of :func:`topk_mask` on the triton backend for a resolved k and the Philox
+    stream (seed, call) of the uniform fill (arguments checked by the caller)."""
     # the constant rounded to x's dtype once, as torch.full(value, dtype=x.dtype) does
     value = float(torch.tensor(float(value), dtype=x.dtype)) if fill == "constant" else 0.0
     out, mask = topk_mask_op(x, saliency, k, bool(largest), reduce == "mean", bool(abs), fill, value,
@@ -118,7 +122,7 @@ def topk_mask_op(x: Tensor, saliency: Tensor, k: int, largest: bool, shared: boo
     """(x_masked, mask); shared: one mask (N, *S) for all channels (reduce="mean")."""
     from sdecor_kernels import topk
 
-    return topk.topk_mask(x, saliency, k, largest, shared, abs, fill, value, baseline, seed, call)
+    return topk.launch_topk_mask(x, saliency, k, largest, shared, abs, fill, value, baseline, seed, call)
 
 
 def _topk_mask_setup(ctx, inputs, output):
@@ -174,26 +178,6 @@ def _topk_mask_backward(ctx, grad_out, _grad_mask):
 topk_mask_op.register_autograd(_topk_mask_backward, setup_context=_topk_mask_setup)
 
 
-# ---------------------------------------------------------------------------------------------------
-# native backend
-
-
-def _topk_mask_native(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
-    # an empty x draws nothing, so the generator is left as the torch backend leaves it
-    seed, call = philox_seed(generator, x.device) if fill == "uniform" and x.numel() else (0, 0)
-    # the kernel rounds the constant to x's dtype as torch.full(value, dtype=x.dtype) does; x_masked
-    # comes in x's memory format
-    return torch.ops.sdecor.native_topk_mask(x, saliency, k, bool(largest), reduce == "mean", bool(abs), fill,
-                                             float(value) if fill == "constant" else 0.0,
-                                             baseline if fill == "baseline" else None, seed, call)
-
-
-def _register_native() -> None:
-    """The autograd of ``sdecor::native_topk_mask`` (from ``sdecor._C``): the triton op's setup and
-    backward above. Its Meta and Autocast kernels come with the op (``csrc/topk_cpu.cpp``)."""
-    torch.library.register_autograd("sdecor::native_topk_mask", no_autocast(_topk_mask_backward),
-                                    setup_context=_topk_mask_setup)
-
-
-# run when the extension is imported (select imports it before it picks native)
-_ext.on_load(_register_native)
+# run when the extension is imported (select imports it before it picks native): the native op's
+# autograd is the triton op's above
+_ext.on_load(functools.partial(topk_native.register_autograd, no_autocast(_topk_mask_backward), _topk_mask_setup))

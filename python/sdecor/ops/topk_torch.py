@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .._common import fill_values, mask_scores, rank_order
+from .._masking_math import fill_values, mask_scores, rank_order
 
-__all__ = ["FAST_TORCH_DTYPES", "order_keys", "select_mask", "topk_mask", "value_keys"]
+__all__ = ["FAST_TORCH_DTYPES", "order_keys", "select_mask", "topk_mask_torch", "value_keys"]
 
 # score dtypes ranked through int32 keys (float32 bits); others through the reference's sorts
 FAST_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,7 +62,7 @@ def select_mask(score: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return below | (tied & (tied.cumsum(1, dtype=torch.int32) <= room))
 
 
-def topk_mask(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
+def topk_mask_torch(x, saliency, k, largest, reduce, abs, fill, value, baseline, generator):
     """(x_masked, mask) of :func:`sdecor.ops.topk.topk_mask` for a resolved k (arguments checked by
     the caller)."""
     score = mask_scores(saliency, reduce, abs)                   # (N, D), as the reference

@@ -5,7 +5,8 @@ Public functions check their arguments once and pick the backend (``SUPPORTS``);
 itself). Backends:
 
 - ``triton`` (CUDA tensors of float32/float16/bfloat16; CPU tensors only when forced under
-  TRITON_INTERPRET=1): the ops below, each a launcher of :mod:`sdecor_kernels`. Forward of
+  TRITON_INTERPRET=1): the custom ops below, each a launcher of :mod:`sdecor_kernels`, and their
+  autograd; :class:`TritonPasses` are its passes of the training paths. Forward of
   ``whiten_train``: statistics (one read of x; for d <= 32 the Newton-Schulz steps run in the same
   finalize program) -> W -> apply (one read of x, one write of y). Backward: one pass over (dy, x) for
   D = sum dy (x - mean)^T and sum dy, the d x d math (Newton backward kernel, or the stable ZCA
@@ -15,18 +16,23 @@ itself). Backends:
   so that y, W and dx stay finite up to |x| ~ 3e38, where the covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
-- ``native``: on CPU tensors (picked automatically where the extension is built), group whitening in
-  training and eval mode through the C++ passes of ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``:
-  statistics in one read of x, apply in one read and one write, backward in two reads of (dy, x) and
-  one write, parallel over groups and blocks of samples with BLAS for the d x d x block products),
-  with the d x d math and the autograd of :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca)
-  the batched Jacobi eigensolver :func:`sdecor._native.eigh_small` with the stable ZCA backward
-  (forced only on CPU), on CUDA also the eigensolver of the triton zca path.
+- ``native``: :mod:`sdecor.ops.whiten_native`. On CPU tensors (picked automatically where the
+  extension is built), group whitening in training and eval mode through the C++ passes of
+  ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``: statistics in one read of x, apply in one read
+  and one write, backward in two reads of (dy, x) and one write, parallel over groups and blocks of
+  samples with BLAS for the d x d x block products), with the d x d math and the autograd of
+  :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca) the batched Jacobi eigensolver
+  :func:`sdecor._native.eigh_small` with the stable ZCA backward (forced only on CPU), on CUDA also
+  the eigensolver of the triton zca path.
+
+The passes of the training paths share one interface (:mod:`sdecor.ops._whiten_passes`), used by
+the single-process path and by SyncGroupWhitening (:mod:`sdecor.ops.whiten_sync`).
 
 Double backward (a backward run with create_graph=True) is exact on every backend: the ZCA backward
-is itself differentiable (sdecor._common.ZCAWhitening), and the backward of every triton op, when a
-graph of it is requested, differentiates the torch formulation recomputed from the saved inputs
-(sdecor._common.graph_backward) instead of launching kernels that have no derivative.
+is itself differentiable (:class:`sdecor._zca.ZCAWhitening`), and the backward of every triton op,
+when a graph of it is requested, differentiates the torch formulation recomputed from the saved
+inputs (:func:`sdecor._double_backward.graph_backward`) instead of launching kernels that have no
+derivative.
 """
 
 from __future__ import annotations
@@ -36,22 +42,15 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks, _native
+from .. import _backend, _checks
 from .. import reference as ref
-from .._common import (
-    ZCAWhitening,
-    channel_mask,
-    graph_backward,
-    no_autocast,
-    per_channel,
-    per_group,
-    samples_per_channel,
-    shifted_cov,
-    zca_backward_scaled,
-    zca_from_eigh_scaled,
-)
-from . import whiten_torch
+from .._double_backward import graph_backward
+from .._layout import last_group_mask, per_channel, per_group, samples_per_channel
+from .._precision import no_autocast
+from .._zca import shifted_cov, zca_backward_masked, zca_scaled
+from . import whiten_native, whiten_torch
 from ._library import triton_custom_op
+from ._whiten_passes import ScaledStats
 
 __all__ = [
     "SUPPORTS",
@@ -61,6 +60,7 @@ __all__ = [
     "group_whiten_eval",
     "run_train",
     "run_eval",
+    "TritonPasses",
 ]
 
 _TRITON = {"cuda": ("triton", "torch"), "cpu": ("torch",), "interpret": ("triton",)}
@@ -91,21 +91,23 @@ def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: 
     key = "whitening_matrix[zca]" if method == "zca" else "whitening_matrix"
     backend = _backend.select("whitening_matrix", {"cov": cov}, SUPPORTS[key])
     if backend == "native":
-        return ZCAWhitening.apply(shifted_cov(cov, eps), float(eps), _native_eigh)
+        return whiten_native.zca_matrix_native(cov, eps)
     if backend == "triton" and method == "newton" and math.prod(cov.shape[:-2]) > 0:
         d = cov.shape[-1]
         flat = cov.to(torch.float32).reshape(-1, d, d).contiguous()
         return newton_op(flat, float(eps), T).reshape(cov.shape)
     # torch; triton for zca (torch.linalg.eigh with the stable backward) and for an empty batch
-    return ref._whitening_matrix(cov, method, eps, T)
+    return ref.whitening_matrix_unchecked(cov, method, eps, T)
 
 
 def group_whiten(x: Tensor, num_channels: int, method: str = "newton", eps: float = 1e-5,
                  T: int = 5, last_group: str = "even") -> Tensor:
     """y_g = W_g (x_g - mean_g) with batch statistics; same shape, dtype and memory format as x.
 
-    last_group="smaller": d need not divide C; a last group of r = C - (G - 1) d channels is
-    whitened as a group of its own."""
+    ``num_channels`` is the group size d: G = C / d groups of d contiguous channels (IterNorm's
+    meaning), the opposite of ``torch.nn.GroupNorm(num_groups, num_channels)``, whose num_channels is
+    the channel count C. last_group="smaller": d need not divide C; a last group of
+    r = C - (G - 1) d channels is whitened as a group of its own."""
     _checks.check_input(x)
     _checks.check_groups(num_channels, x.shape[1], last_group)
     _checks.check_whitening_args(method, eps, T)
@@ -153,8 +155,9 @@ def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, wei
     if backend == "triton":
         y, mean, w = whiten_train_op(x, num_channels, method, float(eps), T, weight, bias)[:3]
         return y, mean, w
-    return whiten_torch.group_whiten_train(x, num_channels, method, eps, T, weight, bias,
-                                           native=backend == "native")
+    if backend == "native":
+        return whiten_native.train_native(x, num_channels, method, eps, T, weight, bias)
+    return whiten_torch.train_torch(x, num_channels, method, eps, T, weight, bias)
 
 
 @no_autocast
@@ -166,56 +169,8 @@ def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: T
     if backend == "triton":
         return whiten_apply_op(x, mean.to(torch.float32), wm.to(torch.float32), weight, bias)
     if backend == "native":
-        return whiten_torch.group_whiten_eval_native(x, mean, wm, weight, bias)
-    return whiten_torch.group_whiten_eval(x, mean, wm, weight, bias)
-
-
-# ---------------------------------------------------------------------------------------------------
-# eigensolvers for zca
-
-
-def _native_eigh(a: Tensor):
-    """sdecor's batched Jacobi solver, unchecked (the backend was selected for a's device)."""
-    return _native.eigh_small(a, check=False)
-
-
-def _eigh_for(device: torch.device):
-    """The eigensolver of the triton zca path: eigh_small where the native backend runs on
-    ``device``, else torch.linalg.eigh."""
-    return _native_eigh if _backend.reason("native", device) is None else torch.linalg.eigh
-
-
-def _last_group_mask(cov: Tensor, C: int) -> Tensor | None:
-    """The channel mask (G, d) of a smaller last group (:func:`sdecor._common.channel_mask`), or None
-    when d divides C."""
-    G, d = cov.shape[0], cov.shape[-1]
-    return None if C == G * d else channel_mask(G, d, C, cov.dtype, cov.device)
-
-
-def _zca_scaled(cov: Tensor, eps: float, scale: Tensor, C: int, eigh):
-    """(evals, evecs, W) of zca on cov / c^2 (G, d, d) (c = scale), for C channels.
-
-    A smaller last group (zero padded in cov): its padding block of Se / c^2 is the identity, decoupled
-    from its own block (eps / c^2 added to its own channels only) and positive; eigh of the block
-    diagonal matrix gives the eigenpairs of both blocks, W of its own block is exact, and the padding
-    of W is set to zero."""
-    inv = scale.reciprocal()
-    se = shifted_cov(cov, (eps * inv * inv)[:, None, None])
-    mask = _last_group_mask(cov, C)
-    if mask is None:
-        evals, evecs = eigh(se)
-        return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale)
-    keep = mask.unsqueeze(-1) * mask.unsqueeze(-2)
-    evals, evecs = eigh(se * keep + torch.diag_embed(1 - mask))
-    return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale) * keep
-
-
-def zca_backward_masked(grad_w: Tensor, evals: Tensor, evecs: Tensor, eps: float, scale: Tensor, C: int) -> Tensor:
-    """:func:`sdecor._common.zca_backward_scaled` of :func:`_zca_scaled`'s eigenpairs: the padding of
-    a smaller last group set to zero (the block-diagonal derivative is zero there in exact arithmetic)."""
-    g = zca_backward_scaled(grad_w, evals, evecs, eps, scale)
-    mask = _last_group_mask(g, C)
-    return g if mask is None else g * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+        return whiten_native.eval_native(x, mean, wm, weight, bias)
+    return whiten_torch.eval_torch(x, mean, wm, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,7 +257,7 @@ def whiten_train_op(x: Tensor, d: int, method: str, eps: float, T: int, weight: 
         evecs = cov.new_empty((0,))
     else:
         mean, cov, scale = stats.group_stats_scaled(x, d)
-        evals, evecs, w = _zca_scaled(cov, eps, scale, x.shape[1], _eigh_for(x.device))
+        w, (evals, evecs) = TritonPasses.matrix(cov, scale, method, eps, T, x.shape[1])
     y = apply.whiten_apply(x, mean, w, weight, bias)
     return y, mean, w, cov, evals, evecs, scale
 
@@ -321,23 +276,21 @@ def _whiten_train_backward(ctx, dy, *_):
     G, d = mean.shape
     if torch.is_grad_enabled():                                       # create_graph=True: double backward
         need = ctx.needs_input_grad
-        gx, gw, gb = whiten_torch.train_graph_backward(dy, x, weight, bias, (need[0], need[5], need[6]),
-                                                       d, ctx.method, ctx.eps, ctx.T, _eigh_for(x.device))
+        gx, gw, gb = whiten_torch.train_graph_backward(dy, x, weight, bias, (need[0], need[5], need[6]), d,
+                                                       ctx.method, ctx.eps, ctx.T, whiten_native.eigh_for(x.device))
         return gx, None, None, None, None, gw, gb
     m = samples_per_channel(x)
+    run = TritonPasses(x, d)
     # In units of the scales c of the statistics (cov is cov / c^2): D / c, dL/dW' = dL/dW / c for
     # W' = c W, dL/dSe' / c and c A, all finite where D, dL/dSe and A (~1e-60 at |x| ~ 1e30) are not.
-    D, s = whiten_bwd_reduce_op(dy, x, mean, scale)                # D / c
+    D, s = run.reduce_grad(dy, mean, scale)                          # D / c
     gamma = per_group(weight.to(torch.float32), G, d) if ctx.has_weight else torch.ones_like(mean)
     grad_w = gamma.unsqueeze(-1) * D                                # dL/dW' = diag(gamma) D / c
-    if ctx.method == "newton":
-        grad_se = newton_backward_op(cov, grad_w, ctx.eps, ctx.T, scale, x.shape[1])
-    else:
-        grad_se = zca_backward_masked(grad_w, evals, evecs, ctx.eps, scale, x.shape[1])
+    grad_se = TritonPasses.matrix_grad(grad_w, (evals, evecs), cov, scale, ctx.method, ctx.eps, ctx.T, x.shape[1])
     a = (grad_se + grad_se.transpose(-1, -2)) / m                   # through cov = Xc Xc^T / m
     b = w.transpose(-1, -2) * gamma.unsqueeze(-2)                   # W^T diag(gamma)
     v = -(b @ s.unsqueeze(-1)).squeeze(-1) / m                      # through the mean
-    dx = whiten_bwd_dx_op(dy, x, mean, a, b, v, scale)             # c A applied to (x - mean) / c
+    dx = run.input_grad(dy, mean, scale, a, b, v)                   # c A applied to (x - mean) / c
     grad_weight = grad_bias = None
     if ctx.has_weight:
         # sum_j dy * W (x - mean) = (D / c) (c W)
@@ -370,7 +323,7 @@ def _whiten_apply_setup(ctx, inputs, output):
 def _whiten_apply_backward(ctx, dy):
     x, mean, wm, weight, bias = ctx.saved_tensors
     if torch.is_grad_enabled():                                       # create_graph=True: double backward
-        return tuple(graph_backward(whiten_torch.group_whiten_eval, (x, mean, wm, weight, bias),
+        return tuple(graph_backward(whiten_torch.eval_torch, (x, mean, wm, weight, bias),
                                     ctx.needs_input_grad, (dy,)))
     G, d = mean.shape
     gamma = per_group(weight.to(torch.float32), G, d) if ctx.has_weight else torch.ones_like(mean)
@@ -382,7 +335,7 @@ def _whiten_apply_backward(ctx, dy):
     if any(need[1:]):
         D, s = whiten_bwd_reduce_op(dy, x, mean)
         # a smaller last group: its padding entries of mean and wm are not read (zero gradient)
-        mask = _last_group_mask(b, x.shape[1])
+        mask = last_group_mask(b, x.shape[1])
         if need[1]:
             grad_mean = -(b @ s.unsqueeze(-1)).squeeze(-1)
             grad_mean = (grad_mean if mask is None else grad_mean * mask).to(mean.dtype)
@@ -398,3 +351,47 @@ def _whiten_apply_backward(ctx, dy):
 
 
 whiten_apply_op.register_autograd(_whiten_apply_backward, setup_context=_whiten_apply_setup)
+
+
+# -- the passes of the training paths (the single-process backward above, SyncGroupWhitening) --------
+
+
+class TritonPasses:
+    """The passes of the triton backend over one input x (N, C, *S) in groups of d
+    (:class:`~sdecor.ops._whiten_passes.WhiteningPasses`): the ops above, the Newton-Schulz kernels or
+    the ZCA math (eigensolver :func:`sdecor.ops.whiten_native.eigh_for`) for the d x d part; a
+    smaller last group is masked in the kernels."""
+
+    def __init__(self, x: Tensor, d: int):
+        self.x, self.d = x, d
+
+    def statistics(self) -> ScaledStats:
+        from sdecor_kernels import stats
+
+        mean, cov, c = stats.group_stats_scaled(self.x, self.d)
+        return ScaledStats(mean, c, None, None, cov)
+
+    def whiten(self, mean, w, weight, bias) -> Tensor:
+        return whiten_apply_op(self.x, mean, w, weight, bias)
+
+    def reduce_grad(self, dy, mean, c):
+        return whiten_bwd_reduce_op(dy, self.x, mean, c)
+
+    def input_grad(self, dy, mean, c, a, b, v) -> Tensor:
+        return whiten_bwd_dx_op(dy, self.x, mean, a, b, v, c)
+
+    @staticmethod
+    def matrix(cov, c, method, eps, T, C):
+        if method == "newton":
+            from sdecor_kernels import newton
+
+            return newton.newton_forward(cov, eps, T, c, C), ()
+        evals, evecs, w = zca_scaled(cov, eps, c, C, whiten_native.eigh_for(cov.device))
+        return w, (evals, evecs)
+
+    @staticmethod
+    def matrix_grad(grad_w, state, cov, c, method, eps, T, C) -> Tensor:
+        if method == "newton":
+            return newton_backward_op(cov, grad_w, eps, T, c, C)
+        evals, evecs = state
+        return zca_backward_masked(grad_w, evals, evecs, eps, c, C)

@@ -15,12 +15,14 @@ backward  the backend's reduce pass over the local (dy, x): D = sum dy (x - mean
           -> the backend's dx pass. The weight and bias gradients are the local ones: DDP's
           all-reduce of the parameter gradients sums them over the ranks (and divides by W).
 
-The kernels are the ones of GroupWhitening (``triton``: :mod:`sdecor_kernels` through the ops of
-:mod:`sdecor.ops.whiten`; ``native``: the C++ passes ``sdecor::native_whiten_*``; ``torch``: the
-blocked passes of :mod:`sdecor.ops.whiten_torch`); the collectives sit between them. A smaller last group (d does not divide C) travels in the padded
-(G, d) / (G, d, d) layout (zeros in its padding, which the combination keeps zero); the triton kernels
-mask it themselves, the torch passes run on the full groups' channels and on the last group's as on
-two inputs (see :mod:`sdecor.ops.whiten_torch`), and the d x d math of both takes the channel mask.
+The passes are the ones of GroupWhitening, through the interface of
+:mod:`sdecor.ops._whiten_passes` (``triton``: :class:`sdecor.ops.whiten.TritonPasses`; ``native``:
+:class:`sdecor.ops.whiten_native.NativePasses`; ``torch``: :class:`sdecor.ops.whiten_torch.TorchPasses`,
+see :data:`PASSES`); the collectives sit between them. A smaller last group (d does not divide C)
+travels in the padded (G, d) / (G, d, d) layout (zeros in its padding, which the combination keeps
+zero); the triton kernels mask it themselves, the torch and native passes run on the full groups'
+channels and on the last group's as on two inputs (:class:`sdecor.ops._whiten_passes.ByParts`), and
+the d x d math of both takes the channel mask.
 Ranks may hold any number of samples, 0 included; fewer than 2 on all ranks together leave the
 running statistics untouched (the counts are only known on the device, and reading them would wait
 for it). Nothing here synchronises with the host.
@@ -38,182 +40,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _backend
-from .._common import (
-    by_part,
-    channel_mask,
-    joined_parts,
-    like_format,
-    no_autocast,
-    no_autocast_function,
-    per_channel,
-    per_group,
-    power_of_two,
-    stats_dtype,
-)
-from . import whiten, whiten_torch
+from .._layout import group_layout, per_channel, per_group
+from .._precision import no_autocast, no_autocast_function, power_of_two, stats_dtype
+from . import whiten
+from ._whiten_passes import ByParts
+from .whiten import TritonPasses
+from .whiten_native import NativePasses
+from .whiten_torch import TorchPasses
 
-__all__ = ["combine", "payload_numel", "run_train_sync"]
+__all__ = ["PASSES", "all_gather", "combine", "payload_numel", "run_train_sync"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# the large-tensor passes of each backend, all in units of a per-group power-of-two scale c
-
-
-def _cat_channels(results: list, like: Tensor) -> Tensor:
-    """The parts' outputs of :func:`sdecor._common.by_part` along the channels, in the memory format of ``like``."""
-    if len(results) == 1:
-        return results[0]
-    return like_format(torch.cat([t for t in results if t is not None], 1).contiguous(), like)
-
-
-class _TorchPasses:
-    """The blocked torch passes of :mod:`sdecor.ops.whiten_torch` (a smaller last group: on the
-    full groups' channels and on the last group's, see :func:`sdecor._common.by_part`)."""
-
-    @staticmethod
-    def stats(x: Tensor, d: int):
-        """(mean (G, d), cov / c^2 (G, d, d), c (G,)) of the local x (at least one sample)."""
-        def part(dp, xp):
-            xg = whiten_torch._regrouped(xp, dp)
-            center, c, _, ms, cov = whiten_torch.scaled_stats(xg, xg.shape[0] * xg.shape[3])
-            return center + c[:, None] * ms, cov, c
-
-        return joined_parts(by_part(d, part, [x], []), d)
-
-    @staticmethod
-    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int):
-        """W (true units) of cov c^2 + eps I, and what :meth:`whitening_backward` needs."""
-        inv_c = c.reciprocal()                                       # exact: c is a power of two
-        eps_s = whiten_torch.scaled_eps(eps, inv_c)
-        w, small, history = whiten_torch.whitening_scaled(cov, eps_s, method, T, _mask(cov, C))
-        return w * inv_c[:, None, None], (eps_s, *small, *history)
-
-    @staticmethod
-    def whitening_backward(grad_w: Tensor, state, cov: Tensor, c: Tensor, method: str, eps: float,
-                           T: int, C: int) -> Tensor:
-        """dL/dSe' / c from dL/dW' (W' = c W, Se' = Se / c^2)."""
-        eps_s, *rest = state
-        g = whiten_torch.whitening_scaled_backward(grad_w, rest, eps_s, method, T, _mask(cov, C))
-        return g * c.reciprocal()[:, None, None]
-
-    @classmethod
-    def apply(cls, x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """y = diag(weight) W (x - mean) + bias."""
-        G, d = mean.shape
-        a = w if weight is None else per_group(weight.to(w.dtype), G, d).unsqueeze(-1) * w
-        shift = torch.zeros_like(mean) if bias is None else per_group(bias.to(w.dtype), G, d)
-        return _cat_channels(by_part(d, cls.apply_part, [x], [a, mean, shift]), x)
-
-    @staticmethod
-    def apply_part(dp: int, xp: Tensor, a: Tensor, mean: Tensor, shift: Tensor) -> Tensor:
-        """:meth:`apply` on one part (shift (G, d))."""
-        return whiten_torch.apply_pass(xp, whiten_torch._regrouped(xp, dp), a, mean, shift.unsqueeze(-1))
-
-    @staticmethod
-    def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
-        """(D / c = sum dy (x - mean)^T / c (G, d, d), s = sum dy (G, d))."""
-        def part(dp, xp, dyp, mean, c):
-            xg = whiten_torch._regrouped(xp, dp)
-            gy = whiten_torch._regrouped(dyp, dp).contiguous()
-            s, D = whiten_torch.reduce_pass(gy, xg, mean, c.reciprocal())
-            return D, s
-
-        return joined_parts(by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
-
-    @staticmethod
-    def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
-        """dx_j = B dy_j + A (x_j - mean) / c + v."""
-        def part(dp, xp, dyp, mean, c, a, b, v):
-            xg = whiten_torch._regrouped(xp, dp)
-            gy = whiten_torch._regrouped(dyp, dp).contiguous()
-            dx = whiten_torch.dx_pass(gy, xg, mean, c.reciprocal(), b, a, v.unsqueeze(-1))
-            return dx.reshape(dyp.shape).to(dy.dtype)
-
-        return _cat_channels(by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
-
-
-def _mask(cov: Tensor, C: int) -> Tensor | None:
-    """The channel mask (G, d) of a smaller last group (None when d divides C)."""
-    G, d = cov.shape[0], cov.shape[-1]
-    return None if C == G * d else channel_mask(G, d, C, cov.dtype, cov.device)
-
-
-class _TritonPasses:
-    """The Triton kernels of GroupWhitening's triton path (:func:`sdecor.ops.whiten.whiten_train_op`
-    and its backward); a smaller last group is masked in the kernels."""
-
-    @staticmethod
-    def stats(x: Tensor, d: int):
-        from sdecor_kernels import stats
-
-        return stats.group_stats_scaled(x, d)
-
-    @staticmethod
-    def whitening(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int):
-        if method == "newton":
-            from sdecor_kernels import newton
-
-            return newton.newton_forward(cov, eps, T, c, C), ()
-        evals, evecs, w = whiten._zca_scaled(cov, eps, c, C, whiten._eigh_for(cov.device))
-        return w, (evals, evecs)
-
-    @staticmethod
-    def whitening_backward(grad_w: Tensor, state, cov: Tensor, c: Tensor, method: str, eps: float,
-                           T: int, C: int) -> Tensor:
-        if method == "newton":
-            return whiten.newton_backward_op(cov, grad_w, eps, T, c, C)
-        evals, evecs = state
-        return whiten.zca_backward_masked(grad_w, evals, evecs, eps, c, C)
-
-    @staticmethod
-    def apply(x: Tensor, mean: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        return whiten.whiten_apply_op(x, mean, w, weight, bias)
-
-    @staticmethod
-    def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
-        return whiten.whiten_bwd_reduce_op(dy, x, mean, c)
-
-    @staticmethod
-    def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
-        return whiten.whiten_bwd_dx_op(dy, x, mean, a, b, v, c)
-
-
-class _NativePasses(_TorchPasses):
-    """The C++ passes of the ``native`` backend (``sdecor::native_whiten_*``, one read of x for the
-    statistics), on the parts of :func:`sdecor._common.by_part` like the torch passes; the d x d math is theirs."""
-
-    @staticmethod
-    def stats(x: Tensor, d: int):
-        def part(dp, xp):
-            center, c, _, ms, cov = torch.ops.sdecor.native_whiten_stats(xp, dp)
-            return center + c[:, None] * ms, cov, c
-
-        return joined_parts(by_part(d, part, [x], []), d)
-
-    @staticmethod
-    def apply_part(dp: int, xp: Tensor, a: Tensor, mean: Tensor, shift: Tensor) -> Tensor:
-        return torch.ops.sdecor.native_whiten_apply(xp, dp, a.contiguous(), mean.contiguous(), shift.contiguous())
-
-    @staticmethod
-    def reduce(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor):
-        def part(dp, xp, dyp, mean, c):
-            s, D = torch.ops.sdecor.native_whiten_reduce(dyp.to(xp.dtype), xp, dp, mean.contiguous(),
-                                                         c.reciprocal())
-            return D, s
-
-        return joined_parts(by_part(mean.shape[1], part, [x, dy], [mean, c]), mean.shape[1])
-
-    @staticmethod
-    def dx(dy: Tensor, x: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
-        def part(dp, xp, dyp, mean, c, a, b, v):
-            dx = torch.ops.sdecor.native_whiten_dx(dyp.to(xp.dtype), xp, dp, mean.contiguous(), c.reciprocal(),
-                                                   b.contiguous(), a.contiguous(), v.contiguous())
-            return dx.to(dy.dtype)
-
-        return _cat_channels(by_part(mean.shape[1], part, [x, dy], [mean, c, a, b, v]), dy)
-
-
-PASSES = {"torch": _TorchPasses, "triton": _TritonPasses, "native": _NativePasses}
+# the passes of each backend (sdecor.ops._whiten_passes.WhiteningPasses); torch and native need d | C
+PASSES = {"torch": ByParts(TorchPasses), "triton": TritonPasses, "native": ByParts(NativePasses)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +124,7 @@ def combine(gathered: Tensor, G: int, d: int):
     return mean, m2 / n_safe, c, n
 
 
-def _all_gather(t: Tensor, group) -> Tensor:
+def all_gather(t: Tensor, group) -> Tensor:
     """(world, numel) from every rank's t, one collective."""
     world = dist.get_world_size(group)
     out = t.new_empty(world * t.numel())                           # flat: gloo takes no stacked output
@@ -307,20 +146,22 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, passes, d, method, eps, T, group):
         N, C = x.shape[:2]
-        G = -(-C // d)                                               # the last group may be smaller
+        G = group_layout(C, d)[0]                                    # the last group may be smaller
         m = N * math.prod(x.shape[2:])
         sd = stats_dtype(x.dtype)
+        run = passes(x, d) if m > 0 else None                        # the passes over the local x
         if m > 0:
-            mean_r, cov_r, c_r = passes.stats(x, d)
+            st = run.statistics()
+            mean_r, cov_r, c_r = st.mean, st.cov, st.c
         else:                                                        # a rank without samples
             mean_r = torch.zeros(G, d, dtype=sd, device=x.device)
             cov_r = torch.zeros(G, d, d, dtype=sd, device=x.device)
             c_r = torch.ones(G, dtype=sd, device=x.device)
-        gathered = _all_gather(_pack(m, mean_r.to(sd), cov_r.to(sd), c_r.to(sd)), group)
+        gathered = all_gather(_pack(m, mean_r.to(sd), cov_r.to(sd), c_r.to(sd)), group)
         mean, cov, c, n = combine(gathered, G, d)
-        w, state = passes.whitening(cov, c, method, eps, T, C)
+        w, state = passes.matrix(cov, c, method, eps, T, C)
         if m > 0:
-            y = passes.apply(x, mean, w, weight, bias)
+            y = run.whiten(mean, w, weight, bias)
         else:
             y = torch.empty_like(x)
         ctx.meta = (passes, d, method, eps, T, m, group, weight is not None, bias is not None)
@@ -339,8 +180,9 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
         x, mean, cov, c, n, w, weight, bias, *state = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         G, C = mean.shape[0], x.shape[1]
+        run = passes(x, d) if m > 0 else None
         if m > 0:
-            D, s = passes.reduce(grad_y, x, mean, c)                  # local: D / c, sum dy
+            D, s = run.reduce_grad(grad_y, mean, c)                  # local: D / c, sum dy
         else:
             D = mean.new_zeros(G, d, d)
             s = mean.new_zeros(G, d)
@@ -356,11 +198,11 @@ class _SyncGroupWhitenTrain(torch.autograd.Function):
             dist.all_reduce(flat, group=group)
             D, s = flat[:G * d * d].reshape(G, d, d), flat[G * d * d:].reshape(G, d)
             gamma = per_group(weight.to(w.dtype), G, d) if has_weight else torch.ones_like(s)
-            grad_se = passes.whitening_backward(gamma.unsqueeze(-1) * D, state, cov, c, method, eps, T, C)
+            grad_se = passes.matrix_grad(gamma.unsqueeze(-1) * D, state, cov, c, method, eps, T, C)
             a = (grad_se + grad_se.transpose(-1, -2)) / n             # through cov = Xc Xc^T / n
             b = w.transpose(-1, -2) * gamma.unsqueeze(-2)             # W^T diag(gamma)
             v = -(b @ s.unsqueeze(-1)).squeeze(-1) / n                # through the mean
-            grad_x = passes.dx(grad_y, x, mean, c, a, b, v) if m > 0 else torch.zeros_like(x)
+            grad_x = run.input_grad(grad_y, mean, c, a, b, v) if m > 0 else torch.zeros_like(x)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 

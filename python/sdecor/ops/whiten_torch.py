@@ -19,17 +19,15 @@ A backward with create_graph=True (double backward) instead differentiates the r
 recomputed from the saved x (:func:`train_graph_backward`), so that the gradients carry a graph.
 
 A smaller last group (d does not divide C, IterNorm's flexible groups): the passes over x work on
-its (N, G, d, L) view, which then does not exist, so :func:`group_whiten_train` runs them on the
+its (N, G, d, L) view, which then does not exist, so :func:`train_with_passes` runs them on the
 channels of the full groups and on those of the last group (views of x, the last group as G = 1
 group of r channels) and concatenates the outputs: one extra write of y, and the statistics padded
 to the (G, d) / (G, d, d) layout. The d x d functions take a channel mask instead (the padding block
 decoupled and zero), for the synchronised statistics.
 
-The ``native`` backend runs the same autograd Function with the four passes over the large tensors
-in C++ (``sdecor::native_whiten_stats`` / ``_apply`` / ``_reduce`` / ``_dx``, csrc/whiten_cpu.cpp):
-the statistics in one read of x (block statistics about each block's own centre and scale, combined
-by the parallel formula), the others as here, each on cache-sized blocks of (group, samples) in
-parallel with BLAS for the d x d x block products, in a fixed order whatever the thread count.
+The passes over the large tensors are those of :class:`TorchPasses` (the interface
+:class:`~sdecor.ops._whiten_passes.WhiteningPasses`); the ``native`` backend runs the same autograd
+Function with the C++ passes of :class:`sdecor.ops.whiten_native.NativePasses`.
 """
 
 from __future__ import annotations
@@ -39,34 +37,26 @@ import math
 import torch
 
 from .. import reference as ref
-from .._common import (
-    eye_like,
-    graph_backward,
-    grouped,
-    join_groups,
-    like_format,
-    no_autocast_function,
-    power_of_two,
-    split_channels,
-    stats_dtype,
-    zca_backward,
-    zca_from_eigh,
-)
+from .._double_backward import graph_backward
+from .._layout import group_layout, grouped, join_groups, last_group_mask, like_format, split_channels, split_groups
+from .._precision import no_autocast_function, power_of_two, stats_dtype
+from .._zca import ZCAWhitening, eye_like, shifted_cov, zca_backward, zca_from_eigh
+from ._whiten_passes import ScaledStats, affine_terms
 
-__all__ = ["group_whiten_eval", "group_whiten_eval_native", "group_whiten_train", "newton_forward",
-           "newton_backward", "train_composition", "train_graph_backward"]
+__all__ = ["TorchPasses", "eval_torch", "newton_torch_backward", "newton_torch_forward", "train_composition",
+           "train_graph_backward", "train_torch", "train_with_passes", "whitening_matrices"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # the d x d part: whitening matrix and its exact backward
 
 
-def newton_forward(se: torch.Tensor, T: int, eye: torch.Tensor | None = None):
+def newton_torch_forward(se: torch.Tensor, T: int, eye: torch.Tensor | None = None):
     """IterNorm's W = P_T / sqrt(tr Se) by the coupled iteration of the reference.
 
     Returns (W, trace, Z_T, ys, zs, ms) where ys[k], zs[k], ms[k] are Y_k, Z_k and M_k of step k,
-    kept for :func:`newton_backward`. ``eye``: the identity of each group's own channels (G, d, d)
-    where a smaller last group is zero padded (its padding then stays zero in every iterate).
+    kept for :func:`newton_torch_backward`. ``eye``: the identity of each group's own channels
+    (G, d, d) where a smaller last group is zero padded (its padding then stays zero in every iterate).
     """
     trace = se.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]   # tr(Se): (G, 1, 1)
     eye = eye_like(se) if eye is None else eye
@@ -83,9 +73,9 @@ def newton_forward(se: torch.Tensor, T: int, eye: torch.Tensor | None = None):
     return z / trace.sqrt(), trace, z, ys, zs, ms
 
 
-def newton_backward(grad_w: torch.Tensor, se: torch.Tensor, trace: torch.Tensor, z_last: torch.Tensor,
-                    ys, zs, ms, eye: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dSe for W = Z_T / sqrt(tr Se): the recurrence of :func:`newton_forward` run in reverse
+def newton_torch_backward(grad_w: torch.Tensor, se: torch.Tensor, trace: torch.Tensor, z_last: torch.Tensor,
+                          ys, zs, ms, eye: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dSe for W = Z_T / sqrt(tr Se): the recurrence of :func:`newton_torch_forward` run in reverse
     (``eye`` as there)."""
     rsqrt_tr = trace.rsqrt()
     gz = grad_w * rsqrt_tr                                           # through W = Z_T / sqrt(tr)
@@ -151,7 +141,7 @@ def _center_and_scale(xg: torch.Tensor, blocks, m: int):
     return center, power_of_two(e, xg.dtype), power_of_two(-e, xg.dtype)
 
 
-def _regrouped(x: torch.Tensor, d: int) -> torch.Tensor:
+def regrouped(x: torch.Tensor, d: int) -> torch.Tensor:
     """x as (N, G, d, L) in the statistics dtype."""
     xg = grouped(x, d)
     sd = stats_dtype(x.dtype)
@@ -264,7 +254,7 @@ def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int
     """W' = f(cov' + eps' I) (G, d, d) in units of the scales, and what its backward
     (:func:`whitening_scaled_backward`) needs: (W', small, history).
 
-    ``mask`` (G, d) (:func:`sdecor._common.channel_mask`): a smaller last group, zero padded in cov;
+    ``mask`` (G, d) (:func:`sdecor._layout.channel_mask`): a smaller last group, zero padded in cov;
     its W' is that of its own block (eps' I and the trace over its channels), zeros in the padding.
     For zca the padding block of the matrix given to eigh is the identity (decoupled from the real
     block, and positive), and W' is masked after."""
@@ -274,7 +264,7 @@ def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int
         evals, evecs = torch.linalg.eigh(se if mask is None else se + torch.diag_embed(1 - mask))
         w = zca_from_eigh(evals, evecs, eps_s[:, None])
         return (w if mask is None else _masked(w, mask)), (evals, evecs), ()
-    w, trace, z_last, ys, zs, ms_hist = newton_forward(se, T, None if mask is None else eye)
+    w, trace, z_last, ys, zs, ms_hist = newton_torch_forward(se, T, None if mask is None else eye)
     return w, (se, trace, z_last), (*ys, *zs, *ms_hist)
 
 
@@ -293,8 +283,54 @@ def whitening_scaled_backward(grad_w: torch.Tensor, rest, eps_s: torch.Tensor, m
         return g if mask is None else _masked(g, mask)
     se, trace, z_last = rest[:3]
     hist = rest[3:]
-    return newton_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:],
-                           None if mask is None else torch.diag_embed(mask))
+    return newton_torch_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:],
+                                 None if mask is None else torch.diag_embed(mask))
+
+
+class TorchPasses:
+    """The passes of the torch backend over one input x (N, C, *S) in groups of d | C
+    (:class:`~sdecor.ops._whiten_passes.WhiteningPasses`): the blocked passes above on the
+    (N, G, d, L) view of x in the statistics dtype, formed once (and the one of dy once per backward)."""
+
+    def __init__(self, x: torch.Tensor, d: int):
+        self.x, self.d = x, d
+        self.xg = regrouped(x, d)
+        self._dy = self._gy = None
+
+    def statistics(self) -> ScaledStats:
+        xg = self.xg
+        center, c, inv_c, ms, cov = scaled_stats(xg, xg.shape[0] * xg.shape[3])
+        return ScaledStats(center, c, inv_c, ms, cov)
+
+    def whiten(self, mean, w, weight, bias) -> torch.Tensor:
+        a, shift = affine_terms(mean, w, weight, bias)
+        return apply_pass(self.x, self.xg, a, mean, shift.unsqueeze(-1))
+
+    def _grouped_grad(self, dy: torch.Tensor) -> torch.Tensor:
+        if dy is not self._dy:
+            self._dy, self._gy = dy, regrouped(dy, self.d).contiguous()
+        return self._gy
+
+    def reduce_grad(self, dy, mean, c):
+        s, D = reduce_pass(self._grouped_grad(dy), self.xg, mean, c.reciprocal())
+        return D, s
+
+    def input_grad(self, dy, mean, c, a, b, v) -> torch.Tensor:
+        dx = dx_pass(self._grouped_grad(dy), self.xg, mean, c.reciprocal(), b, a, v.unsqueeze(-1))
+        return dx.reshape(dy.shape).to(dy.dtype)
+
+    @staticmethod
+    def matrix(cov, c, method, eps, T, C):
+        inv_c = c.reciprocal()                                       # exact: c is a power of two
+        eps_s = scaled_eps(eps, inv_c)
+        w, small, history = whitening_scaled(cov, eps_s, method, T, last_group_mask(cov, C))
+        return w * inv_c[:, None, None], (eps_s, *small, *history)
+
+    @staticmethod
+    def matrix_grad(grad_w, state, cov, c, method, eps, T, C) -> torch.Tensor:
+        eps_s, *rest = state
+        g = whitening_scaled_backward(grad_w, rest, eps_s, method, T, last_group_mask(cov, C))
+        return g * c.reciprocal()[:, None, None]
 
 
 @no_autocast_function
@@ -302,77 +338,61 @@ class _GroupWhitenTrain(torch.autograd.Function):
     """Per group, in units of the power-of-two scale c (see :func:`_center_and_scale`):
     xs = (x - centre) / c, ms = mean(xs), Sigma' = Xs Xs^T / m - ms ms^T = Sigma / c^2,
     W' = f(Sigma' + (eps / c^2) I) = c W, y = A' (xs - ms) + b with A' = diag(w) W'. The backward is
-    the one of the module docstring in these units, and dx = dxs / c.
+    the one of the module docstring in these units, and dx = dxs / c. The passes over x and dy are
+    those of ``passes`` (:class:`TorchPasses` or the native backend's).
 
     The extra work over unscaled statistics is the max and min of every channel in the mean pass
     and the scaling of x in the covariance pass and the two backward passes (all on blocks in cache).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_channels, method, eps, T, native=False):
+    def forward(ctx, x, weight, bias, passes, num_channels, method, eps, T):
         N, C = x.shape[:2]
         d = num_channels
         G = C // d
         m = N * math.prod(x.shape[2:])
-        if native:                                                   # one pass over x in C++
-            xg = None
-            center, c, inv_c, ms, cov = torch.ops.sdecor.native_whiten_stats(x, d)
-        else:
-            xg = _regrouped(x, d)
-            center, c, inv_c, ms, cov = scaled_stats(xg, m)
+        run = passes(x, d)
+        center, c, inv_c, ms, cov = run.statistics()
         eps_s = scaled_eps(eps, inv_c)
         w, small, history = whitening_scaled(cov, eps_s, method, T)
         wg = None if weight is None else weight.to(cov.dtype).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
         # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
-        # no scaling (A ~ 1 / std is in range wherever y is)
+        # no scaling (A ~ 1 / std is in range wherever y is); it is the whiten pass with W = A, mean =
+        # centre and bias = b - A' ms
         shift = -(a @ ms.unsqueeze(-1))
         if bias is not None:
             shift = shift + bias.to(cov.dtype).reshape(G, d, 1)
-        if native:
-            y = torch.ops.sdecor.native_whiten_apply(x, d, a * inv_c[:, None, None], center, shift.squeeze(-1))
-        else:
-            y = apply_pass(x, xg, a * inv_c[:, None, None], center, shift)
+        y = run.whiten(center, a * inv_c[:, None, None], None, shift.reshape(-1))
         mean = center + c[:, None] * ms
         w_true = w * inv_c[:, None, None]                            # W = W' / c
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
-                    None if bias is None else bias.dtype, native)
+                    None if bias is None else bias.dtype, passes)
         # x itself is saved (regrouped in backward): the double backward differentiates through it
-        ctx.save_for_backward(x, center, inv_c, ms, eps_s, w, a, weight, bias, *small, *history)
+        ctx.save_for_backward(x, center, c, inv_c, ms, eps_s, w, a, weight, bias, *small, *history)
         ctx.mark_non_differentiable(mean, w_true)
         return y, mean, w_true
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_w):
-        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype, native = ctx.meta
-        x, center, inv_c, ms, eps_s, w, a, weight, bias, *rest = ctx.saved_tensors
+        method, eps, T, N, G, d, m, has_weight, has_bias, bias_dtype, passes = ctx.meta
+        x, center, c, inv_c, ms, eps_s, w, a, weight, bias, *rest = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         nones = (None,) * 5
         if torch.is_grad_enabled():                                   # create_graph=True: double backward
             return (*train_graph_backward(grad_y, x, weight, bias, ctx.needs_input_grad[:3], d, method,
                                           eps, T), *nones)
         sd = w.dtype
-        shape = grad_y.shape
-        if native:
-            gy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
-        else:
-            gy = grouped(grad_y, d)
-            if gy.dtype != sd:
-                gy = gy.to(sd)
-            gy = gy.contiguous()
         grad_x = grad_weight = grad_bias = None
         need_gx = need_x or (has_weight and need_weight)
         if not need_gx:
             if has_bias and need_bias:
                 grad_bias = grouped(grad_y, d).to(sd).sum(dim=(0, 3)).reshape(-1).to(bias_dtype)
             return grad_x, grad_weight, grad_bias, *nones
+        run = passes(x, d)
         # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T
-        if native:
-            gsum, gx_t = torch.ops.sdecor.native_whiten_reduce(gy, x, d, center, inv_c)
-        else:
-            xg = _regrouped(x, d)
-            gsum, gx_t = reduce_pass(gy, xg, center, inv_c)
+        gx_t, gsum = run.reduce_grad(grad_y, center, c)
         gx_t -= gsum.unsqueeze(-1) * ms.unsqueeze(-2)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
@@ -392,22 +412,35 @@ class _GroupWhitenTrain(torch.autograd.Function):
         a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
         # dx = (A'^T (gy - mean(gy)) + (2/m) sym(dSe') (xs - ms)) / c, block by block
         shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)   # (G, d, 1)
-        if native:
-            grad_x = torch.ops.sdecor.native_whiten_dx(gy, x, d, center, inv_c, a_t.contiguous(), s2,
-                                                       shift.squeeze(-1))
-        else:
-            dx = dx_pass(gy, xg, center, inv_c, a_t, s2, shift)
-            grad_x = dx.reshape(shape).to(grad_y.dtype)
+        grad_x = run.input_grad(grad_y, center, c, s2, a_t, shift.squeeze(-1))
         return grad_x, grad_weight, grad_bias, *nones
+
+
+def whitening_matrices(cov, C: int, method: str, eps: float, T: int, eigh=torch.linalg.eigh):
+    """W (G, d, d) of the groups of C channels from their covariances by differentiable torch ops:
+    :func:`sdecor.reference.group_whitening_matrix` with ``eigh`` as the zca eigensolver (the
+    training paths pick sdecor's Jacobi solver where the native backend runs)."""
+    def of(cov):
+        se = shifted_cov(cov, eps)
+        if method == "zca":
+            return ZCAWhitening.apply(se, float(eps), eigh)
+        return ref.newton_schulz(se, T)
+
+    d = cov.shape[-1]
+    r = group_layout(C, d)[1]
+    if r == d:
+        return of(cov)
+    cov_even, cov_last = split_groups(cov, r)
+    return join_groups(of(cov_even), of(cov_last), d)
 
 
 def train_composition(x, weight, bias, num_channels: int, method: str, eps: float, T: int,
                       eigh=torch.linalg.eigh):
     """y = weight * W(cov(x)) (x - mean) + bias by differentiable torch ops: the reference's composition,
     whose autograd gives the double backward of the training paths (``eigh``: the zca eigensolver)."""
-    mean, cov = ref._group_cov(x, num_channels)
-    w = ref._group_whitening(cov, x.shape[1], method, eps, T, eigh)
-    return group_whiten_eval(x, mean, w, weight, bias)
+    mean, cov = ref.group_cov_unchecked(x, num_channels)
+    w = whitening_matrices(cov, x.shape[1], method, eps, T, eigh)
+    return eval_torch(x, mean, w, weight, bias)
 
 
 def train_graph_backward(grad_y, x, weight, bias, needs, num_channels: int, method: str, eps: float, T: int,
@@ -420,10 +453,11 @@ def train_graph_backward(grad_y, x, weight, bias, needs, num_channels: int, meth
     return graph_backward(fn, (x, weight, bias), needs, (grad_y,))
 
 
-def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: float, T: int,
-                       weight=None, bias=None, native: bool = False):
+def train_with_passes(passes, x: torch.Tensor, num_channels: int, method: str, eps: float, T: int,
+                      weight=None, bias=None):
     """``(y, mean, wm)``: y = weight * W (x - mean) + bias with batch statistics (arguments checked
-    by the caller).
+    by the caller), the passes over x those of ``passes`` (:class:`TorchPasses`, or the native
+    backend's), the d x d math and the autograd of this module.
 
     y has x's shape, dtype and memory format and is differentiable w.r.t. x, weight and bias; mean
     (G, d) and wm (G, d, d) are the batch statistics (float32, float64 for float64 input), detached.
@@ -431,15 +465,14 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: flo
     """
     x_even, x_last, r = split_channels(x, num_channels)
     if r == num_channels:
-        return _GroupWhitenTrain.apply(x, weight, bias, num_channels, method, float(eps), int(T), native)
+        return _GroupWhitenTrain.apply(x, weight, bias, passes, num_channels, method, float(eps), int(T))
     # the full groups' channels and the last group's, each through the even path (views of x)
     d, c0 = num_channels, x_even.shape[1]
     parts = [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
     if c0 == 0:                                                      # C < d: one group of C channels
         parts = parts[1:]
     outs = [_GroupWhitenTrain.apply(xp, None if weight is None else weight[sl],
-                                    None if bias is None else bias[sl], dp, method, float(eps), int(T),
-                                    native)
+                                    None if bias is None else bias[sl], passes, dp, method, float(eps), int(T))
             for xp, dp, sl in parts]
     y = like_format(torch.cat([o[0] for o in outs], 1).contiguous(), x)
     _, mean_r, wm_r = outs[-1]
@@ -447,7 +480,12 @@ def group_whiten_train(x: torch.Tensor, num_channels: int, method: str, eps: flo
     return y, join_groups(mean_e, mean_r, d), join_groups(wm_e, wm_r, d)
 
 
-def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
+def train_torch(x: torch.Tensor, num_channels: int, method: str, eps: float, T: int, weight=None, bias=None):
+    """:func:`train_with_passes` on the torch backend's passes (:class:`TorchPasses`)."""
+    return train_with_passes(TorchPasses, x, num_channels, method, eps, T, weight, bias)
+
+
+def eval_torch(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
     """y = weight * wm (x - mean) + bias with given statistics mean (G, d) and wm (G, d, d), through
     autograd (arguments checked by the caller)."""
     sd = stats_dtype(x.dtype)
@@ -458,76 +496,3 @@ def group_whiten_eval(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, wei
     if bias is not None:
         y = y + bias.reshape(shape).to(y.dtype)
     return like_format(y, x)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the native backend with given statistics (eval): the C++ apply pass, its backward by the C++ passes
-
-
-@no_autocast_function
-class _GroupWhitenEvalNative(torch.autograd.Function):
-    """y = A (x - mean) + bias, A = diag(weight) wm, for d | C (``sdecor::native_whiten_apply``: one
-    read of x, one write of y). Backward: dx = A^T dy (``native_whiten_dx``), and for the statistics
-    and the affine parameters s = sum dy, D = sum dy (x - mean)^T (``native_whiten_reduce``):
-    d mean = -A^T s, d wm = diag(weight) D, d weight = rowsum(D o wm), d bias = s."""
-
-    @staticmethod
-    def forward(ctx, x, mean, wm, weight, bias):
-        G, d = mean.shape
-        sd = stats_dtype(x.dtype)
-        w = wm.to(sd)
-        a = w if weight is None else weight.to(sd).reshape(G, d).unsqueeze(-1) * w
-        shift = torch.zeros(G, d, dtype=sd, device=x.device) if bias is None else bias.to(sd).reshape(G, d)
-        y = torch.ops.sdecor.native_whiten_apply(x, d, a.contiguous(), mean.to(sd).contiguous(),
-                                                 shift.contiguous())
-        ctx.save_for_backward(x, mean, wm, weight, bias)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, mean, wm, weight, bias = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():                                   # create_graph=True: double backward
-            return tuple(graph_backward(group_whiten_eval, (x, mean, wm, weight, bias), need, (grad_y,)))
-        G, d = mean.shape
-        sd = stats_dtype(x.dtype)
-        gy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
-        w = wm.to(sd)
-        gamma = None if weight is None else weight.to(sd).reshape(G, d)
-        a = w if gamma is None else gamma.unsqueeze(-1) * w
-        center = mean.to(sd).contiguous()
-        ones = torch.ones(G, dtype=sd, device=x.device)
-        grad_x = grad_mean = grad_wm = grad_weight = grad_bias = None
-        if need[0]:
-            grad_x = torch.ops.sdecor.native_whiten_dx(gy, x, d, center, ones, a.transpose(-1, -2).contiguous(),
-                                                       None, torch.zeros_like(center))
-        if any(need[1:]):
-            s, D = torch.ops.sdecor.native_whiten_reduce(gy, x, d, center, ones)
-            if need[1]:
-                grad_mean = (-(a.transpose(-1, -2) @ s.unsqueeze(-1))).squeeze(-1).to(mean.dtype)
-            if need[2]:
-                grad_wm = (D if gamma is None else gamma.unsqueeze(-1) * D).to(wm.dtype)
-            if need[3] and weight is not None:
-                grad_weight = (D * w).sum(-1).reshape(-1).to(weight.dtype)
-            if need[4] and bias is not None:
-                grad_bias = s.reshape(-1).to(bias.dtype)
-        return grad_x, grad_mean, grad_wm, grad_weight, grad_bias
-
-
-def group_whiten_eval_native(x: torch.Tensor, mean: torch.Tensor, wm: torch.Tensor, weight=None, bias=None):
-    """:func:`group_whiten_eval` on the native backend (arguments checked by the caller); a smaller
-    last group runs as a part of its own (views of x and of the statistics, outputs concatenated),
-    as in :func:`group_whiten_train`."""
-    G, d = wm.shape[0], wm.shape[-1]
-    mean = mean.reshape(G, d)
-    x_even, x_last, r = split_channels(x, d)
-    if r == d:
-        return _GroupWhitenEvalNative.apply(x, mean, wm, weight, bias)
-    c0 = x_even.shape[1]
-    parts = [(x_even, slice(0, G - 1), d, slice(0, c0)), (x_last, slice(G - 1, G), r, slice(c0, None))]
-    if c0 == 0:
-        parts = parts[1:]
-    ys = [_GroupWhitenEvalNative.apply(xp, mean[gs, :dp], wm[gs, :dp, :dp],
-                                       None if weight is None else weight[cs], None if bias is None else bias[cs])
-          for xp, gs, dp, cs in parts]
-    return like_format(torch.cat(ys, 1).contiguous(), x)

@@ -91,14 +91,14 @@ def _collectives_only(C: int, d: int, dev):
     (D, s)) on buffers of their sizes: the communication floor of a synchronised step."""
     import torch.distributed as dist
 
-    from ...ops.whiten_sync import _all_gather, payload_numel
+    from ...ops.whiten_sync import all_gather, payload_numel
 
     G = C // d
     packed = torch.zeros(payload_numel(G, d), device=dev)
     reduced = torch.zeros(G * d * (d + 1), device=dev)
 
     def step():
-        _all_gather(packed, None)
+        all_gather(packed, None)
         dist.all_reduce(reduced)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
