@@ -1,4 +1,4 @@
-// The Autocast kernel of every sdecor C++ op (DESIGN.md, "Precision"): under torch.autocast an op runs
+// The Autocast kernel of every sdecor C++ op (docs/design.md, "Precision"): under torch.autocast an op runs
 // on its inputs as given, with autocast excluded, as the Python ops of sdecor.ops._library do; the
 // default (a fallthrough) would leave autocast on for the kernel's own calls. Register it with
 //   m.impl(name, torch::CppFunction::makeFromBoxedFunction<&sdecor::no_autocast_boxed>())

@@ -9,6 +9,7 @@ again.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -332,3 +333,26 @@ def check_generator(generator, device: torch.device | None = None) -> None:
     if device is not None and generator.device.type != device.type:
         raise ValueError(f"generator must be on x's device type {device.type!r}; got a generator on "
                          f"{generator.device.type!r}")
+
+
+def report_model_args(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(x)
+    if isinstance(x, (tuple, list)):
+        kinds = sorted({type(t).__name__ for t in x})
+        what = "an empty " + type(x).__name__ if not x else f"a {type(x).__name__} of {', '.join(kinds)}"
+        raise TypeError(f"x must be a tensor or a non-empty tuple / list of tensors (the model's positional "
+                        f"arguments); got {what}")
+    raise TypeError(f"x must be a tensor or a non-empty tuple / list of tensors (the model's positional "
+                    f"arguments); got {type(x).__name__}")
+
+
+def report_tol(tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a number; got {type(tol).__name__}")
+    value = float(tol)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
+    return value

@@ -17,7 +17,6 @@ from 1 to a maximum for a batch of matrices (the curve whose first value below `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import reference
+from . import _checks, _health_math, reference
 from .health_reference import FIELDS, MAX_T
 from .nn import GroupWhitening, SyncGroupWhitening
 
@@ -323,8 +322,8 @@ def whitening_report(model: nn.Module, x, *, tol: float = 1e-3) -> WhiteningRepo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    args = _model_args(x)
-    tol = _checked_tol(tol)
+    args = _checks.report_model_args(x)
+    tol = _checks.report_tol(tol)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GroupWhitening)]
     if not layers:
         raise ValueError("model has no whitening layer (GroupWhitening, SyncGroupWhitening or a subclass); "
@@ -346,7 +345,7 @@ def whitening_report(model: nn.Module, x, *, tol: float = 1e-3) -> WhiteningRepo
                              f"whitening_report needs every whitening layer to run once")
         captured[name] = _layer_stats(layer, inputs[0])
 
-    with _model_kept(model):
+    with _health_math.model_kept(model):
         # momentum 1: after its forward a layer's running matrix is the W it computed (_layer_stats);
         # the running statistics are restored with every other buffer
         momenta = [(layer, layer.momentum) for _, layer in layers]
@@ -399,80 +398,18 @@ def newton_errors(s: torch.Tensor, max_T: int = 30) -> torch.Tensor:
         raise TypeError(f"max_T must be an int; got {type(max_T).__name__}")
     if not 1 <= max_T <= MAX_T:
         raise ValueError(f"max_T must be an int from 1 to {MAX_T}; got {max_T!r}")
-    steps = _newton_step_errors(s.to(torch.float64))
+    steps = _health_math.newton_step_errors(s.to(torch.float64))
     return torch.stack([next(steps) for _ in range(int(max_T))])
 
 
 # ---------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _model_args(x) -> tuple:
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(x)
-    if isinstance(x, (tuple, list)):
-        kinds = sorted({type(t).__name__ for t in x})
-        what = "an empty " + type(x).__name__ if not x else f"a {type(x).__name__} of {', '.join(kinds)}"
-        raise TypeError(f"x must be a tensor or a non-empty tuple / list of tensors (the model's positional "
-                        f"arguments); got {what}")
-    raise TypeError(f"x must be a tensor or a non-empty tuple / list of tensors (the model's positional "
-                    f"arguments); got {type(x).__name__}")
-
-
-def _checked_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a number; got {type(tol).__name__}")
-    value = float(tol)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
-    return value
+# the layer's process group
 
 
 def _world_size(layer: SyncGroupWhitening) -> int:
     if not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(layer.process_group)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the model left as it was
-
-
-@contextlib.contextmanager
-def _model_kept(model: nn.Module):
-    """Restore on exit every module's training flag, parameter and buffer entries (the same tensor
-    objects, with their values of entry: copied back only where they changed, so that an unchanged
-    tensor keeps its version counter) and the CPU and CUDA random states."""
-    modules = list(model.modules())
-    flags = [(m, m.training) for m in modules]
-    entries = [(table, dict(table)) for m in modules for table in (m._parameters, m._buffers)]
-    saved, seen = [], set()
-    for _, table in entries:
-        for t in table.values():
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                saved.append((t, t.detach().clone()))
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = (torch.cuda.get_rng_state_all()
-                if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
-    try:
-        yield
-    finally:
-        for table, items in entries:
-            if list(table.keys()) != list(items) or any(table[k] is not v for k, v in items.items()):
-                table.clear()
-                table.update(items)
-        with torch.no_grad():
-            for t, value in saved:
-                if not torch.equal(t, value):
-                    t.copy_(value)
-        for m, flag in flags:
-            m.training = flag
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,81 +446,6 @@ def _layer_stats(layer: GroupWhitening, x: torch.Tensor) -> _LayerStats:
     return _LayerStats(sigma=sigma, w=w)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the fields, batched over groups
-
-
-def _parts(layer: GroupWhitening) -> list[tuple[slice, int]]:
-    """(groups, size) of the layer's parts: the groups of size d, and a smaller last group alone."""
-    G, d, C = layer.num_groups, layer.num_channels, layer.num_features
-    r = C - (G - 1) * d
-    if r == d:
-        return [(slice(0, G), d)]
-    return [(slice(0, G - 1), d), (slice(G - 1, G), r)]
-
-
-def _error(w: torch.Tensor, s: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-    """||W S W^T - I||_F / sqrt(d) per matrix of a batch (float64)."""
-    return torch.linalg.matrix_norm(w @ s @ w.mT - eye) / math.sqrt(s.shape[-1])
-
-
-def _part_fields(sigma, w, running, method: str, eps: float) -> dict[str, torch.Tensor]:
-    """Every field but t_needed for a batch of groups of one size: sigma, w, running (B, k, k);
-    running None without running statistics. Also returns S (for t_needed)."""
-    k = sigma.shape[-1]
-    eye = torch.eye(k, dtype=torch.float64, device=sigma.device)
-    s = sigma + eps * eye
-    evals, evecs = torch.linalg.eigh(sigma)                          # Sigma = U diag(l) U^T
-    lam = evals.clamp_min(0.0)
-    s_evals = lam + eps                                              # S = U diag(l + eps) U^T
-    w64 = w.to(torch.float64)
-    error = _error(w64, s, eye)
-    if method == "zca":
-        residual = torch.zeros_like(error)
-    else:
-        target = (evecs * s_evals.rsqrt().unsqueeze(-2)) @ evecs.mT  # S^(-1/2)
-        residual = torch.linalg.matrix_norm(w64 - target) / torch.linalg.matrix_norm(target)
-    total = lam.sum(-1)
-    p = lam / torch.where(total > 0, total, 1.0).unsqueeze(-1)
-    entropy = -torch.special.xlogy(p, p).sum(-1)
-    return {
-        "s": s,
-        "condition": s_evals[..., -1] / s_evals[..., 0],
-        "whitening_error": error,
-        "running_error": error if running is None else _error(running.to(torch.float64), s, eye),
-        "newton_residual": residual,
-        "effective_rank": torch.where(total > 0, entropy.exp(), 0.0),
-        "eps_share": (evals < eps).sum(-1).to(torch.float64) / k,
-    }
-
-
-def _newton_step_errors(s: torch.Tensor):
-    """The whitening error after each Newton-Schulz step (1, 2, ...) of every S of the batch s
-    (B, k, k, float64): one coupled iteration for the whole batch, with W_T S W_T^T = Z_T Sn Z_T^T."""
-    k = s.shape[-1]
-    eye = torch.eye(k, dtype=torch.float64, device=s.device)
-    trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    sn = s / trace                                                   # Y_0 = Sn
-    y, z = sn, eye.expand(s.shape).clone()                          # Z_0 = I (not a stride-0 batch in matmul)
-    while True:
-        m = 0.5 * (3.0 * eye - z @ y)
-        y = y @ m
-        z = m @ z
-        yield torch.linalg.matrix_norm(z @ sn @ z.mT - eye) / math.sqrt(k)
-
-
-def _t_needed(s: torch.Tensor, tol: float) -> torch.Tensor:
-    """The smallest T <= MAX_T at which Newton-Schulz whitens each S of the batch s (B, k, k, float64)
-    to whitening error < tol, -1 where none does (:func:`_newton_step_errors`, stopped once every
-    matrix has reached tol)."""
-    needed = torch.full(s.shape[:1], -1.0, dtype=torch.float64, device=s.device)
-    for step, err in zip(range(1, MAX_T + 1), _newton_step_errors(s)):
-        needed = torch.where((needed < 0) & (err < tol), float(step), needed)
-        if bool((needed >= 0).all()):
-            break
-    return needed
-
-
 def _records(layers, captured: dict, tol: float) -> list[WhiteningRecord]:
     # every field but t_needed per layer part; the S of all parts of one size, for one t_needed run
     parts_out = []                       # per layer: list of (size, fields of the part)
@@ -592,8 +454,8 @@ def _records(layers, captured: dict, tol: float) -> list[WhiteningRecord]:
         stats = captured[name]
         running = layer.running_wm if layer.track_running_stats else None
         out = []
-        for groups, k in _parts(layer):
-            fields = _part_fields(stats.sigma[groups, :k, :k], stats.w[groups, :k, :k],
+        for groups, k in _health_math.parts(layer):
+            fields = _health_math.part_fields(stats.sigma[groups, :k, :k], stats.w[groups, :k, :k],
                                   None if running is None else running[groups, :k, :k], layer.method, layer.eps)
             by_size.setdefault(k, []).append(fields.pop("s"))
             out.append((k, fields))
@@ -601,7 +463,7 @@ def _records(layers, captured: dict, tol: float) -> list[WhiteningRecord]:
     needed = {}
     for k, ss in by_size.items():
         batch = torch.cat([s.to(ss[0].device) for s in ss])
-        needed[k] = iter(_t_needed(batch, tol).split([s.shape[0] for s in ss]))
+        needed[k] = iter(_health_math.t_needed(batch, tol).split([s.shape[0] for s in ss]))
     records = []
     for (name, layer), out in zip(layers, parts_out):
         values = {field: [] for field in FIELDS}
@@ -609,7 +471,7 @@ def _records(layers, captured: dict, tol: float) -> list[WhiteningRecord]:
             fields["t_needed"] = next(needed[k])
             for field in FIELDS:
                 values[field].append(fields[field])
-        sizes = tuple(k for groups, k in _parts(layer) for _ in range(groups.stop - groups.start))
+        sizes = tuple(k for groups, k in _health_math.parts(layer) for _ in range(groups.stop - groups.start))
         values = {field: torch.cat(v).cpu() for field, v in values.items()}
         records.append(WhiteningRecord(
             name=name, num_groups=layer.num_groups, group_sizes=sizes, method=layer.method, T=layer.T,

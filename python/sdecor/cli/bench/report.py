@@ -185,7 +185,7 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
     lines = [f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, "
              f"{env['torch_threads']} thread{'' if env['torch_threads'] == 1 else 's'}, load average {env.get('load_average')} at the start, {env.get('load_average_end')} at the end; sdecor {env['sdecor']} at {str(env.get('revision'))[:10]}"
              f"{' (modified)' if env.get('dirty') else ''}; {env['timestamp']}",
-             f"Times: {env['timer']}. GB/s: bytes floor (DESIGN.md) / time. "
+             f"Times: {env['timer']}. GB/s: bytes floor (docs/design.md) / time. "
              f"Speed-up = baseline time / path time, same inputs and run."
              + (" Faults: minor page faults per call (median; 4 KiB each), memory the call had to get back "
                 "from the OS." if any(r.get("minor_faults") is not None for r in records) else ""),

@@ -28,7 +28,7 @@ the target is at most ``bound``) or "speedup" (baseline time / path time, at lea
 (``--threads 2``).
 
 * ``groupwhitening-cpu``: the whitening layer on a 32x256x28x28 activation on a CPU, float32, where
-  BatchNorm2d is the yardstick (DESIGN.md): GroupWhitening training steps (newton T=5) at d = 16 and
+  BatchNorm2d is the yardstick (docs/design.md, "Floors"): GroupWhitening training steps (newton T=5) at d = 16 and
   64 against BatchNorm2d, the naive IterNorm and the flop floor (``floor``: the five d x d x m
   products of a training step, 2 d^2 m flops each per group, at the rate of a large square fp32
   matmul timed in the same run); GroupWhitening in eval mode at d = 16 (running statistics of one

@@ -5,7 +5,7 @@ Two parts:
 1. every Triton kernel variant listed in a ``sdecor_kernels`` module's ``STATIC_SPECS``, compiled
    for sm_80 and sm_90 by :mod:`sdecor_kernels.static`: registers per thread, spilled bytes, shared
    memory, and whether tensor-core instructions appear;
-2. per benchmark shape, the bytes floor of DESIGN.md and the time an H100 SXM would need to move
+2. per benchmark shape, the bytes floor of docs/design.md ("Floors") and the time an H100 SXM would need to move
    those bytes at its 3.35 TB/s of HBM3 bandwidth: the time no kernel can beat.
 """
 
@@ -74,7 +74,7 @@ def format_static(kernels: list[dict], bandwidth: list[dict], kernel_error: str 
                 continue
             lines.append(f"{r['module']:<24} {r['name']:<44} {r['arch']:>4} {r['d']:>4} {r['num_warps']:>5} "
                          f"{r['n_regs']:>4} {r['n_spills']:>7} {r['shared']:>7}  {'yes' if r['tensor_cores'] else 'no'}")
-    lines += ["", f"== Bytes floor (DESIGN.md) and H100 bandwidth-bound time ({H100_BYTES_PER_S / 1e12:.2f} TB/s) =="]
+    lines += ["", f"== Bytes floor (docs/design.md) and H100 bandwidth-bound time ({H100_BYTES_PER_S / 1e12:.2f} TB/s) =="]
     head = f"{'op':<20} {'shape':<34} {'dtype':<9} {'mode':<7} {'MB':>10} {'H100 bound us':>14}"
     lines += [head, "-" * len(head)]
     for r in bandwidth:
