@@ -1,5 +1,7 @@
 """The command line of ``sdecor train``: its options and their checks, made before any data is read
-or any folder made (:func:`check_args`); a bad option raises :class:`UsageError` naming it."""
+or any folder made (:func:`check_args`); a bad option raises :class:`UsageError` naming it.
+(:class:`UsageError` and :func:`check_out_dir` are those of every command: :mod:`sdecor.cli.options`,
+:mod:`sdecor.cli.output`.)"""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 
 from .. import data as data_mod
 from ..models import MODELS, NORMS
+from ..options import UsageError, option_name
+from ..output import check_out_dir
 from .config import AMP_DTYPES, FILLS, ConfigError, TrainConfig
 
 
@@ -58,18 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 OUTPUT_FILES = ("metrics.json", "model.pt")
 
 
-class UsageError(ValueError):
-    """A bad command-line option: the one-line message starts with the option's name."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(message if message.startswith(option) else f"{option}: {message}")
-        self.option = option
-
-
-def option_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def check_args(args: argparse.Namespace) -> TrainConfig:
     """Every option of ``sdecor train``, before any data is read or any folder made: the training
     configuration, --data-root, --threads, --eval-samples and --out. Raises :class:`UsageError`."""
@@ -101,32 +93,3 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         except ValueError as err:
             raise UsageError("--out", str(err)) from None
     return cfg
-
-
-def check_out_dir(path, files=()) -> str:
-    """The absolute path of an output folder that exists and is writable, or can be created; each
-    of ``files`` in it is absent or a writable regular file. Creates nothing; raises ValueError.
-
-    Checked before any work, so that a run cannot train for minutes and then fail to save.
-    """
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"must be a folder path; got {path!r}")
-    path = os.path.abspath(path)
-    if os.path.lexists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"no permission to write in {path}")
-        for name in files:
-            target = os.path.join(path, name)
-            if os.path.lexists(target) and (not os.path.isfile(target) or not os.access(target, os.W_OK)):
-                raise ValueError(f"{target} exists and is not a writable file")
-        return path
-    parent = os.path.dirname(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"cannot create {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create {path}: no permission to write in {parent}")
-    return path
