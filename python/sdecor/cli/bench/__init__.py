@@ -164,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
     from ..._optional import MissingDependencyError
     from .report import NotASourceTree
 
-    if args.show:
-        return _show(args)
+    if args.show is not None:
+        from .show import show
+
+        return show(args)
     try:
         settings = settings_from_args(args)
         if args.distributed is not None:
@@ -280,24 +282,6 @@ def _run_bench(args, settings) -> int:
         print(f"\n{len(names)} fast path(s) failed the check or the run: " + "; ".join(names), file=sys.stderr)
         return 1
     return code
-
-
-def _show(args) -> int:
-    import json
-
-    from . import report
-
-    try:
-        with open(args.show) as f:
-            doc = json.load(f)
-        env, records = doc["environment"], doc["results"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"sdecor bench: error: --show {args.show}: not a results file ({exc})", file=sys.stderr)
-        return 2
-    if args.ops:
-        records = [r for r in records if r["op"] in args.ops.split(",")]
-    print(report.format_table(records, env, markdown=args.markdown))
-    return 0
 
 
 def _settings_dict(settings) -> dict:

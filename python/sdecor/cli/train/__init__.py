@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, data_mod.DatasetNotFoundError) as err:     # UsageError, or a bad dataset file
         if out is not None:
             out.discard()
-        print(f"sdecor train: error: {err}", file=sys.stderr)
+        where = "--data-root: " if isinstance(err, data_mod.DatasetReadError) else ""
+        print(f"sdecor train: error: {where}{err}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     if args.threads is not None:

@@ -6,7 +6,6 @@ or any folder made (:func:`check_args`); a bad option raises :class:`UsageError`
 from __future__ import annotations
 
 import argparse
-import os
 
 from .. import data as data_mod
 from ..models import MODELS, NORMS
@@ -74,8 +73,11 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         cfg.check()
     except ConfigError as err:
         raise UsageError(option_name(err.field), str(err)) from None
-    if args.data_root is not None and not os.path.isdir(args.data_root):
-        raise UsageError("--data-root", f"no such folder: {args.data_root}")
+    if args.data_root is not None:
+        try:
+            data_mod.check_root(args.data_root)              # a folder; what it holds is read later
+        except data_mod.DatasetNotFoundError as err:
+            raise UsageError("--data-root", str(err)) from None
     if args.dataset in data_mod.TORCHVISION and args.data_root is None:
         raise UsageError("--data-root", f"dataset {args.dataset!r} is read from a local folder (downloads "
                                         f"are disabled): give its root")
