@@ -34,6 +34,7 @@ import torch
 
 from . import data as data_mod
 from .._optional import require
+from .options import MAX_THREADS, Number, check_numbers
 from .output import OutputDir
 from .train import (AMP_DTYPES, TrainConfig, UsageError, batches, check_amp, check_device, check_out_dir,
                     evaluate, option_name, train_model)
@@ -86,7 +87,8 @@ SALIENCY_METRICS = ("gini", "entropy", "deletion_auc", "insertion_auc", "mask_ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="sdecor-demo-output",
                         help="output folder (default %(default)s, in the current directory)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; 1 with --quick)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per configuration, 1 to 100 (default 3; 1 with --quick)")
     parser.add_argument("--datasets", default="digits,shapes",
                         help="comma-separated subset of digits,shapes (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -97,13 +99,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # on a busy machine two threads made a digits run 5-10x slower (60 s instead of 6 s) while one
     # thread ran the whole demo in 166 s next to other jobs.
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default %(default)s; more helps only on an idle machine)")
+                        help="torch CPU threads, 1 to 1024 (default %(default)s; more helps only on an idle machine)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--amp", default="off", metavar="{" + ",".join(AMP_DTYPES) + "}",
                         help="mixed precision of every run's training steps, as sdecor train's --amp "
                              "(default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+
+# every numeric option (argparse dest -> the values it takes: sdecor.cli.options.Number)
+NUMBERS = {
+    "seeds": Number(1, 100, unit="seeds per configuration: 100 are 1000 training runs"),
+    "eval_samples": Number(1),                       # more than a test split: all of it
+    "threads": Number(1, MAX_THREADS),
+}
 
 
 def output_files(names: list, figures: bool) -> list:
@@ -125,6 +135,7 @@ def check_args(args: argparse.Namespace) -> list:
         if value is not None and value < 1:
             option = option_name(name)
             raise UsageError(option, f"{option} must be >= 1; got {value}")
+    check_numbers(args, NUMBERS)
     try:
         check_device(args.device)
     except ValueError as err:

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from ..._backend import BACKENDS
-from ..options import UsageError
+from ..options import MAX_SEED, MAX_THREADS, Number, UsageError, check_numbers, int_list
 from ..output import OutputDir
 from .ops import BASELINES, MODES
 from .shapes import DTYPES, OPS, SUITES
@@ -69,13 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--list", action="store_true", help="list the selected shapes and exit")
     tim = parser.add_argument_group("timing (CPU; the GPU uses triton.testing.do_bench)")
     tim.add_argument("--min-time", type=float, default=None,
-                     help="seconds of timed calls per path and mode (default 0.5; 0.1 with --quick)")
-    tim.add_argument("--reps", type=int, default=None, help="at least this many timed rounds (default 5; 3 with --quick)")
+                     help="seconds of timed calls per path and mode, > 0 and <= 3600 (default 0.5; 0.1 with "
+                          "--quick)")
+    tim.add_argument("--reps", type=int, default=None,
+                     help="at least this many timed rounds, 1 to 100000 (default 5; 3 with --quick)")
     tim.add_argument("--threads", type=int, default=None,
-                     help="CPU: torch.set_num_threads for the run (default: torch's default; 1 with "
+                     help="CPU: torch.set_num_threads for the run, 1 to 1024 (default: torch's default; 1 with "
                           "--quick, whose times stay steady when other work shares a small CPU); the "
                           "groupwhitening-cpu and topk-cpu targets are set for --threads 2")
-    tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs, 0 to 2**63 - 2")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, metavar="DIR",
@@ -92,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "instead of running; --ops filters it")
     ds = parser.add_argument_group("synchronised statistics")
     ds.add_argument("--distributed", type=int, default=None, metavar="N",
-                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes "
+                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes (2 to 64) "
                          "(gloo with CPU tensors on the loopback interface; nccl with --device cuda and N "
                          "GPUs) and report the bytes per layer and step; writes <device>-distributed.json")
     st = parser.add_argument_group("static report")
@@ -100,10 +102,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "
                          "spills, shared memory, tensor-core use; bytes moved and H100 bandwidth-bound time")
     st.add_argument("--arch", default="80,90", help="with --static: GPU architectures (default 80,90)")
-    st.add_argument("--d", default="16,64", help="with --static: group sizes to compile for (default 16,64)")
+    st.add_argument("--d", default="16,64",
+                    help="with --static: group sizes to compile for, 1 to 1024 each (default 16,64)")
     st.add_argument("--kernels", default=None,
                     help="with --static: kernel modules to compile, e.g. 'whiten,topk' (default: every "
                          "sdecor_kernels module with STATIC_SPECS)")
+
+
+# every numeric option (argparse dest -> the values it takes: sdecor.cli.options.Number)
+NUMBERS = {
+    "min_time": Number(0, 3600, lo_open=True, unit="seconds of timed calls per path and mode"),
+    "reps": Number(1, 100_000),
+    "threads": Number(1, MAX_THREADS),
+    "seed": Number(0, MAX_SEED),
+    "distributed": Number(2, 64, unit="processes on this machine"),
+}
+D_RANGE = Number(1, 1024, unit="channels per group")      # --d: each of its group sizes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The options that need no module beyond this one, before anything is read, made or run:
+    every number against :data:`NUMBERS`, and --d's group sizes. Raises :class:`UsageError`."""
+    if args.distributed is not None and args.distributed < 2:
+        raise UsageError("--distributed", f"--distributed needs at least 2 processes; got {args.distributed}")
+    check_numbers(args, NUMBERS)
+    int_list("--d", args.d, D_RANGE)
 
 
 def _split(text, allowed, what, aliases=None) -> tuple:
@@ -164,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
     from ..._optional import MissingDependencyError
     from .report import NotASourceTree
 
+    try:
+        check_args(args)
+    except UsageError as exc:
+        print(f"sdecor bench: error: {exc}", file=sys.stderr)
+        return 2
     if args.show is not None:
         from .show import show
 
@@ -332,10 +360,7 @@ def _run_static(args, settings) -> int:
     from .harness import select_entries
 
     archs = tuple(int(a) for a in _split(args.arch, ("80", "90"), "arch"))
-    ds = _split(args.d, None, "d")
-    if not all(d.isdigit() and int(d) > 0 for d in ds):
-        raise UsageError("--d", f"--d: group sizes must be positive integers; got {args.d!r}")
-    ds = tuple(int(d) for d in ds)
+    ds = int_list("--d", args.d, D_RANGE)
     modules = None
     if args.kernels:
         modules = [m if m.startswith("sdecor_kernels.") else f"sdecor_kernels.{m}"

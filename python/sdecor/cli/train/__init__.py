@@ -36,12 +36,12 @@ import torch
 from ..._optional import require
 from .. import data as data_mod
 from ..output import OutputDir
-from .args import OUTPUT_FILES, UsageError, add_arguments, check_args, check_out_dir, option_name
+from .args import NUMBERS, OUTPUT_FILES, UsageError, add_arguments, check_args, check_out_dir, option_name
 from .config import AMP_DTYPES, ConfigError, TrainConfig, check_amp, check_device
 from .distributed import Distributed, check_distributed, check_distributed_config, process_group
 from .loop import TrainResult, accuracy, batches, evaluate, train_model
 
-__all__ = ["AMP_DTYPES", "OUTPUT_FILES", "ConfigError", "Distributed", "TrainConfig", "TrainResult", "UsageError",
+__all__ = ["AMP_DTYPES", "NUMBERS", "OUTPUT_FILES", "ConfigError", "Distributed", "TrainConfig", "TrainResult", "UsageError",
            "accuracy", "add_arguments", "batches", "check_amp", "check_args", "check_device", "check_distributed",
            "check_distributed_config", "check_out_dir", "evaluate", "model_bytes", "option_name", "output_dir", "run",
            "save_model", "train_model"]
