@@ -38,13 +38,15 @@ from .. import data as data_mod
 from ..output import OutputDir
 from .args import NUMBERS, OUTPUT_FILES, UsageError, add_arguments, check_args, check_out_dir, option_name
 from .config import AMP_DTYPES, ConfigError, TrainConfig, check_amp, check_device
-from .distributed import Distributed, check_distributed, check_distributed_config, process_group
+from .distributed import (GLOO_BATCHNORM_NOTE, Distributed, batchnorm_sync, check_distributed, check_distributed_config,
+                          process_group, sync_norm_layers)
 from .loop import TrainResult, accuracy, batches, evaluate, train_model
 
-__all__ = ["AMP_DTYPES", "NUMBERS", "OUTPUT_FILES", "ConfigError", "Distributed", "TrainConfig", "TrainResult", "UsageError",
-           "accuracy", "add_arguments", "batches", "check_amp", "check_args", "check_device", "check_distributed",
+__all__ = ["AMP_DTYPES", "GLOO_BATCHNORM_NOTE", "NUMBERS", "OUTPUT_FILES", "ConfigError", "Distributed", "TrainConfig",
+           "TrainResult", "UsageError", "accuracy", "add_arguments", "batches", "batchnorm_sync", "check_amp",
+           "check_args", "check_device", "check_distributed",
            "check_distributed_config", "check_out_dir", "evaluate", "model_bytes", "option_name", "output_dir", "run",
-           "save_model", "train_model"]
+           "save_model", "sync_norm_layers", "train_model"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,6 +132,8 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
             ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")
             print(f"distributed: {ranks} ({dist.backend(cfg.device)}), global batch {cfg.batch_size} = "
                   f"{cfg.batch_size // world_size} samples per rank per step")
+            if batchnorm_sync(cfg) == "gloo":
+                print(GLOO_BATCHNORM_NOTE)
     steps = cfg.epochs * len(list(batches(len(dataset.train.y), cfg.batch_size, torch.Generator(), rank,
                                           world_size)))
     disable = args.no_progress or not sys.stderr.isatty() or not lead
