@@ -2,7 +2,8 @@
 
 A command checks all of its options before any work; the first bad one raises :class:`UsageError`,
 which the command prints as one line, ``sdecor <command>: error: --option: what is wrong``, and
-exits with code 2, as argparse does for the errors it finds itself.
+exits with code 2. The errors argparse finds itself (an unknown option, a value that is not a number
+or not one of the choices) look the same: :class:`Parser`.
 
 Every numeric option of every command has a :class:`Number`, the values it takes, in its command's
 ``NUMBERS`` table (argparse dest -> Number): finite, and within bounds that keep a run from never
@@ -12,8 +13,25 @@ ending (``--min-time inf``), from starting thousands of threads or from overflow
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line like the commands' own: ``sdecor train: error:
+    --epochs: invalid int value: 'x' (see sdecor train --help)``, exit code 2."""
+
+    def error(self, message: str):
+        if message.startswith("argument "):               # "argument --epochs: ..." -> "--epochs: ..."
+            message = message[len("argument "):]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def exit(self, status=0, message=None):
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)
 
 
 class UsageError(ValueError):

@@ -27,14 +27,15 @@ imported when a run starts.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
 from ..._backend import BACKENDS
-from ..options import MAX_SEED, MAX_THREADS, Number, UsageError, check_numbers, int_list
+from ..options import MAX_SEED, MAX_THREADS, Number, Parser, UsageError, check_numbers, int_list
 from ..output import OutputDir
 from .ops import BASELINES, MODES
-from .shapes import DTYPES, OPS, SUITES
+from .shapes import DTYPES, OPS, SHAPES, SUITES
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", **{d: d for d in DTYPES}}
@@ -121,12 +122,21 @@ D_RANGE = Number(1, 1024, unit="channels per group")      # --d: each of its gro
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The options that need no module beyond this one, before anything is read, made or run:
-    every number against :data:`NUMBERS`, and --d's group sizes. Raises :class:`UsageError`."""
+    """The options that need no harness, before anything is read, made or run: every number against
+    :data:`NUMBERS`, and --static's --d, --arch and --kernels (also when given without --static).
+    Raises :class:`UsageError`."""
     if args.distributed is not None and args.distributed < 2:
         raise UsageError("--distributed", f"--distributed needs at least 2 processes; got {args.distributed}")
     check_numbers(args, NUMBERS)
     int_list("--d", args.d, D_RANGE)
+    _split(args.arch, ("80", "90"), "arch")
+    if args.kernels is not None:
+        try:
+            from sdecor_kernels.static import kernel_modules
+        except ImportError:                           # reported by --static itself
+            return
+        known = [m.rsplit(".", 1)[1] for m in kernel_modules()]
+        _split(args.kernels.replace("sdecor_kernels.", ""), known, "kernels")
 
 
 def _split(text, allowed, what, aliases=None) -> tuple:
@@ -157,6 +167,11 @@ def settings_from_args(args: argparse.Namespace):
     baselines = ("reference",) if (args.baselines or "").strip().lower() == "none" else \
         _split(args.baselines, BASELINES, "baselines")
     suites = _split(args.suite, SUITES, "suite") or ()
+    shapes = _split(args.shapes, None, "shapes") or ()
+    names = [e["name"] for e in SHAPES]
+    for pattern in shapes:
+        if not any(pattern in n or fnmatch.fnmatch(n, pattern) for n in names):
+            raise UsageError("--shapes", f"--shapes: {pattern!r} matches no shape name (see --list)")
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.5)
     reps = args.reps if args.reps is not None else (3 if args.quick else 5)
     if args.threads is not None and args.threads < 1:
@@ -167,7 +182,7 @@ def settings_from_args(args: argparse.Namespace):
     return Settings(
         device=device,
         ops=_split(args.ops, OPS, "ops") or OPS,
-        shapes=_split(args.shapes, None, "shapes") or (),
+        shapes=shapes,
         dtypes=_split(args.dtypes, DTYPES, "dtypes", _DTYPE_ALIASES) or
         (("float32",) if args.quick or suites else DTYPES),
         modes=_split(args.modes, MODES, "modes") or MODES,
@@ -217,7 +232,7 @@ def _output(args, files=()):
         return None, False
     if args.save_results:
         return OutputDir(report.results_dir(), files, command="bench", option="--save-results"), True
-    return OutputDir(args.out if args.out else report.default_out_dir(), files, command="bench"), False
+    return OutputDir(args.out if args.out is not None else report.default_out_dir(), files, command="bench"), False
 
 
 def _device_slug(settings) -> str:
@@ -238,7 +253,8 @@ def _run_selected(args, settings) -> int:
             print(f"{e['op']:<20} {e['name']:<36} {describe(e)}")
         return 0
     if not entries:
-        print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
+        print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
+              file=sys.stderr)
         return 2
     return _run_bench(args, settings)
 
@@ -281,7 +297,8 @@ def _run_bench(args, settings) -> int:
     if not records:
         if out is not None:
             out.discard()
-        print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
+        print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
+              file=sys.stderr)
         return 2
     print(report.format_table(records, env, markdown=args.markdown))
     code = 0
@@ -400,6 +417,6 @@ def _run_static(args, settings) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sdecor bench", description=__doc__.splitlines()[0].strip("`: "))
+    parser = Parser(prog="sdecor bench", description=__doc__.splitlines()[0].strip("`: "))
     add_arguments(parser)
     return run(parser.parse_args(argv))
