@@ -79,7 +79,7 @@ def small_work(monkeypatch):
 @pytest.fixture
 def bench_leaves_malloc(monkeypatch):
     """A bench run in this process leaves glibc's thresholds alone (it takes the environment's as the
-    user's): raised thresholds would stay for the rest of the test session."""
+    user's): raised thresholds would stay for every later test in this process."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
 
@@ -186,6 +186,16 @@ def test_prepare_does_not_trust_os_access(tmp_path, monkeypatch):
     with pytest.raises(output.UsageError, match="--out: cannot write in .*Read-only file system"):
         output.OutputDir(str(tmp_path / "p"), command="test").prepare()
     assert not (tmp_path / "p").exists()
+
+
+def test_a_missing_extra_removes_the_new_folder(tmp_path, monkeypatch):
+    from sdecor._optional import MissingDependencyError
+
+    def missing(*args, **kwargs):
+        raise MissingDependencyError("the digits dataset needs the package 'scikit-learn'")
+    monkeypatch.setattr(train.data_mod, "load", missing)
+    assert cli.main(["train", "--out", str(tmp_path / "new" / "run"), "--no-progress"]) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_dataset_failing_removes_the_new_folder(tmp_path, capsys):

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         where = "--data-root: " if isinstance(err, data_mod.DatasetReadError) else ""
         print(f"sdecor train: error: {where}{err}", file=sys.stderr)
         return 2
+    except BaseException:                                            # a missing extra, say: nothing to keep
+        if out is not None:
+            out.discard()
+        raise
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
