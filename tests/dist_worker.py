@@ -95,7 +95,7 @@ def offsets(sizes) -> list[tuple[int, int]]:
 def case_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(x, r) of every step: the concatenated batch of all ranks and the weights of the loss
     sum(y * r). ``spread`` shifts each rank's samples by a different constant (ranks with unlike
-    means), ``scale`` multiplies everything."""
+    means), ``scale`` multiplies everything, ``offset`` is then added to everything."""
     g = torch.Generator().manual_seed(case["seed"])
     n = sum(case["sizes"])
     steps = []
@@ -107,7 +107,7 @@ def case_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if case.get("spread"):
             for k, (lo, hi) in enumerate(offsets(case["sizes"])):
                 x[lo:hi] += case["spread"] * (-1) ** k
-        x = x * case.get("scale", 1.0)
+        x = x * case.get("scale", 1.0) + case.get("offset", 0.0)
         r = torch.randn(x.shape, generator=g, dtype=torch.float64)
         steps.append((x.to(case["dtype"]), r.to(case["dtype"])))
     return steps
@@ -313,7 +313,61 @@ def scenario_failures(rank: int, world: int, spec: dict) -> dict:
     return out
 
 
-SCENARIOS = {"compare": scenario_compare, "resnet": scenario_resnet, "failures": scenario_failures}
+def scenario_batchnorm(rank: int, world: int, cases: list) -> dict:
+    """Each case: sdecor.SyncBatchNormGloo trained ``steps`` steps on this rank's share of the case's
+    batches (loss sum(y * r)), recording outputs, input and parameter gradients and the collectives
+    of each step, the final state, and the eval output on the whole batch of the last step with the
+    collectives it made; then bad input, refused before any collective."""
+    import torch.distributed as dist
+
+    import sdecor
+
+    seen = Collectives()
+    results = {}
+    for case in cases:
+        lo, hi = offsets(case["sizes"])[rank]
+        layer = sdecor.SyncBatchNormGloo(case["shape"][0], momentum=case.get("momentum", 0.1),
+                                         affine=case.get("affine", True), track_running_stats=case.get("track", True))
+        layer = init_layer(layer, case).to(case["dtype"])
+        rec = {"y": [], "gx": [], "gw": [], "gb": [], "fwd": [], "bwd": []}
+        for x_all, r_all in case_steps(case):
+            x = layout(x_all[lo:hi], case).clone().requires_grad_()
+            seen.take()
+            y = layer(x)
+            rec["fwd"].append(seen.take())
+            (y * r_all[lo:hi]).sum().backward()
+            rec["bwd"].append(seen.take())
+            rec["y"].append(y.detach())
+            rec["gx"].append(x.grad)
+            if layer.affine:
+                rec["gw"].append(layer.weight.grad.clone())
+                rec["gb"].append(layer.bias.grad.clone())
+                layer.weight.grad = layer.bias.grad = None
+        rec["y_channels_last"] = bool(y.is_contiguous(memory_format=torch.channels_last)) if y.dim() == 4 else None
+        rec["state"] = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.eval()
+        with torch.no_grad():
+            rec["eval"] = layer(x_all)
+        rec["eval_calls"] = seen.take()
+        results[case["id"]] = rec
+        dist.barrier()
+    layer = sdecor.SyncBatchNormGloo(4)
+    seen.take()
+    bad = {}
+    for name, x in (("channels", torch.randn(3, 5, 2)), ("dims", torch.randn(4)), ("dtype", torch.ones(3, 4, 2).long())):
+        try:
+            layer(x)
+            bad[name] = ("ok", None)
+        except Exception as err:                                      # noqa: BLE001 - recorded for the test
+            bad[name] = (type(err).__name__, str(err))
+    results["bad_input"] = bad
+    results["bad_input_calls"] = seen.take()
+    results["bad_input_state_same"] = int(layer.num_batches_tracked) == 0
+    return results
+
+
+SCENARIOS = {"compare": scenario_compare, "resnet": scenario_resnet, "failures": scenario_failures,
+             "batchnorm": scenario_batchnorm}
 
 
 def main(workdir: str, rank: int, world: int) -> int:

@@ -51,7 +51,10 @@ def _model(checkpoint, dataset):
 
 
 def _inspect(capsys, *argv):
-    rc = cli.main(["inspect", *map(str, argv)])
+    try:
+        rc = cli.main(["inspect", *map(str, argv)])
+    except SystemExit as exc:                        # argparse's own errors (a value of the wrong type)
+        rc = exc.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -59,7 +62,7 @@ def _inspect(capsys, *argv):
 def test_cli_registers_inspect():
     assert cli.COMMANDS["inspect"][0] == "sdecor.cli.inspect"
     args = cli.build_parser(["inspect"]).parse_args(["inspect", "model.pt", "--batches", "2"])
-    assert args.checkpoint == "model.pt" and args.batches == "2" and args._run is inspect_cli.run
+    assert args.checkpoint == "model.pt" and args.batches == 2 and args._run is inspect_cli.run
 
 
 def test_help_defines_the_batch():
@@ -219,11 +222,11 @@ def _checkpoints(tmp, run_out):
     (lambda t, g: [t / "invalid.pt"], ["config is not valid", "epochs must be a positive int"]),
     (lambda t, g: [t / "mismatch.pt"], ["state_dict does not fit model tiny on digits"]),
     (lambda t, g: [t / "ce.pt"], ["has no whitening layer", "--norm whitening", "the demo's whiten configuration"]),
-    (lambda t, g: [g, "--batches", "0"], ["--batches must be a whole number >= 1; got '0'"]),
-    (lambda t, g: [g, "--batches", "-3"], ["--batches must be a whole number >= 1"]),
-    (lambda t, g: [g, "--batches", "inf"], ["--batches must be a whole number >= 1; got 'inf'"]),
-    (lambda t, g: [g, "--batches", "nan"], ["--batches must be a whole number >= 1; got 'nan'"]),
-    (lambda t, g: [g, "--batches", "1.5"], ["--batches must be a whole number >= 1"]),
+    (lambda t, g: [g, "--batches", "0"], ["--batches must be >= 1 and <= 100000", "; got 0"]),
+    (lambda t, g: [g, "--batches", "-3"], ["--batches must be >= 1 and <= 100000", "; got -3"]),
+    (lambda t, g: [g, "--batches", "inf"], ["--batches: invalid int value: 'inf'"]),
+    (lambda t, g: [g, "--batches", "nan"], ["--batches: invalid int value: 'nan'"]),
+    (lambda t, g: [g, "--batches", "1.5"], ["--batches: invalid int value: '1.5'"]),
     (lambda t, g: [g, "--batches", "22"], ["--batches: 22 x batch size 64 = 1408 images", "at most --batches 21"]),
     (lambda t, g: [g, "--split", "test", "--batches", "8"], ["of the test split of digits", "at most --batches 7"]),
     (lambda t, g: [g, "--tol", "0"], ["--tol must be a finite number > 0"]),
@@ -235,7 +238,7 @@ def _checkpoints(tmp, run_out):
     (lambda t, g: [g, "--json", t / "file" / "sub" / "r.json"], ["--json: cannot create", "file is not a folder"]),
     (lambda t, g: [g, "--json", t], ["--json:", "is a folder; give a file path"]),
     (lambda t, g: [g, "--out", "/proc/sdecor-x"], ["--out: cannot create /proc/sdecor-x"]),
-    (lambda t, g: [g, "--out", t / "file"], ["--out: cannot create", "file is not a folder"]),
+    (lambda t, g: [g, "--out", t / "file"], ["--out:", "file exists and is not a folder"]),
     (lambda t, g: [g, "--out", t / "file" / "fig"], ["--out: cannot create", "file is not a folder"]),
 ], ids=["missing", "folder", "garbage", "empty", "other-dict", "list", "unknown-field", "invalid-config",
         "state-mismatch", "batchnorm-model", "batches-0", "batches-negative", "batches-inf", "batches-nan",

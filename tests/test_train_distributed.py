@@ -127,18 +127,38 @@ def test_distributed_command_exit_code_without_torchrun(no_torchrun, capsys):
 @pytest.mark.parametrize("argv, needles", [
     (["--batch-size", "63"], ["--batch-size", "split evenly over the 2 ranks"]),
     (["--batch-size", "2"], ["--batch-size", "1 sample per rank", "at least 4"]),
-    (["--norm", "batch"], ["--norm", "SyncBatchNorm", "--norm whitening"]),
-], ids=["batch-not-divisible", "one-sample-per-rank", "batch-norm-on-cpu"])
+], ids=["batch-not-divisible", "one-sample-per-rank"])
 def test_distributed_option_checks(fake_torchrun, capsys, argv, needles):
     fails_with(capsys, ["--distributed", "--lambda-decor", "0.1", *argv], *needles)
+
+
+@pytest.mark.parametrize("argv", [[], ["--norm", "batch"], ["--lambda-decor", "0.1", "--norm", "batch"]],
+                         ids=["defaults", "norm-batch", "decor-with-batch-norm"])
+def test_batch_norm_on_cpu_passes_the_checks(fake_torchrun, argv):
+    """BatchNorm models train distributed on CPUs: sdecor.SyncBatchNormGloo synchronises them."""
+    args = parse("--distributed", *argv)
+    cfg = train.check_args(args)
+    assert cfg.resolved_norm() == "batch" and train.check_distributed(args, cfg) == train.Distributed(1, 2, 1)
+    train.check_distributed_config(cfg, train.Distributed(0, 4, 0))
+    assert train.batchnorm_sync(cfg) == "gloo"
+    assert train.batchnorm_sync(train.TrainConfig(norm="whitening")) is None
+
+
+def test_sync_norm_layers_on_cpu_uses_sdecors_batchnorm():
+    import sdecor
+
+    model = train.sync_norm_layers(build_model("tiny", 1, 10, norm="batch"), "cpu")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is sdecor.SyncBatchNormGloo for m in bns)
+    # the state_dict is the single-process model's
+    build_model("tiny", 1, 10, norm="batch").load_state_dict(model.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("fields, field, needle", [
     ({"device": "cuda:1"}, "device", "each rank uses cuda:LOCAL_RANK"),
     ({"device": "mps"}, "device", "cpu (gloo) or cuda (nccl)"),
-    ({"norm": "batch"}, "norm", "SyncBatchNorm does not run on cpu"),
     ({"batch_size": 30, "norm": "whitening"}, "batch_size", "multiple of 4"),
-], ids=["cuda-index", "mps", "batch-norm-on-cpu", "batch-not-divisible"])
+], ids=["cuda-index", "mps", "batch-not-divisible"])
 def test_distributed_config_checks(fields, field, needle):
     # what train_model checks of a configuration before a distributed run (no device is touched)
     with pytest.raises(train.ConfigError, match=re.escape(needle)) as info:
@@ -176,26 +196,33 @@ def free_port() -> int:
 
 
 # An objective whose every step equals the single-process step on the same global batch (up to
-# rounding): whitening norm layers (synchronised), the saliency pass and the clean and masked
-# forwards inside one DDP forward, but mask ratio 0 (top-k masking is discontinuous: rounding-level
-# differences in saliency could swap masked positions) and no decorrelation loss (computed per rank).
-DIST_ARGS = ["--dataset", "digits", "--model", "tiny", "--norm", "whitening", "--lambda-consistency", "1",
+# rounding): synchronised norm layers, the saliency pass and the clean and masked forwards inside one
+# DDP forward, but mask ratio 0 (top-k masking is discontinuous: rounding-level differences in
+# saliency could swap masked positions) and no decorrelation loss (computed per rank). The norm
+# layers: whitening (SyncGroupWhitening), or the default, BatchNorm (sdecor.SyncBatchNormGloo on CPU).
+DIST_ARGS = ["--dataset", "digits", "--model", "tiny", "--lambda-consistency", "1",
              "--mask-ratio", "0", "--epochs", "1", "--eval-samples", "8", "--threads", "1", "--no-progress"]
 
 
-def test_torchrun_two_ranks(tmp_path):
+@pytest.mark.parametrize("norm", ["whitening", "batch"])
+def test_torchrun_two_ranks(tmp_path, norm):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    norm_args = ["--norm", "whitening"] if norm == "whitening" else []       # batch: the default
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "sdecor", "train", "--distributed", "--save-all-ranks", "--out", str(out), *DIST_ARGS]
+           "-m", "sdecor", "train", "--distributed", "--save-all-ranks", "--out", str(out), *DIST_ARGS, *norm_args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr           # torchrun: 0 when every rank exits 0
 
     # only rank 0 prints and writes metrics.json and model.pt; --save-all-ranks adds rank 1's model
     assert proc.stdout.count("test accuracy") == 1 and proc.stdout.count("dataset digits") == 1, proc.stdout
     assert "distributed: 2 ranks (gloo), global batch 64 = 32 samples per rank per step" in proc.stdout
+    note = ("torch.nn.SyncBatchNorm does not run on CPU tensors: BatchNorm statistics synced over gloo by "
+            "sdecor.SyncBatchNormGloo")
+    assert proc.stdout.count(note) == (1 if norm == "batch" else 0), proc.stdout
+    assert f"({norm} norm, group size" in proc.stdout
     assert sorted(os.listdir(out)) == ["metrics.json", "model-rank1.pt", "model.pt"]
     res = json.loads((out / "metrics.json").read_text())
     assert res["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_rank": 32}
@@ -208,7 +235,7 @@ def test_torchrun_two_ranks(tmp_path):
     assert int(state["features.0.1.num_batches_tracked"]) == 2 * 22     # 22 steps, clean + masked forward
 
     # model.pt loads into the single-process model, and the reported accuracy is that model's
-    model = build_model("tiny", 1, 10, norm="whitening")
+    model = build_model("tiny", 1, 10, norm=norm)
     model.load_state_dict(state)
     ds = data.load("digits")
     threads = torch.get_num_threads()
@@ -216,7 +243,7 @@ def test_torchrun_two_ranks(tmp_path):
     try:
         acc = train.accuracy(model, ds.test)
         # the same steps in one process: the same model up to rounding
-        single = train.train_model(train.TrainConfig(dataset="digits", model="tiny", norm="whitening",
+        single = train.train_model(train.TrainConfig(dataset="digits", model="tiny", norm=norm,
                                                      lambda_consistency=1.0, mask_ratio=0.0, epochs=1), ds)
     finally:
         torch.set_num_threads(threads)

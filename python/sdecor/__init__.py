@@ -4,7 +4,8 @@ Functions: group_cov, whitening_matrix, group_whiten, topk_mask, decorrelation_l
 progressive_masks, convert_whitening, convert_iternorm, fold_whitening (for inference), whitening_report
 (per-layer whitening health on a batch). Modules (also in
 :mod:`sdecor.nn`): GroupWhitening, SyncGroupWhitening (statistics synchronised over torch.distributed),
-SaliencyMasker, SaliencyDecor. Backend control: use_backend, info. Pure-PyTorch references of the functions live in
+SaliencyMasker, SaliencyDecor; SyncBatchNormGloo (:mod:`sdecor.sync_batchnorm`: BatchNorm synchronised
+over torch.distributed where torch.nn.SyncBatchNorm does not run, CPU tensors over gloo). Backend control: use_backend, info. Pure-PyTorch references of the functions live in
 :mod:`sdecor.reference`, saliency metrics in :mod:`sdecor.metrics`.
 """
 
@@ -18,6 +19,7 @@ from .health import WhiteningRecord, WhiteningReport, whitening_report
 from .masking import ProgressiveMasks, SaliencyMasker, progressive_masks, saliency
 from .nn import GroupWhitening, SyncGroupWhitening
 from .objective import SaliencyDecor, SaliencyDecorTerms, decorrelation_loss
+from .sync_batchnorm import SyncBatchNormGloo
 from .ops import group_cov, group_whiten, topk_mask, whitening_matrix
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "SaliencyDecor",
     "SaliencyDecorTerms",
     "SaliencyMasker",
+    "SyncBatchNormGloo",
     "SyncGroupWhitening",
     "WhiteningRecord",
     "WhiteningReport",

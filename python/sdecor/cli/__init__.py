@@ -14,6 +14,7 @@ import json
 import sys
 
 from .._optional import MissingDependencyError
+from .options import Parser
 
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -43,7 +44,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     no command is named, e.g. for ``--help``), so ``sdecor info`` does not load the bench harness."""
     argv = sys.argv[1:] if argv is None else list(argv)
     named = [a for a in argv if a in COMMANDS][:1]
-    parser = argparse.ArgumentParser(prog="sdecor", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sdecor", description=__doc__.splitlines()[0])     # one-line errors, subcommands too
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():

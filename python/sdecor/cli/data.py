@@ -11,7 +11,8 @@ Two embedded sets need no download and are the same on every machine:
 
 Three torchvision sets are read from a local folder with download disabled: ``mnist``,
 ``fashion-mnist`` and ``cifar10``. A missing folder or file raises :class:`DatasetNotFoundError`,
-naming the folder and the files expected in it.
+naming the folder and the files expected in it; files that are not the dataset's raise
+:class:`DatasetReadError`, naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "Dataset",
     "Split",
     "DatasetNotFoundError",
+    "DatasetReadError",
     "DATASETS",
     "EMBEDDED",
     "SHAPE_CLASSES",
@@ -75,6 +77,11 @@ class Dataset(NamedTuple):
 
 class DatasetNotFoundError(FileNotFoundError):
     """A torchvision dataset is not in the given folder (downloads are disabled)."""
+
+
+class DatasetReadError(ValueError):
+    """A torchvision dataset's files are in the folder but are not the dataset's (damaged, cut short,
+    compressed, another dataset's); the message names the file and what is wrong with it."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,28 +229,118 @@ def not_found_message(name: str, root: str) -> str:
               "on a machine with network access) or pass the right --data-root.")
 
 
-def load_torchvision(name: str, root: str) -> Dataset:
-    """MNIST, FashionMNIST or CIFAR-10 from ``root`` (torchvision's folder layout; no download)."""
-    if name not in TORCHVISION:
-        raise ValueError(f"name must be one of {TORCHVISION}; got {name!r}")
+def check_root(root) -> str:
+    """``root`` as a folder path; DatasetNotFoundError naming it when it is missing or not a folder."""
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path; got {type(root).__name__}")
     root = os.fspath(root)
+    if not os.path.lexists(root):
+        raise DatasetNotFoundError(f"--data-root {root!r}: no such folder")
+    if not os.path.isdir(root):
+        raise DatasetNotFoundError(f"--data-root {root!r} is not a folder")
+    return root
+
+
+# the idx files of MNIST and Fashion-MNIST: unsigned bytes (type code 0x08), 3 dims (images) or 1 (labels)
+IDX_UBYTE = 0x08
+
+
+def check_idx_file(path: str, ndim: int) -> int:
+    """The number of items of an idx file of unsigned bytes with ``ndim`` dims, after checking its
+    header against its size; DatasetReadError naming the file and what is wrong otherwise."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        raise DatasetReadError(f"{path}: {size} bytes, too short for an idx header ({4 + 4 * ndim} bytes)")
+    if head[:2] != b"\0\0" or head[2] != IDX_UBYTE or head[3] != ndim:
+        raise DatasetReadError(f"{path}: not an idx file of {ndim}-D unsigned bytes (it starts with "
+                               f"{head[:4].hex()}, not 000008{ndim:02x}); is it compressed? sdecor reads the "
+                               f"uncompressed files")
+    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    want = 4 + 4 * ndim + math.prod(dims)
+    if size != want:
+        raise DatasetReadError(f"{path}: {size} bytes, but its header ({'x'.join(map(str, dims))} bytes) "
+                               f"makes {want}: the file is cut short or not an idx file")
+    return dims[0]
+
+
+def check_files(name: str, folder: str) -> None:
+    """The dataset's files in ``folder`` are what torchvision reads: the idx headers of MNIST and
+    Fashion-MNIST against their sizes, CIFAR-10's files against their MD5 sums. Raises
+    DatasetReadError naming the file."""
+    if name == "cifar10":
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity
+
+        for fname, md5 in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]:
+            path = os.path.join(folder, fname)
+            if not check_integrity(path, md5):
+                raise DatasetReadError(f"{path}: not the CIFAR-10 file of that name (its MD5 sum differs): "
+                                       f"the file is damaged or another one")
+        return
+    for split in ("train", "t10k"):
+        images = check_idx_file(os.path.join(folder, f"{split}-images-idx3-ubyte"), 3)
+        labels_path = os.path.join(folder, f"{split}-labels-idx1-ubyte")
+        labels = check_idx_file(labels_path, 1)
+        if labels != images:
+            raise DatasetReadError(f"{labels_path}: {labels} labels for the {images} images of "
+                                   f"{split}-images-idx3-ubyte")
+
+
+def check_split(split: Split, num_classes: int, where: str, minimum: int) -> None:
+    """At least ``minimum`` images, one label each, every label a class index."""
+    n = split.x.shape[0]
+    if n < minimum:
+        raise DatasetReadError(f"{where}: {n} images; training needs at least {minimum}")
+    if split.y.shape != (n,):
+        raise DatasetReadError(f"{where}: {tuple(split.y.shape)} labels for {n} images")
+    if n and not (0 <= int(split.y.min()) and int(split.y.max()) < num_classes):
+        bad = int(split.y.min()) if int(split.y.min()) < 0 else int(split.y.max())
+        raise DatasetReadError(f"{where}: label {bad} is not a class index in [0, {num_classes})")
+
+
+def load_torchvision(name: str, root: str) -> Dataset:
+    """MNIST, FashionMNIST or CIFAR-10 from ``root`` (torchvision's folder layout; no download).
+
+    A missing folder or file raises :class:`DatasetNotFoundError`; files that are there but are not
+    the dataset's (damaged, cut short, compressed, another dataset's) raise
+    :class:`DatasetReadError` naming the file and what is wrong with it.
+    """
+    if name not in TORCHVISION:
+        raise ValueError(f"name must be one of {TORCHVISION}; got {name!r}")
     torchvision = require("torchvision", "demo", f"the {name} dataset (read with torchvision)")
+    root = check_root(root)
+    sub, files = TV_FILES[name]
+    folder = os.path.join(os.path.abspath(root), sub)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        raise DatasetNotFoundError(not_found_message(name, root))
+    try:
+        check_files(name, folder)
+    except OSError as err:
+        raise DatasetReadError(f"{getattr(err, 'filename', None) or folder}: cannot be read: {err.strerror or err}") \
+            from None
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
     try:
         splits = [cls(root, train=train, download=False) for train in (True, False)]
-    except (RuntimeError, FileNotFoundError, OSError) as err:
-        raise DatasetNotFoundError(not_found_message(name, root)) from err
+    except Exception as err:                     # noqa: BLE001 - any failure of the reader is the files'
+        text = " ".join(str(err).split())[:200]
+        raise DatasetReadError(f"{folder}: torchvision could not read the {name} files there "
+                               f"({type(err).__name__}{': ' + text if text else ''})") from None
     out = []
-    for ds in splits:
+    for ds, which in zip(splits, ("train", "test")):
         data = torch.as_tensor(np.asarray(ds.data))
         if data.dim() == 3:                                  # (N, H, W) uint8
             x = data.unsqueeze(1).float() / 255.0
-        else:                                                # (N, H, W, 3) uint8
+        elif data.dim() == 4 and data.shape[-1] == 3:        # (N, H, W, 3) uint8
             x = data.permute(0, 3, 1, 2).float() / 255.0
-        out.append(Split(x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
+        else:
+            raise DatasetReadError(f"{folder}: the {which} images are {tuple(data.shape)}, not (N, H, W) or "
+                                   f"(N, H, W, 3)")
+        split = Split(x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
+        check_split(split, len(splits[0].classes), f"{folder}: the {which} split", 2 if which == "train" else 1)
+        out.append(split)
     classes = tuple(str(c) for c in splits[0].classes)
     shape = "x".join(str(s) for s in out[0].x.shape[1:])
     return Dataset(name, out[0], out[1], classes, f"torchvision {cls.__name__}, {shape}")

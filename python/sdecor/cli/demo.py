@@ -15,15 +15,16 @@ sharpen saliency?), which ``whiten`` splits in two: ``ce`` -> ``whiten`` is the 
 alone, ``whiten`` -> ``decor`` the decorrelation loss alone. Each trained model is evaluated on
 the test split: accuracy, and the saliency metrics of :mod:`sdecor.metrics`. The output folder
 gets ``report.md``, ``results.json`` (every number) and PNG figures (saliency maps per
-configuration, masking curves).
+configuration, masking curves); it is made and proved writable before the first run, and a failing
+write at the end puts the files into a temporary folder (:mod:`sdecor.cli.output`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -33,6 +34,8 @@ import torch
 
 from . import data as data_mod
 from .._optional import require
+from .options import MAX_THREADS, Number, check_numbers
+from .output import OutputDir
 from .train import (AMP_DTYPES, TrainConfig, UsageError, batches, check_amp, check_device, check_out_dir,
                     evaluate, option_name, train_model)
 
@@ -84,7 +87,8 @@ SALIENCY_METRICS = ("gini", "entropy", "deletion_auc", "insertion_auc", "mask_ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="sdecor-demo-output",
                         help="output folder (default %(default)s, in the current directory)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; 1 with --quick)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per configuration, 1 to 100 (default 3; 1 with --quick)")
     parser.add_argument("--datasets", default="digits,shapes",
                         help="comma-separated subset of digits,shapes (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -95,13 +99,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # on a busy machine two threads made a digits run 5-10x slower (60 s instead of 6 s) while one
     # thread ran the whole demo in 166 s next to other jobs.
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default %(default)s; more helps only on an idle machine)")
+                        help="torch CPU threads, 1 to 1024 (default %(default)s; more helps only on an idle machine)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--amp", default="off", metavar="{" + ",".join(AMP_DTYPES) + "}",
                         help="mixed precision of every run's training steps, as sdecor train's --amp "
                              "(default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+
+# every numeric option (argparse dest -> the values it takes: sdecor.cli.options.Number)
+NUMBERS = {
+    "seeds": Number(1, 100, unit="seeds per configuration: 100 are 1000 training runs"),
+    "eval_samples": Number(1),                       # more than a test split: all of it
+    "threads": Number(1, MAX_THREADS),
+}
 
 
 def output_files(names: list, figures: bool) -> list:
@@ -123,6 +135,7 @@ def check_args(args: argparse.Namespace) -> list:
         if value is not None and value < 1:
             option = option_name(name)
             raise UsageError(option, f"{option} must be >= 1; got {value}")
+    check_numbers(args, NUMBERS)
     try:
         check_device(args.device)
     except ValueError as err:
@@ -157,29 +170,37 @@ def summarize(values: list) -> dict:
 def run(args: argparse.Namespace) -> int:
     try:
         names = check_args(args)
+        out = OutputDir(args.out, output_files(names, not args.no_figures), command="demo")
+    except UsageError as err:
+        print(f"sdecor demo: error: {err}", file=sys.stderr)
+        return 2
+    require("tqdm.auto", "demo", "sdecor demo's progress bar")
+    if not args.no_figures:
+        # checked now rather than after minutes of training; render_figures imports it
+        require("matplotlib", "demo", "sdecor demo's figures (--no-figures skips them)")
+    try:
+        out.prepare()                                # the last check: the folder made and written to
     except UsageError as err:
         print(f"sdecor demo: error: {err}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run_demo(args, names)
+        return run_demo(args, names, out)
+    except FloatingPointError as err:                # a run diverged
+        print(f"sdecor demo: error: {err}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)
+        out.discard()                                # only folders prepare made, still empty
 
 
-def run_demo(args: argparse.Namespace, names: list) -> int:
+def run_demo(args: argparse.Namespace, names: list, out: OutputDir) -> int:
     tqdm = require("tqdm.auto", "demo", "sdecor demo's progress bar").tqdm
-    if not args.no_figures:
-        # checked now rather than after minutes of training; write_figures imports it
-        require("matplotlib", "demo", "sdecor demo's figures (--no-figures skips them)")
-
     start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     seeds = args.seeds or (1 if args.quick else 3)
     eval_samples = args.eval_samples or (64 if args.quick else 200)
-    out_dir = os.path.abspath(args.out)
-    os.makedirs(out_dir, exist_ok=True)
 
     datasets = {name: load_dataset(name, args.quick) for name in names}
     plan = []
@@ -224,19 +245,16 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
 
     summary = {name: {c: {key: summarize([r.get(key) for r in runs]) for key, *_ in METRICS if key in runs[0]}
                       for c, runs in per.items()} for name, per in results.items()}
-    figures = [] if args.no_figures else write_figures(out_dir, datasets, results, examples)
+    figures = {} if args.no_figures else render_figures(datasets, results, examples)
     wall = time.perf_counter() - start
     meta = {"wall_seconds": wall, "mode": mode, "seeds": seeds, "eval_samples": eval_samples,
             "fractions": FRACTIONS, "threads": torch.get_num_threads(), "device": args.device, "amp": args.amp,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "configs": [list(c) for c in CONFIGS],
             "settings": {n: SETTINGS[n][mode] for n in names}}
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump({"meta": meta, "summary": summary, "runs": results,
-                   "datasets": {n: ds.description for n, ds in datasets.items()}}, fh, indent=1)
-    report = format_report(meta, datasets, summary, figures)
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write(report)
+    results_json = json.dumps({"meta": meta, "summary": summary, "runs": results,
+                               "datasets": {n: ds.description for n, ds in datasets.items()}}, indent=1)
+    report = format_report(meta, datasets, summary, list(figures))
     print()
     print(format_table(summary))
     print()
@@ -244,7 +262,11 @@ def run_demo(args: argparse.Namespace, names: list) -> int:
         print(line)
     print()
     print(f"wall time {wall:.0f} s ({len(plan)} runs, {plural(torch.get_num_threads(), 'thread')})")
-    print(f"wrote {out_dir}/: report.md, results.json" + "".join(f", {f}" for f in figures))
+    saved = out.save({"report.md": report.encode(), "results.json": results_json.encode(), **figures},
+                     show=("results.json",))
+    if not saved.requested:
+        return 1
+    print(f"wrote {saved.folder}/: report.md, results.json" + "".join(f", {f}" for f in figures))
     return 0
 
 
@@ -363,12 +385,19 @@ def format_report(meta: dict, datasets: dict, summary: dict, figures: list) -> s
 # figures
 
 
-def write_figures(out_dir: str, datasets: dict, results: dict, examples: dict) -> list:
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def render_figures(datasets: dict, results: dict, examples: dict) -> dict:
+    """The PNG figures, file name -> bytes: the saliency maps of each dataset, the masking curves."""
     matplotlib = require("matplotlib", "demo", "sdecor demo's figures (--no-figures skips them)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files = {}
     for name, ds in datasets.items():
         maps = {c: examples.get((name, c)) for c, *_ in CONFIGS}
         n = min(m.shape[0] for m in maps.values() if m is not None)
@@ -398,10 +427,8 @@ def write_figures(out_dir: str, datasets: dict, results: dict, examples: dict) -
         fig.suptitle(f"{name}: |d logit_y / d x| per configuration (seed 0)"
                      + (", object outline in cyan" if ds.test.mask is not None else ""), fontsize=9)
         fig.tight_layout()
-        fname = f"saliency_{name}.png"
-        fig.savefig(os.path.join(out_dir, fname), dpi=90)
+        files[f"saliency_{name}.png"] = png_bytes(fig)
         plt.close(fig)
-        files.append(fname)
 
     panels = (("deletion", "deletion: p(true class)"), ("insertion", "insertion: p(true class)"),
               ("accuracy_under_masking", "accuracy, most salient masked"))
@@ -425,7 +452,6 @@ def write_figures(out_dir: str, datasets: dict, results: dict, examples: dict) -
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "masking_curves.png"), dpi=90)
+    files["masking_curves.png"] = png_bytes(fig)
     plt.close(fig)
-    files.append("masking_curves.png")
     return files

@@ -27,8 +27,8 @@ import copy
 import dataclasses
 import math
 import os
+import io
 import sys
-import tempfile
 
 import torch
 
@@ -38,10 +38,12 @@ from ..health import WhiteningReport, newton_errors, whitening_report
 from ..nn import GroupWhitening
 from . import data as data_mod
 from .models import build_model
+from .options import Number, UsageError, check_numbers
+from .output import OutputDir, write_file
 from .train.config import ConfigError, TrainConfig, check_device
 from .train.health import probe_batch
 
-__all__ = ["CheckpointError", "FIGURE", "MAX_T", "UsageError", "add_arguments", "inspect_model", "layer_curves",
+__all__ = ["CheckpointError", "FIGURE", "MAX_T", "NUMBERS", "UsageError", "add_arguments", "inspect_model", "layer_curves",
            "load_checkpoint", "run"]
 
 FIGURE = "whitening_health.png"      # the figure's name in --out
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a model.pt that sdecor train --out wrote (a model with whitening layers: "
                              "--norm whitening, or --lambda-decor > 0)")
-    parser.add_argument("--batches", default="1", metavar="N",
+    parser.add_argument("--batches", type=int, default=1, metavar="N",
                         help="report on the first N x (the run's --batch-size) images of the split, taken as "
                              "one batch: the statistics of N training batches together (default %(default)s)")
     parser.add_argument("--split", choices=("train", "test"), default="train",
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None,
                         help="folder of the torchvision datasets (mnist, fashion-mnist, cifar10), as for "
                              "sdecor train")
-    parser.add_argument("--tol", default="1e-3",
+    parser.add_argument("--tol", type=float, default=1e-3,
                         help="whitening error below which a group counts as whitened, for 'T needed' "
                              "(default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device to run the model on (default %(default)s)")
@@ -71,49 +73,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"Newton-Schulz steps, and the eigenvalue spectrum of its worst group")
 
 
-class UsageError(ValueError):
-    """A bad option or input file: the one-line message names it."""
+# the numeric options and the values they take (sdecor.cli.options)
+NUMBERS = {
+    "batches": Number(1, 100_000, unit="batches of the run's --batch-size"),
+    "tol": Number(0, lo_open=True),
+}
 
 
 class CheckpointError(UsageError):
     """CHECKPOINT is missing, unreadable, or not a checkpoint of ``sdecor train``."""
 
+    def __init__(self, message: str):
+        super().__init__("CHECKPOINT", message)
+
 
 def run(args: argparse.Namespace) -> int:
+    outputs = []
     try:
-        batches = _whole_number("--batches", args.batches)
-        tol = _tol(args.tol)
+        check_numbers(args, NUMBERS)
         try:
             device = check_device(args.device)
         except ValueError as err:
-            raise UsageError(f"--device: {err}") from None
-        if args.out is not None:
+            raise UsageError("--device", str(err)) from None
+        if args.data_root is not None:
+            data_mod.check_root(args.data_root)
+        json_out = _json_output(args.json)
+        figure_out = OutputDir(args.out, (FIGURE,), command="inspect", option="--out") if args.out is not None \
+            else None
+        if figure_out is not None:
             _require_matplotlib()
+        for out in (json_out, figure_out):       # made and proved writable before any work
+            if out is not None:
+                out.prepare()
+                outputs.append(out)
         cfg, state = load_checkpoint(args.checkpoint)
         dataset = _load_dataset(cfg, args.data_root)
         model = rebuild_model(cfg, state, dataset, args.checkpoint)
         split = dataset.train if args.split == "train" else dataset.test
         n = len(split.y)
         most = max(1, n // cfg.batch_size)
-        if batches > most:
-            raise UsageError(f"--batches: {batches} x batch size {cfg.batch_size} = {batches * cfg.batch_size} "
-                             f"images is more than the {n} of the {args.split} split of {dataset.name}; at most "
-                             f"--batches {most}")
-        json_path = _writable_file("--json", args.json) if args.json is not None else None
-        figure_path = os.path.join(_writable_dir("--out", args.out, (FIGURE,)), FIGURE) \
-            if args.out is not None else None
+        if args.batches > most:
+            raise UsageError("--batches", f"--batches: {args.batches} x batch size {cfg.batch_size} = "
+                                          f"{args.batches * cfg.batch_size} images is more than the {n} of the "
+                                          f"{args.split} split of {dataset.name}; at most --batches {most}")
     except (UsageError, data_mod.DatasetNotFoundError) as err:
+        for out in outputs:                       # the folders made for a run that did not start
+            out.discard()
         print(f"sdecor inspect: error: {err}", file=sys.stderr)
         return 2
+    batches = args.batches
     x = probe_batch(split, cfg.batch_size, batches)
     epochs = f"{cfg.epochs} epoch" + ("s" if cfg.epochs != 1 else "")
     print(f"checkpoint {os.path.abspath(args.checkpoint)}: model {cfg.model} (whitening layers, group size "
           f"{cfg.num_channels}), trained {epochs} on {dataset.name}")
     print(f"batch: the first {len(x)} images of the {args.split} split of {dataset.name} ({batches} x batch "
           f"size {cfg.batch_size}, one forward in training mode) on {device}")
-    inspect_model(model.to(device), x.to(device), tol=tol, json_path=json_path, figure_path=figure_path,
-                  title=f"{cfg.model} on {dataset.name} ({len(x)} {args.split} images)")
-    return 0
+    model, x = model.to(device), x.to(device)
+    report = inspect_model(model, x, tol=args.tol)
+    status = 0
+    if json_out is not None:
+        name = json_out.files[0]
+        saved = json_out.save({name: (report.to_json(indent=1) + "\n").encode()}, show=(name,))
+        status = status if saved.requested else 1
+        if saved.folder is not None:
+            print(f"wrote {os.path.join(saved.folder, name)}")
+    if figure_out is not None:
+        png = figure_png(model, x, report, f"{cfg.model} on {dataset.name} ({len(x)} {args.split} images)")
+        saved = figure_out.save({FIGURE: png})
+        status = status if saved.requested else 1
+        if saved.folder is not None:
+            print(f"wrote {os.path.join(saved.folder, FIGURE)}")
+    return status
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,15 +159,22 @@ def inspect_model(model: torch.nn.Module, x: torch.Tensor, *, tol: float = 1e-3,
     for line in summary(report):
         print(line)
     if json_path is not None:
-        with open(json_path, "w") as fh:
-            fh.write(report.to_json(indent=1) + "\n")
-        print(f"wrote {json_path}")
+        path = write_file(*os.path.split(os.path.abspath(json_path)), (report.to_json(indent=1) + "\n").encode())
+        print(f"wrote {path}")
     if figure_path is not None:
-        from .health_plot import plot_health
-
-        plot_health(layer_curves(model, x, report), report, figure_path, title)
-        print(f"wrote {figure_path}")
+        path = write_file(*os.path.split(os.path.abspath(figure_path)), figure_png(model, x, report, title))
+        print(f"wrote {path}")
     return report
+
+
+def figure_png(model: torch.nn.Module, x: torch.Tensor, report: WhiteningReport, title: str = "") -> bytes:
+    """The figure of ``--out`` as PNG bytes (:func:`sdecor.cli.health_plot.plot_health` of
+    :func:`layer_curves`)."""
+    from .health_plot import plot_health
+
+    buf = io.BytesIO()
+    plot_health(layer_curves(model, x, report), report, buf, title)
+    return buf.getvalue()
 
 
 def summary(report: WhiteningReport, most: int = 6) -> list[str]:
@@ -307,10 +344,10 @@ def rebuild_model(cfg: TrainConfig, state: dict, dataset: data_mod.Dataset, path
 
 def _load_dataset(cfg: TrainConfig, data_root) -> data_mod.Dataset:
     if data_root is not None and not os.path.isdir(data_root):
-        raise UsageError(f"--data-root: no such folder: {data_root}")
+        raise UsageError("--data-root", f"--data-root: no such folder: {data_root}")
     if cfg.dataset in data_mod.TORCHVISION and data_root is None:
-        raise UsageError(f"--data-root: the checkpoint's dataset {cfg.dataset!r} is read from a local folder "
-                         f"(downloads are disabled): give its root")
+        raise UsageError("--data-root", f"--data-root: the checkpoint's dataset {cfg.dataset!r} is read from a "
+                                        f"local folder (downloads are disabled): give its root")
     return data_mod.load(cfg.dataset, data_root, seed=0)     # the seed sdecor train loads with
 
 
@@ -318,91 +355,18 @@ def _load_dataset(cfg: TrainConfig, data_root) -> data_mod.Dataset:
 # option checks
 
 
-def _whole_number(option: str, text) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise UsageError(f"{option} must be a whole number >= 1; got {text!r}")
-    return value
-
-
-def _tol(text) -> float:
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--tol must be a finite number > 0; got {text!r}")
-    return value
-
-
 def _require_matplotlib():
     return require("matplotlib", "demo", "sdecor inspect's figure (--out)")
 
 
-def _make_folder(option: str, folder: str) -> None:
-    """Create ``folder`` and its parents, or UsageError naming the first ancestor that is not a folder."""
-    parent = folder
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option}: cannot create {folder}: {parent} is not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{option}: cannot create {folder}: {err.strerror or err}") from None
-
-
-def _write_probe(option: str, folder: str) -> None:
-    """Write a few bytes into a new file in ``folder`` and remove it: proof that files can be written there."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".sdecor-write-test-", dir=folder)
-        try:
-            os.write(fd, b"sdecor\n")
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as err:
-        raise UsageError(f"{option}: cannot write in {folder}: {err.strerror or err}") from None
-
-
-def _check_target(option: str, path: str) -> None:
-    """``path`` absent, or a regular file that opens for writing (without changing it)."""
-    if not os.path.lexists(path):
-        return
-    if not os.path.isfile(path):
-        raise UsageError(f"{option}: {path} exists and is not a file")
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option}: cannot write {path}: {err.strerror or err}") from None
-
-
-def _writable_file(option: str, path: str) -> str:
-    """The absolute path of an output file whose folder exists (created here) and takes a written file."""
+def _json_output(path):
+    """The output of ``--json FILE``: FILE's folder, checked (nothing made yet), or None."""
+    if path is None:
+        return None
     if not isinstance(path, str) or not path.strip():
-        raise UsageError(f"{option} must be a file path; got {path!r}")
+        raise UsageError("--json", f"--json must be a file path; got {path!r}")
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        raise UsageError(f"{option}: {path} is a folder; give a file path")
-    folder = os.path.dirname(path)
-    _make_folder(option, folder)
-    _write_probe(option, folder)
-    _check_target(option, path)
-    return path
-
-
-def _writable_dir(option: str, path: str, files=()) -> str:
-    """The absolute path of an output folder, created here and proven writable; each of ``files`` in
-    it absent or a writable file."""
-    if not isinstance(path, str) or not path.strip():
-        raise UsageError(f"{option} must be a folder path; got {path!r}")
-    path = os.path.abspath(path)
-    _make_folder(option, path)
-    _write_probe(option, path)
-    for name in files:
-        _check_target(option, os.path.join(path, name))
-    return path
+        raise UsageError("--json", f"--json: {path} is a folder; give a file path")
+    folder, name = os.path.split(path)
+    return OutputDir(folder, (name,), command="inspect", option="--json")

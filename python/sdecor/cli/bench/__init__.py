@@ -12,7 +12,9 @@ start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`
 and the table and the result files say so, with the thread count (``--threads``).
 
 Results: <device>.json/.csv and a PNG per op, <device>-<op>.png, in ./sdecor-bench-output/ (``--out
-DIR`` elsewhere); a later run of the same device replaces them. A run never writes into the source
+DIR`` elsewhere); a later run of the same device replaces them. The folder is made and proved
+writable before the run, and a failing write at the end puts the files into a temporary folder
+(:mod:`sdecor.cli.output`). A run never writes into the source
 tree unless asked: ``--save-results`` writes the curated set that the README quotes, <device>.json
 and the PNGs, into benchmarks/results/ of the source checkout. ``--static`` compiles the Triton
 kernels for sm_80 and sm_90 without a GPU and estimates H100 bandwidth-bound times
@@ -25,11 +27,15 @@ imported when a run starts.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
+from pathlib import Path
 
 from ..._backend import BACKENDS
+from ..options import MAX_SEED, MAX_THREADS, Number, Parser, UsageError, check_numbers, int_list
+from ..output import OutputDir
 from .ops import BASELINES, MODES
-from .shapes import DTYPES, OPS, SUITES
+from .shapes import DTYPES, OPS, SHAPES, SUITES
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", **{d: d for d in DTYPES}}
@@ -64,13 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--list", action="store_true", help="list the selected shapes and exit")
     tim = parser.add_argument_group("timing (CPU; the GPU uses triton.testing.do_bench)")
     tim.add_argument("--min-time", type=float, default=None,
-                     help="seconds of timed calls per path and mode (default 0.5; 0.1 with --quick)")
-    tim.add_argument("--reps", type=int, default=None, help="at least this many timed rounds (default 5; 3 with --quick)")
+                     help="seconds of timed calls per path and mode, > 0 and <= 3600 (default 0.5; 0.1 with "
+                          "--quick)")
+    tim.add_argument("--reps", type=int, default=None,
+                     help="at least this many timed rounds, 1 to 100000 (default 5; 3 with --quick)")
     tim.add_argument("--threads", type=int, default=None,
-                     help="CPU: torch.set_num_threads for the run (default: torch's default; 1 with "
+                     help="CPU: torch.set_num_threads for the run, 1 to 1024 (default: torch's default; 1 with "
                           "--quick, whose times stay steady when other work shares a small CPU); the "
                           "groupwhitening-cpu and topk-cpu targets are set for --threads 2")
-    tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs, 0 to 2**63 - 2")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, metavar="DIR",
@@ -87,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "instead of running; --ops filters it")
     ds = parser.add_argument_group("synchronised statistics")
     ds.add_argument("--distributed", type=int, default=None, metavar="N",
-                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes "
+                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes (2 to 64) "
                          "(gloo with CPU tensors on the loopback interface; nccl with --device cuda and N "
                          "GPUs) and report the bytes per layer and step; writes <device>-distributed.json")
     st = parser.add_argument_group("static report")
@@ -95,14 +103,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "
                          "spills, shared memory, tensor-core use; bytes moved and H100 bandwidth-bound time")
     st.add_argument("--arch", default="80,90", help="with --static: GPU architectures (default 80,90)")
-    st.add_argument("--d", default="16,64", help="with --static: group sizes to compile for (default 16,64)")
+    st.add_argument("--d", default="16,64",
+                    help="with --static: group sizes to compile for, 1 to 1024 each (default 16,64)")
     st.add_argument("--kernels", default=None,
                     help="with --static: kernel modules to compile, e.g. 'whiten,topk' (default: every "
                          "sdecor_kernels module with STATIC_SPECS)")
 
 
-class UsageError(ValueError):
-    pass
+# every numeric option (argparse dest -> the values it takes: sdecor.cli.options.Number)
+NUMBERS = {
+    "min_time": Number(0, 3600, lo_open=True, unit="seconds of timed calls per path and mode"),
+    "reps": Number(1, 100_000),
+    "threads": Number(1, MAX_THREADS),
+    "seed": Number(0, MAX_SEED),
+    "distributed": Number(2, 64, unit="processes on this machine"),
+}
+D_RANGE = Number(1, 1024, unit="channels per group")      # --d: each of its group sizes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The options that need no harness, before anything is read, made or run: every number against
+    :data:`NUMBERS`, and --static's --d, --arch and --kernels (also when given without --static).
+    Raises :class:`UsageError`."""
+    if args.distributed is not None and args.distributed < 2:
+        raise UsageError("--distributed", f"--distributed needs at least 2 processes; got {args.distributed}")
+    check_numbers(args, NUMBERS)
+    int_list("--d", args.d, D_RANGE)
+    _split(args.arch, ("80", "90"), "arch")
+    if args.kernels is not None:
+        try:
+            from sdecor_kernels.static import kernel_modules
+        except ImportError:                           # reported by --static itself
+            return
+        known = [m.rsplit(".", 1)[1] for m in kernel_modules()]
+        _split(args.kernels.replace("sdecor_kernels.", ""), known, "kernels")
 
 
 def _split(text, allowed, what, aliases=None) -> tuple:
@@ -113,11 +147,11 @@ def _split(text, allowed, what, aliases=None) -> tuple:
     for t in items:
         name = (aliases or {}).get(t.lower(), t)
         if allowed is not None and name not in allowed:
-            raise UsageError(f"--{what}: unknown {what[:-1] if what.endswith('s') else what} {t!r}; "
-                             f"choose from {', '.join(allowed)}")
+            raise UsageError(f"--{what}", f"--{what}: unknown {what[:-1] if what.endswith('s') else what} "
+                                          f"{t!r}; choose from {', '.join(allowed)}")
         out.append(name)
     if not out:
-        raise UsageError(f"--{what} is empty")
+        raise UsageError(f"--{what}", f"--{what} is empty")
     return tuple(dict.fromkeys(out))
 
 
@@ -128,21 +162,27 @@ def settings_from_args(args: argparse.Namespace):
     from .harness import Settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+        raise UsageError("--device", "--device cuda: no CUDA device is available")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     baselines = ("reference",) if (args.baselines or "").strip().lower() == "none" else \
         _split(args.baselines, BASELINES, "baselines")
     suites = _split(args.suite, SUITES, "suite") or ()
+    shapes = _split(args.shapes, None, "shapes") or ()
+    names = [e["name"] for e in SHAPES]
+    for pattern in shapes:
+        if not any(pattern in n or fnmatch.fnmatch(n, pattern) for n in names):
+            raise UsageError("--shapes", f"--shapes: {pattern!r} matches no shape name (see --list)")
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.5)
     reps = args.reps if args.reps is not None else (3 if args.quick else 5)
     if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1; got {args.threads}")
+        raise UsageError("--threads", f"--threads must be >= 1; got {args.threads}")
     if not min_time > 0 or reps < 1:
-        raise UsageError(f"--min-time must be > 0 and --reps >= 1; got {min_time}, {reps}")
+        raise UsageError("--min-time" if not min_time > 0 else "--reps",
+                         f"--min-time must be > 0 and --reps >= 1; got {min_time}, {reps}")
     return Settings(
         device=device,
         ops=_split(args.ops, OPS, "ops") or OPS,
-        shapes=_split(args.shapes, None, "shapes") or (),
+        shapes=shapes,
         dtypes=_split(args.dtypes, DTYPES, "dtypes", _DTYPE_ALIASES) or
         (("float32",) if args.quick or suites else DTYPES),
         modes=_split(args.modes, MODES, "modes") or MODES,
@@ -162,8 +202,15 @@ def run(args: argparse.Namespace) -> int:
     from ..._optional import MissingDependencyError
     from .report import NotASourceTree
 
-    if args.show:
-        return _show(args)
+    try:
+        check_args(args)
+    except UsageError as exc:
+        print(f"sdecor bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.show is not None:
+        from .show import show
+
+        return show(args)
     try:
         settings = settings_from_args(args)
         if args.distributed is not None:
@@ -176,27 +223,39 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _out_dir(args):
-    """(folder, curated) the results go to, or (None, False) with --no-save; checked before a run."""
-    from pathlib import Path
-
+def _output(args, files=()):
+    """(OutputDir, curated) the results go to, or (None, False) with --no-save; the folder is checked
+    here (nothing touched) and made and written to by OutputDir.prepare, before the run."""
     from . import report
 
     if args.no_save:
         return None, False
     if args.save_results:
-        return report.results_dir(), True
-    return (Path(args.out) if args.out else report.default_out_dir()), False
+        return OutputDir(report.results_dir(), files, command="bench", option="--save-results"), True
+    return OutputDir(args.out if args.out is not None else report.default_out_dir(), files, command="bench"), False
+
+
+def _device_slug(settings) -> str:
+    import torch
+
+    from . import report
+
+    return report.device_slug(torch.device(settings.device))
 
 
 def _run_selected(args, settings) -> int:
     from .harness import select_entries
     from .shapes import describe
 
+    entries = select_entries(settings)
     if args.list:
-        for e in select_entries(settings):
+        for e in entries:
             print(f"{e['op']:<20} {e['name']:<36} {describe(e)}")
         return 0
+    if not entries:
+        print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
+              file=sys.stderr)
+        return 2
     return _run_bench(args, settings)
 
 
@@ -205,11 +264,14 @@ def _run_bench(args, settings) -> int:
 
     from . import harness, report
 
-    out_dir, curated = _out_dir(args)            # before the run: a wrong flag fails in a second
-    if out_dir is not None and not args.no_plot:
+    slug = _device_slug(settings)
+    out, curated = _output(args, [f"{slug}.json", f"{slug}.csv"] + [f"{slug}-{op}.png" for op in OPS])
+    if out is not None and not args.no_plot:
         from .plot import require_matplotlib
 
         require_matplotlib()
+    if out is not None:
+        out.prepare()                             # before the run: a wrong flag fails in a second
     from .allocator import keep_allocations
 
     allocations = keep_allocations()             # before the inputs are made: every timed call reuses memory
@@ -225,52 +287,46 @@ def _run_bench(args, settings) -> int:
              f"{settings.min_time:g} s per path, gradients cleared between calls")
     env = dict(report.environment(device, timer), allocations=allocations, threads_from=threads_from)
     print(report.threads_text(env) + ". " + allocations["text"] + ".", file=sys.stderr, flush=True)
-    records = harness.run(settings)
+    try:
+        records = harness.run(settings)
+    except BaseException:
+        if out is not None:
+            out.discard()                         # only folders prepare made, still empty
+        raise
     env["load_average_end"] = report.load_average()
     if not records:
-        print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
+        if out is not None:
+            out.discard()
+        print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
+              file=sys.stderr)
         return 2
     print(report.format_table(records, env, markdown=args.markdown))
-    if out_dir is not None:
+    code = 0
+    if out is not None:
         # the curated set is the JSON and the plots; the CSV (the same numbers) stays in run folders
-        paths = report.write_results(records, env, _settings_dict(settings), out_dir, with_csv=not curated)
-        written = list(paths.values())
-        plotted = set()
+        files = report.result_files(records, env, _settings_dict(settings), with_csv=not curated)
         if not args.no_plot:
-            from .plot import plot_op
+            from .plot import render_op
 
             for op in dict.fromkeys(r["op"] for r in records):
-                png = plot_op(records, op, env, out_dir / f"{env['device_slug']}-{op}.png")
+                png = render_op(records, op, env)
                 if png is not None:
-                    written.append(png)
-                    plotted.add(op)
-        for op in set(OPS) - plotted:             # an earlier run's plot would not match the new JSON
-            (out_dir / f"{env['device_slug']}-{op}.png").unlink(missing_ok=True)
-        print("\nwrote " + ", ".join(str(p) for p in written))
+                    files[f"{env['device_slug']}-{op}.png"] = png
+        saved = out.save(files, show=(f"{env['device_slug']}.json",))
+        if saved.requested:
+            for op in OPS:                        # an earlier run's plot would not match the new JSON
+                name = f"{env['device_slug']}-{op}.png"
+                if name not in files:
+                    (Path(saved.folder) / name).unlink(missing_ok=True)
+            print("\nwrote " + ", ".join(str(Path(saved.folder) / name) for name in files))
+        else:
+            code = 1
     bad = [r for r in records if r["kind"] == "fast" and r["status"] in ("MISMATCH", "error")]
     if bad:
         names = sorted({f"{r['op']} {r['impl']} ({r['status']})" for r in bad})
         print(f"\n{len(names)} fast path(s) failed the check or the run: " + "; ".join(names), file=sys.stderr)
         return 1
-    return 0
-
-
-def _show(args) -> int:
-    import json
-
-    from . import report
-
-    try:
-        with open(args.show) as f:
-            doc = json.load(f)
-        env, records = doc["environment"], doc["results"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"sdecor bench: error: --show {args.show}: not a results file ({exc})", file=sys.stderr)
-        return 2
-    if args.ops:
-        records = [r for r in records if r["op"] in args.ops.split(",")]
-    print(report.format_table(records, env, markdown=args.markdown))
-    return 0
+    return code
 
 
 def _settings_dict(settings) -> dict:
@@ -285,24 +341,31 @@ def _run_distributed(args, settings) -> int:
     from . import distributed, report
 
     if args.distributed < 2:
-        raise UsageError(f"--distributed needs at least 2 processes; got {args.distributed}")
+        raise UsageError("--distributed", f"--distributed needs at least 2 processes; got {args.distributed}")
     threads = args.threads if args.threads is not None else 1
     if threads < 1:
-        raise UsageError(f"--threads must be >= 1; got {threads}")
-    out_dir, _ = _out_dir(args)                  # before the run: a wrong flag fails at once
+        raise UsageError("--threads", f"--threads must be >= 1; got {threads}")
+    name = f"{_device_slug(settings)}-distributed.json"
+    out, _ = _output(args, (name,))
+    if out is not None:
+        out.prepare()                            # before the run: a wrong flag fails at once
     device = torch.device(settings.device)
     try:
         doc = distributed.measure(args.distributed, quick=args.quick, device=device.type, reps=args.reps,
                                   threads=threads)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except BaseException as exc:
+        if out is not None:
+            out.discard()
+        if isinstance(exc, ValueError):
+            raise UsageError("--distributed", str(exc)) from None
+        raise
     print(distributed.format_rows(doc))
-    if out_dir is not None:
+    if out is not None:
         env = report.environment(device, "perf_counter median per process, slowest process")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{env['device_slug']}-distributed.json"
-        path.write_text(json.dumps({"environment": env, **doc}, indent=1) + "\n")
-        print(f"\nwrote {path}")
+        saved = out.save({name: (json.dumps({"environment": env, **doc}, indent=1) + "\n").encode()}, show=(name,))
+        if not saved.requested:
+            return 1
+        print(f"\nwrote {Path(saved.folder) / name}")
     return 0
 
 
@@ -314,24 +377,28 @@ def _run_static(args, settings) -> int:
     from .harness import select_entries
 
     archs = tuple(int(a) for a in _split(args.arch, ("80", "90"), "arch"))
-    ds = _split(args.d, None, "d")
-    if not all(d.isdigit() and int(d) > 0 for d in ds):
-        raise UsageError(f"--d: group sizes must be positive integers; got {args.d!r}")
-    ds = tuple(int(d) for d in ds)
+    ds = int_list("--d", args.d, D_RANGE)
     modules = None
     if args.kernels:
         modules = [m if m.startswith("sdecor_kernels.") else f"sdecor_kernels.{m}"
                    for m in _split(args.kernels, None, "kernels")]
-    out_dir, _ = _out_dir(args)                  # before compiling: a wrong flag fails at once
+    name = report.static_name(archs)
+    out, _ = _output(args, (name,))
+    if out is not None:
+        out.prepare()                            # before compiling: a wrong flag fails at once
     bandwidth = static_report.bandwidth_rows(select_entries(settings), settings.dtypes, settings.modes)
     kernels, kernel_error = [], None
     try:
         kernels = static_report.kernel_rows(archs, ds, modules)
     except ImportError as exc:
         kernel_error = f"sdecor_kernels.static is not available ({exc})"
+    except BaseException:
+        if out is not None:
+            out.discard()
+        raise
     print(static_report.format_static(kernels, bandwidth, kernel_error))
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    code = 1 if any(r.get("error") for r in kernels) or kernel_error else 0
+    if out is not None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         doc = dict(environment=dict(report.git_revision(), timestamp=stamp, archs=list(archs), ds=list(ds),
                                     h100_bytes_per_s=static_report.H100_BYTES_PER_S,
@@ -342,14 +409,14 @@ def _run_static(args, settings) -> int:
             f"{json.dumps(k)}: " + (json.dumps(v) if not isinstance(v, list) else
                                     "[\n" + ",\n".join(json.dumps(r) for r in v) + "\n]")
             for k, v in doc.items()) + "\n}\n"
-        path = out_dir / report.static_name(archs)
-        path.write_text(text)
-        print(f"\nwrote {path}")
-    failed = [r for r in kernels if r.get("error")]
-    return 1 if failed or kernel_error else 0
+        saved = out.save({name: text.encode()}, show=(name,))
+        if not saved.requested:
+            return 1
+        print(f"\nwrote {Path(saved.folder) / name}")
+    return code
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sdecor bench", description=__doc__.splitlines()[0].strip("`: "))
+    parser = Parser(prog="sdecor bench", description=__doc__.splitlines()[0].strip("`: "))
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -5,6 +5,7 @@ matplotlib comes with the ``bench`` extra (``pip install 'sdecor[bench]'``).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from ..._optional import require
@@ -18,7 +19,17 @@ def require_matplotlib():
 
 
 def plot_op(records: list[dict], op: str, env: dict, path: Path) -> Path | None:
-    """Grouped horizontal bars; returns the path written, or None when nothing was timed.
+    """Write :func:`render_op`'s PNG to path; returns the path, or None when nothing was timed."""
+    png = render_op(records, op, env)
+    if png is None:
+        return None
+    path = Path(path)
+    path.write_bytes(png)
+    return path
+
+
+def render_op(records: list[dict], op: str, env: dict) -> bytes | None:
+    """Grouped horizontal bars, as PNG bytes; None when nothing was timed.
 
     Raises MissingDependencyError, naming the extra, when matplotlib is not installed.
     """
@@ -54,7 +65,7 @@ def plot_op(records: list[dict], op: str, env: dict, path: Path) -> Path | None:
     ax.grid(axis="x", which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return path
+    return buf.getvalue()

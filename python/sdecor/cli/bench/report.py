@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..._backend import BACKENDS
+from ..output import write_file
 from .ops import BASELINES
 
 DEFAULT_OUT = "sdecor-bench-output"         # under the working directory, like sdecor-demo-output
@@ -361,6 +363,29 @@ def static_name(archs) -> str:
     return "static-" + "-".join(f"sm{a}" for a in archs) + ".json"
 
 
+def result_files(records: list[dict], env: dict, settings: dict, with_csv: bool = True) -> dict:
+    """The result files of a run, name -> bytes: <device>.json (and <device>.csv)."""
+    name = env["device_slug"]
+    doc = dict(environment=env, settings=settings, results=records)
+    files = {f"{name}.json": (json.dumps(doc, indent=1, default=str) + "\n").encode()}
+    if with_csv:
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in records:
+            row = {k: r.get(k) for k in CSV_FIELDS}
+            for b in BASELINES:
+                row[f"speedup_vs_{b}"] = r.get("speedup", {}).get(b)
+            row["params"] = json.dumps(r["params"])
+            for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp",
+                      "torch_threads"):
+                row[k] = env.get(k)
+            row["allocations"] = allocations_text(env)
+            w.writerow(row)
+        files[f"{name}.csv"] = buf.getvalue().encode()
+    return files
+
+
 def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path, with_csv: bool = True) -> dict:
     """Write <device>.json (and <device>.csv) into out_dir, replacing an earlier run's; return the paths.
 
@@ -368,25 +393,8 @@ def write_results(records: list[dict], env: dict, settings: dict, out_dir: Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = env["device_slug"]
-    doc = dict(environment=env, settings=settings, results=records)
-    paths = dict(json=out_dir / f"{name}.json")
-    with open(paths["json"], "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-        f.write("\n")
-    if with_csv:
-        paths["csv"] = out_dir / f"{name}.csv"
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for r in records:
-                row = {k: r.get(k) for k in CSV_FIELDS}
-                for b in BASELINES:
-                    row[f"speedup_vs_{b}"] = r.get("speedup", {}).get(b)
-                row["params"] = json.dumps(r["params"])
-                for k in ("device", "device_name", "torch", "triton", "sdecor", "revision", "dirty", "timestamp",
-                          "torch_threads"):
-                    row[k] = env.get(k)
-                row["allocations"] = allocations_text(env)
-                w.writerow(row)
+    paths = {}
+    for name, data in result_files(records, env, settings, with_csv).items():
+        write_file(str(out_dir), name, data)
+        paths[name.rsplit(".", 1)[1]] = out_dir / name
     return paths

@@ -1,13 +1,16 @@
 """The command line of ``sdecor train``: its options and their checks, made before any data is read
-or any folder made (:func:`check_args`); a bad option raises :class:`UsageError` naming it."""
+or any folder made (:func:`check_args`); a bad option raises :class:`UsageError` naming it.
+(:class:`UsageError` and :func:`check_out_dir` are those of every command: :mod:`sdecor.cli.options`,
+:mod:`sdecor.cli.output`.)"""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from .. import data as data_mod
 from ..models import MODELS, NORMS
+from ..options import MAX_SEED, MAX_THREADS, Number, UsageError, check_numbers, option_name
+from ..output import check_out_dir
 from .config import AMP_DTYPES, FILLS, ConfigError, TrainConfig
 
 
@@ -22,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=tuple(MODELS), default=d.model, help="default %(default)s")
     parser.add_argument("--norm", choices=("auto",) + NORMS, default=d.norm,
                         help="norm layers; auto = whitening when --lambda-decor > 0, else batch")
-    parser.add_argument("--width", type=int, default=None, help="base channel count of the model")
+    parser.add_argument("--width", type=int, default=None, help="base channel count of the model (1 to 1024)")
     parser.add_argument("--lambda-consistency", type=float, default=d.lambda_consistency,
                         help="weight of the masking-consistency KL term (default %(default)s)")
     parser.add_argument("--lambda-decor", type=float, default=d.lambda_decor,
@@ -32,15 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fill", choices=FILLS, default=d.fill, help="masked values (default %(default)s)")
     parser.add_argument("--num-channels", type=int, default=d.num_channels,
                         help="whitening / decorrelation group size d (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="1 to 100000 (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--device", default=d.device, help="torch device (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    parser.add_argument("--seed", type=int, default=d.seed, help="0 to 2**63 - 2 (default %(default)s)")
     parser.add_argument("--amp", default=d.amp, metavar="{" + ",".join(AMP_DTYPES) + "}",
                         help="mixed precision of the training steps: torch.autocast in bf16 or fp16 (fp16 "
                              "with a GradScaler); evaluation stays fp32 (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 to 1024)")
     parser.add_argument("--eval-samples", type=int, default=512,
                         help="test images used for the saliency metrics (default %(default)s)")
     parser.add_argument("--out", default=None, help="folder for metrics.json and model.pt")
@@ -61,22 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 OUTPUT_FILES = ("metrics.json", "model.pt")
 
-
-class UsageError(ValueError):
-    """A bad command-line option: the one-line message starts with the option's name."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(message if message.startswith(option) else f"{option}: {message}")
-        self.option = option
-
-
-def option_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
+# every numeric option (argparse dest -> the values it takes: sdecor.cli.options.Number)
+NUMBERS = {
+    "width": Number(1, 1024, unit="base channels; the widest layer has 4x as many"),
+    "lambda_consistency": Number(0),
+    "lambda_decor": Number(0),
+    "mask_ratio": Number(0, 1),
+    "num_channels": Number(1),                       # and a divisor of the layers' channels (TrainConfig)
+    "epochs": Number(1, 100_000),
+    "batch_size": Number(2),                         # larger than the dataset: one batch per epoch
+    "lr": Number(0, lo_open=True),
+    "seed": Number(0, MAX_SEED),
+    "threads": Number(1, MAX_THREADS),
+    "eval_samples": Number(1),                       # more than the test split: all of it
+    "report_every": Number(0, 100_000, unit="epochs; 0: off"),
+}
 
 
 def check_args(args: argparse.Namespace) -> TrainConfig:
     """Every option of ``sdecor train``, before any data is read or any folder made: the training
-    configuration, --data-root, --threads, --eval-samples and --out. Raises :class:`UsageError`."""
+    configuration, every number against :data:`NUMBERS`, --data-root and --out. Raises :class:`UsageError`."""
     cfg = TrainConfig(dataset=args.dataset, model=args.model, norm=args.norm,
                       lambda_consistency=args.lambda_consistency, lambda_decor=args.lambda_decor,
                       mask_ratio=args.mask_ratio, fill=args.fill, num_channels=args.num_channels,
@@ -86,17 +93,15 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         cfg.check()
     except ConfigError as err:
         raise UsageError(option_name(err.field), str(err)) from None
-    if args.data_root is not None and not os.path.isdir(args.data_root):
-        raise UsageError("--data-root", f"no such folder: {args.data_root}")
+    check_numbers(args, NUMBERS)
+    if args.data_root is not None:
+        try:
+            data_mod.check_root(args.data_root)              # a folder; what it holds is read later
+        except data_mod.DatasetNotFoundError as err:
+            raise UsageError("--data-root", str(err)) from None
     if args.dataset in data_mod.TORCHVISION and args.data_root is None:
         raise UsageError("--data-root", f"dataset {args.dataset!r} is read from a local folder (downloads "
                                         f"are disabled): give its root")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("--threads", f"--threads must be >= 1; got {args.threads}")
-    if args.eval_samples < 1:
-        raise UsageError("--eval-samples", f"--eval-samples must be >= 1; got {args.eval_samples}")
-    if args.report_every < 0:
-        raise UsageError("--report-every", f"--report-every must be >= 0 (0: off); got {args.report_every}")
     if args.report_every > 0 and cfg.resolved_norm() != "whitening":
         raise UsageError("--report-every", "--report-every reports on whitening layers, and this model's norm "
                                            "layers are BatchNorm: add --norm whitening (or --lambda-decor > 0)")
@@ -110,32 +115,3 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         except ValueError as err:
             raise UsageError("--out", str(err)) from None
     return cfg
-
-
-def check_out_dir(path, files=()) -> str:
-    """The absolute path of an output folder that exists and is writable, or can be created; each
-    of ``files`` in it is absent or a writable regular file. Creates nothing; raises ValueError.
-
-    Checked before any work, so that a run cannot train for minutes and then fail to save.
-    """
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"must be a folder path; got {path!r}")
-    path = os.path.abspath(path)
-    if os.path.lexists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"no permission to write in {path}")
-        for name in files:
-            target = os.path.join(path, name)
-            if os.path.lexists(target) and (not os.path.isfile(target) or not os.access(target, os.W_OK)):
-                raise ValueError(f"{target} exists and is not a writable file")
-        return path
-    parent = os.path.dirname(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"cannot create {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create {path}: no permission to write in {parent}")
-    return path

@@ -3,7 +3,8 @@
 :func:`check_distributed` reads this process's place from torchrun's environment and checks what a
 distributed run needs before any process group exists; :func:`process_group` joins and leaves the
 group; :func:`sync_norm_layers` makes the norm layers synchronise their batch statistics over the
-ranks. The training loop itself (:func:`sdecor.cli.train.loop.train_model`) takes the
+ranks (BatchNorm on CPU tensors by :class:`sdecor.SyncBatchNormGloo`, as torch's SyncBatchNorm
+takes GPU tensors only). The training loop itself (:func:`sdecor.cli.train.loop.train_model`) takes the
 :class:`Distributed` of this process.
 """
 
@@ -50,9 +51,8 @@ class Distributed:
 
 def check_distributed_config(cfg: TrainConfig, dist: Distributed) -> None:
     """What a distributed run needs of a (checked) configuration: a global batch that splits into
-    world_size equal shares of at least 2 samples, cpu or cuda (without an index: each rank takes
-    cuda:LOCAL_RANK) and, on cpu, no BatchNorm layers (torch's SyncBatchNorm runs on GPUs only).
-    Raises :class:`ConfigError` naming the field."""
+    world_size equal shares of at least 2 samples, and cpu or cuda (without an index: each rank
+    takes cuda:LOCAL_RANK). Raises :class:`ConfigError` naming the field."""
     world_size = dist.world_size
     if cfg.batch_size % world_size:
         raise ConfigError("batch_size", f"batch_size {cfg.batch_size} is the global batch of a step and must "
@@ -75,11 +75,6 @@ def check_distributed_config(cfg: TrainConfig, dist: Distributed) -> None:
                                         "build lacks")
     elif dev.type != "cpu":
         raise ConfigError("device", f"device {cfg.device!r}: a distributed run trains on cpu (gloo) or cuda (nccl)")
-    elif cfg.resolved_norm() == "batch":
-        raise ConfigError("norm", "a distributed run synchronises the norm layers' batch statistics over the "
-                                  "ranks, and torch's SyncBatchNorm does not run on cpu: use whitening norm "
-                                  "layers (--norm whitening, or --lambda-decor > 0 with --norm auto) or "
-                                  "--device cuda")
 
 
 def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) -> Optional[Distributed]:
@@ -129,14 +124,34 @@ def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) 
     return dist
 
 
-def sync_norm_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """model with every GroupWhitening made a SyncGroupWhitening and every BatchNorm a SyncBatchNorm
-    (the same parameters and buffers), so that the batch statistics are those of all ranks' samples."""
+# said once by a run whose BatchNorm layers are synchronised by sdecor's layer
+GLOO_BATCHNORM_NOTE = ("torch.nn.SyncBatchNorm does not run on CPU tensors: BatchNorm statistics synced over "
+                       "gloo by sdecor.SyncBatchNormGloo")
+
+
+def batchnorm_sync(cfg: TrainConfig) -> Optional[str]:
+    """How a distributed run of cfg synchronises its BatchNorm layers: None without BatchNorm,
+    "torch" (torch.nn.SyncBatchNorm) on cuda, "gloo" (:class:`sdecor.SyncBatchNormGloo`) on cpu,
+    where torch's SyncBatchNorm does not run."""
+    if cfg.resolved_norm() != "batch":
+        return None
+    return "torch" if torch.device(cfg.device).type == "cuda" else "gloo"
+
+
+def sync_norm_layers(model: torch.nn.Module, device="cpu") -> torch.nn.Module:
+    """model with every GroupWhitening made a SyncGroupWhitening and every BatchNorm synchronised
+    (the same parameters and buffers), so that the batch statistics are those of all ranks' samples:
+    torch.nn.SyncBatchNorm on cuda, :class:`sdecor.SyncBatchNormGloo` elsewhere (torch's takes GPU
+    tensors only; sdecor's keeps BatchNorm's semantics on the global batch over gloo)."""
     from ...nn import SyncGroupWhitening
+    from ...sync_batchnorm import SyncBatchNormGloo
 
     model = SyncGroupWhitening.convert_sync_whitening(model)
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if torch.device(device).type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = SyncBatchNormGloo.convert_sync_batchnorm(model)
     return model
 
 

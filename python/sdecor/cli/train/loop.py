@@ -100,7 +100,7 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
     model = build_model(cfg.model, dataset.in_channels, dataset.num_classes, norm=cfg.resolved_norm(),
                         num_channels=cfg.num_channels, width=cfg.width).to(device)
     if dist is not None:
-        model = sync_norm_layers(model)
+        model = sync_norm_layers(model, device)
     objective = make_objective(model, cfg, device, rank)
     if dist is None:
         step_loss = objective.loss
