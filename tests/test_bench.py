@@ -561,6 +561,13 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
     assert fwd["bytes"] == 3 * x_bytes
     assert fwd["h100_bound_us"] == pytest.approx(3 * x_bytes / 3.35e12 * 1e6)
     assert "H100" in out and "regs" in out
+    # launches per call of the selected family (topk_mask, every fill), counted under the interpreter
+    assert doc["environment"]["launch_error"] is None and "Launches per call" in out
+    rows = doc["launches"]
+    assert sorted(r["fill"] for r in rows) == sorted(("zero", "constant", "mean", "uniform", "baseline"))
+    for r in rows:
+        assert r["call"] == "topk_mask" and r["part"] == "call" and r["launch_total"] == 3, r
+        assert r["shape"] == [128, 3, 32, 32] and r["op_total"] >= r["work_total"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------------

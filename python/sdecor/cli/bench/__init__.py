@@ -330,13 +330,16 @@ def _run_static(args, settings) -> int:
     except ImportError as exc:
         kernel_error = f"sdecor_kernels.static is not available ({exc})"
     print(static_report.format_static(kernels, bandwidth, kernel_error))
+    launches, launch_error = static_report.launch_counts(modules)
+    print(static_report.format_launch_counts(launches, launch_error))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         doc = dict(environment=dict(report.git_revision(), timestamp=stamp, archs=list(archs), ds=list(ds),
                                     h100_bytes_per_s=static_report.H100_BYTES_PER_S,
-                                    kernel_error=kernel_error),
-                   kernels=kernels, bandwidth=bandwidth)
+                                    kernel_error=kernel_error, launch_error=launch_error),
+                   kernels=kernels, bandwidth=bandwidth,
+                   launches=None if launches is None else static_report.launch_rows(launches))
         # one row per line: readable in a diff, a third of the size of an indented dump
         text = "{\n" + ",\n".join(
             f"{json.dumps(k)}: " + (json.dumps(v) if not isinstance(v, list) else
@@ -346,7 +349,7 @@ def _run_static(args, settings) -> int:
         path.write_text(text)
         print(f"\nwrote {path}")
     failed = [r for r in kernels if r.get("error")]
-    return 1 if failed or kernel_error else 0
+    return 1 if failed or kernel_error or launch_error else 0
 
 
 def main(argv=None) -> int:
