@@ -396,9 +396,11 @@ def test_suites_are_selections_of_the_one_harness():
               {(t["mode"], t["baseline"], t["ratio"], t["bound"]) for t in e["targets"]} for e in gw + cov + topk}
     assert bounds == {
         ("GroupWhitening", 16, False): {("fwdbwd", "batchnorm", "time", 1.1), ("fwdbwd", "floor", "time", None),
-                                        ("fwdbwd", "iternorm", "speedup", None)},
+                                        ("fwdbwd", "iternorm", "speedup", None),
+                                        ("fwdbwd", "iternorm-compile", "speedup", 1.0)},
         ("GroupWhitening", 64, False): {("fwdbwd", "floor", "time", 1.3), ("fwdbwd", "iternorm", "speedup", 2.0),
-                                        ("fwdbwd", "batchnorm", "time", None)},
+                                        ("fwdbwd", "batchnorm", "time", None),
+                                        ("fwdbwd", "iternorm-compile", "speedup", 1.0)},
         ("GroupWhitening", 16, True): {("fwd", "batchnorm", "time", 1.3)},
         ("group_cov", 16, False): {("fwd", "clone", "time", 1.0)},
         ("topk_mask", "mean", False): {("fwd", "sgt", "speedup", 4.0)},
@@ -412,6 +414,7 @@ def test_suites_are_selections_of_the_one_harness():
             assert t["baseline"] in names and t["mode"] in e.get("modes", spec.modes), (e["name"], t)
         assert bool(e.get("flop_floor")) == (spec.flops(e, "fwdbwd") is not None)
     assert [e["d"] for e in gw if e.get("flop_floor")] == [16, 64]
+    assert [e["d"] for e in gw if e.get("compiled_iternorm")] == [16, 64]
     # --quick and a suite: the union
     quick = harness.select_entries(bench.settings_from_args(_parse(["--quick"])))
     both = harness.select_entries(bench.settings_from_args(_parse(["--quick", "--suite", "eigh"])))
@@ -568,6 +571,49 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
     for r in rows:
         assert r["call"] == "topk_mask" and r["part"] == "call" and r["launch_total"] == 3, r
         assert r["shape"] == [128, 3, 32, 32] and r["op_total"] >= r["work_total"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the naive IterNorm under torch.compile (groupwhitening-cpu)
+
+COMPILED_TINY = dict(op="GroupWhitening", name="tiny-d4-compiled", N=4, C=8, S=(3, 3), d=4, method="newton", T=5,
+                     compiled_iternorm=True, modes=("fwdbwd",), tags=())
+
+
+def test_compiled_iternorm_is_checked_and_timed_after_compiling():
+    rs = harness.run(_settings(compile="all", backends=("torch",), baselines=("reference", "iternorm-compile")),
+                     shapes=[COMPILED_TINY], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "ok" and r["checked"] and r["err_ratio"] <= 1.0 and r["time_ms"] > 0
+    assert "torch.compile" in r["note"]
+    fast = _by(rs, impl="sdecor[torch]")[0]
+    assert fast["speedup"]["iternorm-compile"] == pytest.approx(r["time_ms"] / fast["time_ms"])
+    # only where an entry asks for it; off with --compile off
+    assert not _by(harness.run(_settings(modes=("fwd",), backends=()), shapes=[TINY[3]], log=lambda m: None),
+                   impl="iternorm-compile")
+    rs = harness.run(_settings(compile="off", backends=()), shapes=[COMPILED_TINY], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "skipped" and "--compile off" in r["reason"]
+
+
+def test_a_compiler_that_fails_is_reported_in_the_table(monkeypatch):
+    from sdecor.cli.bench import baselines
+
+    def broken():
+        def fn(*args):
+            raise RuntimeError("no C++ compiler found for inductor")
+        return fn
+
+    monkeypatch.setattr(baselines, "compiled_iternorm", broken)
+    entry = dict(COMPILED_TINY, targets=(_target("iternorm-compile", "speedup", 1.0),))
+    rs = harness.run(_settings(compile="all", backends=("torch",), baselines=("reference", "iternorm-compile")),
+                     shapes=[entry], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "error" and "no C++ compiler found" in r["reason"]
+    assert _by(rs, impl="sdecor[torch]")[0]["status"] == "ok"
+    text = report.format_table(rs, report.environment(torch.device("cpu"), "test timer"))
+    section = text[text.index("== targets =="):]
+    assert "(not measured: iternorm-compile)" in section and "no C++ compiler found" in section
 
 
 # ---------------------------------------------------------------------------------------------------
