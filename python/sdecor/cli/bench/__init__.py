@@ -28,6 +28,7 @@ import argparse
 import sys
 
 from ..._backend import BACKENDS
+from . import steps
 from .ops import BASELINES, MODES
 from .shapes import DTYPES, OPS, SUITES
 
@@ -196,6 +197,9 @@ def _run_selected(args, settings) -> int:
     if args.list:
         for e in select_entries(settings):
             print(f"{e['op']:<20} {e['name']:<36} {describe(e)}")
+        if steps.SUITE in settings.suites:
+            for name in steps.PATHS:
+                print(f"{steps.OP:<20} {name:<36} {steps.StepConfig().describe()}")
         return 0
     return _run_bench(args, settings)
 
@@ -210,6 +214,8 @@ def _run_bench(args, settings) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()
+    if steps.SUITE in settings.suites:
+        steps.require_torchvision()
     from .allocator import keep_allocations
 
     allocations = keep_allocations()             # before the inputs are made: every timed call reuses memory
@@ -226,6 +232,8 @@ def _run_bench(args, settings) -> int:
     env = dict(report.environment(device, timer), allocations=allocations, threads_from=threads_from)
     print(report.threads_text(env) + ". " + allocations["text"] + ".", file=sys.stderr, flush=True)
     records = harness.run(settings)
+    if steps.SUITE in settings.suites:
+        records += steps.run(settings)
     env["load_average_end"] = report.load_average()
     if not records:
         print("sdecor bench: nothing selected (see --list)", file=sys.stderr)
@@ -244,7 +252,7 @@ def _run_bench(args, settings) -> int:
                 if png is not None:
                     written.append(png)
                     plotted.add(op)
-        for op in set(OPS) - plotted:             # an earlier run's plot would not match the new JSON
+        for op in (set(OPS) | {steps.OP}) - plotted:             # an earlier run's plot would not match the new JSON
             (out_dir / f"{env['device_slug']}-{op}.png").unlink(missing_ok=True)
         print("\nwrote " + ", ".join(str(p) for p in written))
     bad = [r for r in records if r["kind"] == "fast" and r["status"] in ("MISMATCH", "error")]

@@ -38,7 +38,10 @@ the target is at most ``bound``) or "speedup" (baseline time / path time, at lea
   (reduce="mean") and per-element masks, against Saliency Guided Training's masking
   (:func:`sdecor.cli.bench.baselines.sgt_mask`);
 * ``eigh``: eigh_small against torch.linalg.eigh on the batches where torch's solver paths differ
-  (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1.
+  (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1;
+* ``steps-cpu``: whole training steps of ResNet-18 (BatchNorm, GroupWhitening, IterNorm, Saliency
+  Guided Training, SaliencyDecor); no per-op entries, its paths and targets are in
+  :mod:`sdecor.cli.bench.steps`.
 
 The GroupWhitening training entries of ``groupwhitening-cpu`` also carry ``compiled_iternorm``: the
 naive IterNorm under torch.compile (``iternorm-compile``, what a user tries first) is measured there,
@@ -59,7 +62,7 @@ OPS = (
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh")
+SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh", "steps-cpu")
 
 # (network, stage, N, C, spatial)
 _R18_CIFAR = [
