@@ -5,7 +5,8 @@ topk_mask, decorrelation_loss and eigh_small on every backend that can run here,
 reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Saliency Guided
 Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
-Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`.
+Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`; the suite of
+whole training steps (``--suite steps-cpu``): :mod:`sdecor.cli.bench.steps`.
 
 CPU timing keeps freed memory in the process (glibc's mmap and trim thresholds raised with mallopt at
 start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.cli.bench.allocator`),
@@ -16,7 +17,8 @@ DIR`` elsewhere); a later run of the same device replaces them. A run never writ
 tree unless asked: ``--save-results`` writes the curated set that the README quotes, <device>.json
 and the PNGs, into benchmarks/results/ of the source checkout. ``--static`` compiles the Triton
 kernels for sm_80 and sm_90 without a GPU and estimates H100 bandwidth-bound times
-(static-sm80-sm90.json).
+(static-sm80-sm90.json), and counts the launches per call of the Triton path under the interpreter
+(:mod:`sdecor.cli.bench.launches`).
 
 Importing this module costs little beyond ``import sdecor``: the harness, matplotlib and Triton are
 imported when a run starts.
@@ -70,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tim.add_argument("--threads", type=int, default=None,
                      help="CPU: torch.set_num_threads for the run (default: torch's default; 1 with "
                           "--quick, whose times stay steady when other work shares a small CPU); the "
-                          "groupwhitening-cpu and topk-cpu targets are set for --threads 2")
+                          "targets of the CPU suites are set for --threads 2")
     tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group()
