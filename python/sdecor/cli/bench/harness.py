@@ -251,7 +251,8 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
             out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
             continue
         if impl.name == "iternorm-compile" and settings.compile == "off":
-            out += [record(impl, m, STATUS_SKIPPED, reason="torch.compile baselines off (--compile off)") for m in modes]
+            why = "torch.compile baselines off (--compile off)"
+            out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
             continue
         if impl.backend == "triton" and device.type == "cpu":
             out += [record(impl, m, STATUS_SKIPPED, reason=TRITON_ON_CPU) for m in modes]

@@ -252,7 +252,8 @@ def format_launches(doc: dict | None, error: str | None = None) -> list[str]:
     lines.append("Triton: grid launches by kernel. Other ops: the aten ops at the call's top level that do work "
                  "(on a GPU a kernel, a fill or a copy each; views and allocations left out), then all of them; "
                  "native: sdecor's C++/CUDA ops.")
-    head = f"{'call':<15} {'case':<25} {'shape':<14} {'pass':<8} {'triton':>6} {'other':>5} {'all':>4}  kernels; other ops"
+    head = (f"{'call':<15} {'case':<25} {'shape':<14} {'pass':<8} {'triton':>6} {'other':>5} {'all':>4}  "
+            "kernels; other ops")
     lines += [head, "-" * len(head)]
     for r in rows(doc):
         native = "".join(f"; native {k} x{n}" for k, n in r["native"].items())
