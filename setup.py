@@ -132,8 +132,8 @@ EXTRAS = {
     # `sdecor demo` / `sdecor train`: scikit-learn's digits, progress bars, figures; the
     # torchvision datasets of `sdecor train` (mnist, fashion-mnist, cifar10)
     "demo": ["torchvision", "scikit-learn", "matplotlib", "tqdm"],
-    # `sdecor bench`: the per-op plots
-    "bench": ["matplotlib"],
+    # `sdecor bench`: the per-op plots; the ResNet-18 of the training-step suite (--suite steps-cpu)
+    "bench": ["matplotlib", "torchvision"],
 }
 EXTRAS["all"] = sorted(set(EXTRAS["demo"]) | set(EXTRAS["bench"]))
 EXTRAS["test"] = ["pytest"] + EXTRAS["all"]

@@ -19,7 +19,7 @@ import sdecor
 
 import sdecor.cli.bench as bench
 from sdecor import reference as ref
-from sdecor.cli.bench import harness, report, timing
+from sdecor.cli.bench import harness, report, steps, timing
 from sdecor.cli.bench.ops import OP_SPECS, Impl, Prepared
 from sdecor.cli.bench.plot import plot_op
 
@@ -396,9 +396,11 @@ def test_suites_are_selections_of_the_one_harness():
               {(t["mode"], t["baseline"], t["ratio"], t["bound"]) for t in e["targets"]} for e in gw + cov + topk}
     assert bounds == {
         ("GroupWhitening", 16, False): {("fwdbwd", "batchnorm", "time", 1.1), ("fwdbwd", "floor", "time", None),
-                                        ("fwdbwd", "iternorm", "speedup", None)},
+                                        ("fwdbwd", "iternorm", "speedup", None),
+                                        ("fwdbwd", "iternorm-compile", "speedup", 1.0)},
         ("GroupWhitening", 64, False): {("fwdbwd", "floor", "time", 1.3), ("fwdbwd", "iternorm", "speedup", 2.0),
-                                        ("fwdbwd", "batchnorm", "time", None)},
+                                        ("fwdbwd", "batchnorm", "time", None),
+                                        ("fwdbwd", "iternorm-compile", "speedup", 1.0)},
         ("GroupWhitening", 16, True): {("fwd", "batchnorm", "time", 1.3)},
         ("group_cov", 16, False): {("fwd", "clone", "time", 1.0)},
         ("topk_mask", "mean", False): {("fwd", "sgt", "speedup", 4.0)},
@@ -412,6 +414,17 @@ def test_suites_are_selections_of_the_one_harness():
             assert t["baseline"] in names and t["mode"] in e.get("modes", spec.modes), (e["name"], t)
         assert bool(e.get("flop_floor")) == (spec.flops(e, "fwdbwd") is not None)
     assert [e["d"] for e in gw if e.get("flop_floor")] == [16, 64]
+    assert [e["d"] for e in gw if e.get("compiled_iternorm")] == [16, 64]
+    # the training steps: no per-op entry, the paths and targets of sdecor.cli.bench.steps
+    assert not harness.select_entries(bench.settings_from_args(_parse(["--suite", "steps-cpu"])))
+    assert {(t["path"], t["baseline"], t["ratio"], t["bound"]) for t in steps.TARGETS} == {
+        ("groupwhitening", "batchnorm", "time", 1.1), ("saliencydecor", "sgt", "time", 1.1),
+        ("sgt", "batchnorm", "time", None), ("saliencydecor", "batchnorm", "time", None),
+        ("groupwhitening", "iternorm", "time", None)}
+    assert all(t["path"] in steps.PATHS and t["baseline"] in steps.PATHS for t in steps.TARGETS)
+    c = steps.StepConfig()
+    assert (c.batch, c.classes, c.size, c.num_channels, c.lr, c.momentum, c.mask_ratio) == \
+        (64, 10, 32, 16, 0.01, 0.9, 0.5)
     # --quick and a suite: the union
     quick = harness.select_entries(bench.settings_from_args(_parse(["--quick"])))
     both = harness.select_entries(bench.settings_from_args(_parse(["--quick", "--suite", "eigh"])))
@@ -561,6 +574,171 @@ def test_static_report_compiles_a_kernel_module(tmp_path, capsys):
     assert fwd["bytes"] == 3 * x_bytes
     assert fwd["h100_bound_us"] == pytest.approx(3 * x_bytes / 3.35e12 * 1e6)
     assert "H100" in out and "regs" in out
+    # launches per call of the selected family (topk_mask, every fill), counted under the interpreter
+    assert doc["environment"]["launch_error"] is None and "Launches per call" in out
+    rows = doc["launches"]
+    assert sorted(r["fill"] for r in rows) == sorted(("zero", "constant", "mean", "uniform", "baseline"))
+    for r in rows:
+        assert r["call"] == "topk_mask" and r["part"] == "call" and r["launch_total"] == 3, r
+        assert r["shape"] == [128, 3, 32, 32] and r["op_total"] >= r["work_total"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the naive IterNorm under torch.compile (groupwhitening-cpu)
+
+COMPILED_TINY = dict(op="GroupWhitening", name="tiny-d4-compiled", N=4, C=8, S=(3, 3), d=4, method="newton", T=5,
+                     compiled_iternorm=True, modes=("fwdbwd",), tags=())
+
+
+def test_compiled_iternorm_is_checked_and_timed_after_compiling():
+    rs = harness.run(_settings(compile="all", backends=("torch",), baselines=("reference", "iternorm-compile")),
+                     shapes=[COMPILED_TINY], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "ok" and r["checked"] and r["err_ratio"] <= 1.0 and r["time_ms"] > 0
+    assert "torch.compile" in r["note"]
+    fast = _by(rs, impl="sdecor[torch]")[0]
+    assert fast["speedup"]["iternorm-compile"] == pytest.approx(r["time_ms"] / fast["time_ms"])
+    # only where an entry asks for it; off with --compile off
+    assert not _by(harness.run(_settings(modes=("fwd",), backends=()), shapes=[TINY[3]], log=lambda m: None),
+                   impl="iternorm-compile")
+    rs = harness.run(_settings(compile="off", backends=()), shapes=[COMPILED_TINY], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "skipped" and "--compile off" in r["reason"]
+
+
+def test_a_compiler_that_fails_is_reported_in_the_table(monkeypatch):
+    from sdecor.cli.bench import baselines
+
+    def broken():
+        def fn(*args):
+            raise RuntimeError("no C++ compiler found for inductor")
+        return fn
+
+    monkeypatch.setattr(baselines, "compiled_iternorm", broken)
+    entry = dict(COMPILED_TINY, targets=(_target("iternorm-compile", "speedup", 1.0),))
+    rs = harness.run(_settings(compile="all", backends=("torch",), baselines=("reference", "iternorm-compile")),
+                     shapes=[entry], log=lambda msg: None)
+    (r,) = _by(rs, impl="iternorm-compile")
+    assert r["status"] == "error" and "no C++ compiler found" in r["reason"]
+    assert _by(rs, impl="sdecor[torch]")[0]["status"] == "ok"
+    text = report.format_table(rs, report.environment(torch.device("cpu"), "test timer"))
+    section = text[text.index("== targets =="):]
+    assert "(not measured: iternorm-compile)" in section and "no C++ compiler found" in section
+
+
+# ---------------------------------------------------------------------------------------------------
+# --suite steps-cpu: training steps of ResNet-18
+
+SMALL_STEPS = steps.StepConfig(batch=8)
+# the suite's network comes with the bench extra
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="torchvision (sdecor[bench]) is not installed")
+
+
+@pytest.fixture(scope="module")
+def steps_run():
+    torch.manual_seed(0)
+    return steps.run(_settings(min_time=0.001, min_reps=1), SMALL_STEPS, log=lambda msg: None)
+
+
+@needs_torchvision
+def test_every_step_path_is_checked_then_timed(steps_run):
+    assert [r["impl"] for r in steps_run] == list(steps.PATHS)
+    for r in steps_run:
+        assert r["status"] == "ok" and r["time_ms"] > 0 and r["op"] == steps.OP and r["mode"] == "step", r
+        assert r["check"].startswith("checked: one step") and r["dtype"] == "float32"
+    kinds = {r["impl"]: r["kind"] for r in steps_run}
+    assert {k for k, v in kinds.items() if v == "fast"} == {"groupwhitening", "saliencydecor"}
+    # the GroupWhitening step runs IterNorm's algorithm: compared with the IterNorm step
+    gw = _by(steps_run, impl="groupwhitening")[0]
+    assert gw["checked"] and gw["err_ratio"] <= 1.0 and "agree with the IterNorm step" in gw["check"]
+    times = {r["impl"]: r["time_ms"] for r in steps_run}
+    assert gw["speedup"]["batchnorm"] == pytest.approx(times["batchnorm"] / times["groupwhitening"])
+
+
+@needs_torchvision
+def test_step_targets_are_read_off_for_their_path_only(steps_run):
+    text = report.format_table(steps_run, report.environment(torch.device("cpu"), "test timer"))
+    assert "== train_step ==" in text and "checked: one step from the common weights" in text
+    section = text[text.index("== targets =="):]
+    assert "groupwhitening time/batchnorm (<= 1.1x)" in section and "saliencydecor time/sgt (<= 1.1x)" in section
+    lines = section.splitlines()
+    head = next(line for line in lines if line.startswith("path"))
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in steps.PATHS}
+    times = {r["impl"]: r["time_ms"] for r in steps_run}
+    gw_bn = times["groupwhitening"] / times["batchnorm"]
+    assert f"{gw_bn:.3g}x" in rows["groupwhitening"] and "met" in rows["groupwhitening"]
+    sd_sgt = times["saliencydecor"] / times["sgt"]
+    assert f"{sd_sgt:.3g}x" in rows["saliencydecor"]
+    # the baselines' rows carry no ratio of a path target, and no verdict
+    assert "met" not in rows["batchnorm"] and "met" not in rows["sgt"] and "met" not in rows["iternorm"]
+    assert "x" not in rows["batchnorm"][head.index("groupwhitening time/batchnorm"):head.index("note")]
+    sgt_bn = times["sgt"] / times["batchnorm"]
+    assert f"{sgt_bn:.3g}x" in rows["sgt"]
+
+
+@needs_torchvision
+def test_step_builders_train_from_common_weights():
+    paths, (x, y) = steps.build_paths(SMALL_STEPS, "cpu", 3)
+    assert tuple(x.shape) == (8, 3, 32, 32) and tuple(y.shape) == (8,) and int(y.max()) < 10
+    first = {p.name: next(p.model.parameters()).detach().clone() for p in paths}
+    assert all(torch.equal(v, first["batchnorm"]) for v in first.values())       # conv1, one model copied
+    gw = dict((p.name, p) for p in paths)
+    from sdecor.nn import GroupWhitening
+
+    assert sum(isinstance(m, GroupWhitening) for m in gw["groupwhitening"].model.modules()) == 20
+    assert sum(isinstance(m, steps.IterNormLayer) for m in gw["iternorm"].model.modules()) == 20
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gw["saliencydecor"].model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in gw["sgt"].model.modules()) == 20
+    for p in paths:
+        c = steps.check_step(p)
+        assert c["problem"] is None and bool(torch.isfinite(c["loss"])), (p.name, c["problem"])
+    # the SGT step's saliency is sdecor.saliency's (|d logit_y / d x|, eval mode, input gradient only)
+    model = gw["sgt"].model
+    model.zero_grad(set_to_none=True)
+    sal = steps.input_saliency(model, x, y)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(sal, sdecor.saliency(model, x, y))
+
+
+@needs_torchvision
+def test_a_step_that_fails_its_check_is_reported_not_timed(monkeypatch):
+    def nan_model(config):
+        model = steps.resnet18(config)
+        with torch.no_grad():
+            model.fc.bias.fill_(float("nan"))
+        return model
+
+    rs = steps.run(_settings(min_time=0.001, min_reps=1), SMALL_STEPS, model_fn=nan_model,
+                   paths=("batchnorm", "sgt"), log=lambda msg: None)
+    assert [r["status"] for r in rs] == ["error", "error"]
+    assert all("loss of the first step is nan" in r["reason"] and r["time_ms"] is None for r in rs)
+    # a GroupWhitening step that disagrees with the IterNorm step is a MISMATCH, never timed
+    real = steps.IterNormLayer.forward
+    monkeypatch.setattr(steps.IterNormLayer, "forward", lambda self, x: 1.01 * real(self, x))
+    rs = steps.run(_settings(min_time=0.001, min_reps=1), SMALL_STEPS, paths=("groupwhitening", "iternorm"),
+                   log=lambda msg: None)
+    gw, it = rs
+    assert gw["status"] == "MISMATCH" and gw["time_ms"] is None and "IterNorm step" in gw["reason"]
+    assert gw["err_ratio"] > 1.0 and it["status"] == "ok"
+
+
+@needs_torchvision
+def test_the_steps_suite_from_the_command_line(monkeypatch, capsys):
+    seen, real_run = {}, steps.run
+
+    def fake_run(settings, *args, **kwargs):
+        seen["settings"] = settings
+        return real_run(settings, SMALL_STEPS, paths=("batchnorm", "groupwhitening"), log=lambda msg: None)
+
+    monkeypatch.setattr(steps, "run", fake_run)
+    rc = bench.main(["--suite", "steps-cpu", "--threads", "1", "--reps", "1", "--min-time", "0.001", "--no-save"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "== train_step ==" in out and "groupwhitening time/batchnorm (<= 1.1x)" in out
+    assert seen["settings"].suites == ("steps-cpu",) and seen["settings"].min_reps == 1
+    assert bench.main(["--list", "--suite", "steps-cpu"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in listed] == [[steps.OP, name] for name in steps.PATHS]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_version_is_the_package_version(setup_kwargs):
 def test_extras(setup_kwargs):
     extras = {k: set(v) for k, v in setup_kwargs["extras_require"].items()}
     assert extras["demo"] == {"torchvision", "scikit-learn", "matplotlib", "tqdm"}
-    assert extras["bench"] == {"matplotlib"}
+    assert extras["bench"] == {"matplotlib", "torchvision"}
     assert extras["all"] == extras["demo"] | extras["bench"]
     assert extras["test"] == extras["all"] | {"pytest"}
     assert set(setup_kwargs["install_requires"]) == {"torch>=2.4", "numpy"}

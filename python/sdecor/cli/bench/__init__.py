@@ -5,7 +5,8 @@ topk_mask, decorrelation_loss and eigh_small on every backend that can run here,
 reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Saliency Guided
 Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
-Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`.
+Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`; the suite of
+whole training steps (``--suite steps-cpu``): :mod:`sdecor.cli.bench.steps`.
 
 CPU timing keeps freed memory in the process (glibc's mmap and trim thresholds raised with mallopt at
 start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.cli.bench.allocator`),
@@ -18,7 +19,8 @@ writable before the run, and a failing write at the end puts the files into a te
 tree unless asked: ``--save-results`` writes the curated set that the README quotes, <device>.json
 and the PNGs, into benchmarks/results/ of the source checkout. ``--static`` compiles the Triton
 kernels for sm_80 and sm_90 without a GPU and estimates H100 bandwidth-bound times
-(static-sm80-sm90.json).
+(static-sm80-sm90.json), and counts the launches per call of the Triton path under the interpreter
+(:mod:`sdecor.cli.bench.launches`).
 
 Importing this module costs little beyond ``import sdecor``: the harness, matplotlib and Triton are
 imported when a run starts.
@@ -34,6 +36,7 @@ from pathlib import Path
 from ..._backend import BACKENDS
 from ..options import MAX_SEED, MAX_THREADS, Number, Parser, UsageError, check_numbers, int_list
 from ..output import OutputDir
+from . import steps
 from .ops import BASELINES, MODES
 from .shapes import DTYPES, OPS, SHAPES, SUITES
 
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tim.add_argument("--threads", type=int, default=None,
                      help="CPU: torch.set_num_threads for the run, 1 to 1024 (default: torch's default; 1 with "
                           "--quick, whose times stay steady when other work shares a small CPU); the "
-                          "groupwhitening-cpu and topk-cpu targets are set for --threads 2")
+                          "targets of the CPU suites are set for --threads 2")
     tim.add_argument("--seed", type=int, default=0, help="seed of the generated inputs, 0 to 2**63 - 2")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group()
@@ -251,8 +254,11 @@ def _run_selected(args, settings) -> int:
     if args.list:
         for e in entries:
             print(f"{e['op']:<20} {e['name']:<36} {describe(e)}")
+        if steps.SUITE in settings.suites:
+            for name in steps.PATHS:
+                print(f"{steps.OP:<20} {name:<36} {steps.StepConfig().describe()}")
         return 0
-    if not entries:
+    if not entries and steps.SUITE not in settings.suites:
         print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
               file=sys.stderr)
         return 2
@@ -265,11 +271,13 @@ def _run_bench(args, settings) -> int:
     from . import harness, report
 
     slug = _device_slug(settings)
-    out, curated = _output(args, [f"{slug}.json", f"{slug}.csv"] + [f"{slug}-{op}.png" for op in OPS])
+    out, curated = _output(args, [f"{slug}.json", f"{slug}.csv"] + [f"{slug}-{op}.png" for op in (*OPS, steps.OP)])
     if out is not None and not args.no_plot:
         from .plot import require_matplotlib
 
         require_matplotlib()
+    if steps.SUITE in settings.suites:
+        steps.require_torchvision()
     if out is not None:
         out.prepare()                             # before the run: a wrong flag fails in a second
     from .allocator import keep_allocations
@@ -289,6 +297,8 @@ def _run_bench(args, settings) -> int:
     print(report.threads_text(env) + ". " + allocations["text"] + ".", file=sys.stderr, flush=True)
     try:
         records = harness.run(settings)
+        if steps.SUITE in settings.suites:
+            records += steps.run(settings)
     except BaseException:
         if out is not None:
             out.discard()                         # only folders prepare made, still empty
@@ -314,7 +324,7 @@ def _run_bench(args, settings) -> int:
                     files[f"{env['device_slug']}-{op}.png"] = png
         saved = out.save(files, show=(f"{env['device_slug']}.json",))
         if saved.requested:
-            for op in OPS:                        # an earlier run's plot would not match the new JSON
+            for op in (*OPS, steps.OP):           # an earlier run's plot would not match the new JSON
                 name = f"{env['device_slug']}-{op}.png"
                 if name not in files:
                     (Path(saved.folder) / name).unlink(missing_ok=True)
@@ -397,13 +407,16 @@ def _run_static(args, settings) -> int:
             out.discard()
         raise
     print(static_report.format_static(kernels, bandwidth, kernel_error))
-    code = 1 if any(r.get("error") for r in kernels) or kernel_error else 0
+    launches, launch_error = static_report.launch_counts(modules)
+    print(static_report.format_launch_counts(launches, launch_error))
+    code = 1 if any(r.get("error") for r in kernels) or kernel_error or launch_error else 0
     if out is not None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         doc = dict(environment=dict(report.git_revision(), timestamp=stamp, archs=list(archs), ds=list(ds),
                                     h100_bytes_per_s=static_report.H100_BYTES_PER_S,
-                                    kernel_error=kernel_error),
-                   kernels=kernels, bandwidth=bandwidth)
+                                    kernel_error=kernel_error, launch_error=launch_error),
+                   kernels=kernels, bandwidth=bandwidth,
+                   launches=None if launches is None else static_report.launch_rows(launches))
         # one row per line: readable in a diff, a third of the size of an indented dump
         text = "{\n" + ",\n".join(
             f"{json.dumps(k)}: " + (json.dumps(v) if not isinstance(v, list) else

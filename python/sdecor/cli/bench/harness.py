@@ -250,6 +250,10 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
                    }.get(settings.compile, "torch.compile baseline not selected for this case")
             out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
             continue
+        if impl.name == "iternorm-compile" and settings.compile == "off":
+            why = "torch.compile baselines off (--compile off)"
+            out += [record(impl, m, STATUS_SKIPPED, reason=why) for m in modes]
+            continue
         if impl.backend == "triton" and device.type == "cpu":
             out += [record(impl, m, STATUS_SKIPPED, reason=TRITON_ON_CPU) for m in modes]
             continue

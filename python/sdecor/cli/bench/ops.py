@@ -23,7 +23,7 @@ from .baselines import Unavailable
 from .shapes import numel
 
 MODES = ("fwd", "bwd", "fwdbwd")
-BASELINES = ("reference", "compile", "batchnorm", "iternorm", "floor", "clone", "sgt", "eigh")
+BASELINES = ("reference", "compile", "batchnorm", "iternorm", "iternorm-compile", "floor", "clone", "sgt", "eigh")
 
 
 @dataclass
@@ -359,6 +359,13 @@ class GroupWhiteningModule(GroupWhiten):
                 x, w, b = inp["x"], inp["weight"], inp["bias"]
                 return Prepared(lambda: (bl.iternorm(x, e["d"], e["T"], 1e-5, w, b),), [x, w, b])
             out.append(Impl("iternorm", "baseline", iternorm, note="IterNorm as published (naive), with affine"))
+            if e.get("compiled_iternorm"):
+                def iternorm_compiled(inp):
+                    x, w, b = inp["x"], inp["weight"], inp["bias"]
+                    fn = bl.compiled_iternorm()
+                    return Prepared(lambda: (fn(x, e["d"], e["T"], 1e-5, w, b),), [x, w, b])
+                out.append(Impl("iternorm-compile", "baseline", iternorm_compiled,
+                                note="torch.compile of the naive IterNorm, with affine (compiled before timing)"))
         return out
 
 

@@ -230,6 +230,8 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
                     check = "the correctness oracle"
                 elif r["impl"] == "floor":
                     check = "a time computed from the flops, not a run"
+                elif r.get("check"):
+                    check = r["check"]
                 else:
                     checked = r.get("checked", r.get("err_ratio") is not None)
                     check = "checked against the reference" if checked else "not checked: computes another function"
@@ -269,14 +271,17 @@ def target_met(value: float, t: dict) -> bool | None:
 
 def _target_head(t: dict) -> str:
     text = f"time/{t['baseline']}" if t["ratio"] == "time" else f"{t['baseline']}/time"
+    if t.get("path"):                              # a target of one path only
+        text = f"{t['path']} {text}"
     if t.get("bound") is not None:
         text += f" ({'<=' if t['ratio'] == 'time' else '>='} {t['bound']:g}x)"
     return text
 
 
 def format_targets(records: list[dict], env: dict, markdown: bool = False) -> list[str]:
-    """Per case with targets (float32): every path's time and its ratio to each target's baseline;
-    for sdecor's paths whether the target is met. Paths not measured show why."""
+    """Per case with targets (float32): every path's time and its ratio to each target's baseline
+    (a target with a ``path`` is that path's only); for sdecor's paths whether the target is met.
+    Paths not measured show why."""
     cases: dict = {}
     for r in records:
         for t in r.get("targets") or ():
@@ -309,7 +314,7 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
             cells = []
             for t in targets:
                 base = times.get(t["baseline"])
-                if base is None or r["impl"] == t["baseline"]:
+                if base is None or r["impl"] == t["baseline"] or t.get("path", r["impl"]) != r["impl"]:
                     cells.append("-")
                     continue
                 value = target_ratio(r["time_ms"], base, t["ratio"])
@@ -317,7 +322,7 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
                 cells.append(f"{value:.3g}x" + ("" if met is None else " met" if met else " NOT met"))
             fl = ([f"{r['minor_faults']:.0f}" if r.get("minor_faults") is not None else "-"] if faults else [])
             rows.append([r["impl"], _fmt_time(r["time_ms"])] + fl + cells + [floor_text(r)])
-        missing = [t["baseline"] for t in targets if t["baseline"] not in times]
+        missing = list(dict.fromkeys(t["baseline"] for t in targets if t["baseline"] not in times))
         lines.append("")
         lines.append(f"{op} {rs[0]['shape_desc']}, {mode}" + (f" (not measured: {', '.join(missing)})" if missing else ""))
         if markdown:

@@ -38,7 +38,14 @@ the target is at most ``bound``) or "speedup" (baseline time / path time, at lea
   (reduce="mean") and per-element masks, against Saliency Guided Training's masking
   (:func:`sdecor.cli.bench.baselines.sgt_mask`);
 * ``eigh``: eigh_small against torch.linalg.eigh on the batches where torch's solver paths differ
-  (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1.
+  (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1;
+* ``steps-cpu``: whole training steps of ResNet-18 (BatchNorm, GroupWhitening, IterNorm, Saliency
+  Guided Training, SaliencyDecor); no per-op entries, its paths and targets are in
+  :mod:`sdecor.cli.bench.steps`.
+
+The GroupWhitening training entries of ``groupwhitening-cpu`` also carry ``compiled_iternorm``: the
+naive IterNorm under torch.compile (``iternorm-compile``, what a user tries first) is measured there,
+compiled and warmed up before the timed calls, and sdecor must beat it at d = 16 and 64.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ OPS = (
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh")
+SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh", "steps-cpu")
 
 # (network, stage, N, C, spatial)
 _R18_CIFAR = [
@@ -140,11 +147,13 @@ def _groupwhitening_cpu_entries() -> list[dict]:
     shape = dict(N=32, C=256, S=(28, 28))
     tag = ("groupwhitening-cpu",)
     train = {
-        16: (_target("batchnorm", "time", 1.1), _target("floor", "time", None), _target("iternorm", "speedup", None)),
-        64: (_target("floor", "time", 1.3), _target("iternorm", "speedup", 2.0), _target("batchnorm", "time", None)),
+        16: (_target("batchnorm", "time", 1.1), _target("floor", "time", None), _target("iternorm", "speedup", None),
+             _target("iternorm-compile", "speedup", 1.0)),
+        64: (_target("floor", "time", 1.3), _target("iternorm", "speedup", 2.0), _target("batchnorm", "time", None),
+             _target("iternorm-compile", "speedup", 1.0)),
     }
     out = [dict(op="GroupWhitening", name=f"cpu-32x256x28x28-d{d}", **shape, d=d, method="newton", T=5,
-                flop_floor=True, targets=train[d], tags=tag) for d in (16, 64)]
+                flop_floor=True, compiled_iternorm=True, targets=train[d], tags=tag) for d in (16, 64)]
     out.append(dict(op="GroupWhitening", name="cpu-32x256x28x28-d16-eval", **shape, d=16, method="newton", T=5,
                     eval=True, modes=("fwd",), targets=(_target("batchnorm", "time", 1.3, "fwd"),), tags=tag))
     out.append(dict(op="group_cov", name="cpu-32x256x28x28-d16", **shape, d=16, modes=("fwd",),

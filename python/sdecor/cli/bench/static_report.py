@@ -1,12 +1,15 @@
 """``sdecor bench --static``: what the kernels cost on a GPU, worked out without one.
 
-Two parts:
+Three parts:
 
 1. every Triton kernel variant listed in a ``sdecor_kernels`` module's ``STATIC_SPECS``, compiled
    for sm_80 and sm_90 by :mod:`sdecor_kernels.static`: registers per thread, spilled bytes, shared
    memory, and whether tensor-core instructions appear;
-2. per benchmark shape, the bytes floor of docs/design.md ("Floors") and the time an H100 SXM would need to move
-   those bytes at its 3.35 TB/s of HBM3 bandwidth: the time no kernel can beat.
+2. per benchmark shape, the bytes floor of docs/design.md ("Floors") and the time an H100 SXM would
+   need to move those bytes at its 3.35 TB/s of HBM3 bandwidth: the time no kernel can beat;
+3. launches per call of the Triton path (GroupWhitening forward and backward, topk_mask per fill),
+   counted under the Triton interpreter by :mod:`sdecor.cli.bench.launches`: the Triton kernels and
+   the other device ops beside them.
 """
 
 from __future__ import annotations
@@ -81,3 +84,37 @@ def format_static(kernels: list[dict], bandwidth: list[dict], kernel_error: str 
         lines.append(f"{r['op']:<20} {r['shape']:<34} {r['dtype']:<9} {r['mode']:<7} "
                      f"{r['bytes'] / 1e6:>10.3f} {r['h100_bound_us']:>14.2f}")
     return "\n".join(lines)
+
+
+WHITEN_KERNEL_MODULES = ("sdecor_kernels.stats", "sdecor_kernels.newton", "sdecor_kernels.apply",
+                         "sdecor_kernels.backward")
+
+
+def launch_counts(modules=None) -> tuple[dict | None, str | None]:
+    """(counts, None) or (None, why not) of :func:`sdecor.cli.bench.launches.measure`, for the calls whose
+    kernel modules are selected (``modules`` None: all): GroupWhitening for the whitening families,
+    topk_mask for ``sdecor_kernels.topk``."""
+    from . import launches
+
+    whitening = modules is None or any(m in WHITEN_KERNEL_MODULES for m in modules)
+    topk = modules is None or "sdecor_kernels.topk" in modules
+    if not (whitening or topk):
+        return dict(whitening=[], topk_mask=[]), None
+    try:
+        return launches.measure(whitening, topk), None
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return None, f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def format_launch_counts(doc: dict | None, error: str | None = None) -> str:
+    from . import launches
+
+    return "\n".join(launches.format_launches(doc, error))
+
+
+def launch_rows(doc: dict) -> list[dict]:
+    """The counts as rows for the static results JSON (one per forward, backward or call)."""
+    from . import launches
+
+    return launches.rows(doc)
