@@ -363,8 +363,11 @@ def resolve_k(D: int | None, ratio, k) -> int | None:
     return k
 
 
-def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> None:
-    """reduce, fill and the constant ``value`` (checked for fill='constant', or always)."""
+def check_mask_options(reduce, fill, value, *, largest=False, abs_=True, value_always: bool = False) -> None:
+    """reduce, fill, the constant ``value`` (checked for fill='constant', or always) and the flags
+    largest and abs (bools: a string such as "no" would read as True)."""
+    check_bool(largest, "largest")
+    check_bool(abs_, "abs")
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be 'mean' or None; got {reduce!r}")
     if fill not in FILLS:
@@ -374,14 +377,14 @@ def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> No
                          + f"; got {value!r}")
 
 
-def check_mask_args(x, saliency, reduce, fill, value, baseline) -> None:
+def check_mask_args(x, saliency, reduce, fill, value, baseline, largest=False, abs_=True) -> None:
     """Every argument of topk_mask but ratio/k (see :func:`resolve_k`) and the generator."""
     check_input(x, "x", min_dim=2, max_dim=5)
     # bool / integer scores: abs() is undefined for bool, and the ranking keys are float bits
     check_float_tensor(saliency, "saliency", x)
     if saliency.shape != x.shape:
         raise ValueError(f"saliency must have the shape of x {tuple(x.shape)}; got {tuple(saliency.shape)}")
-    check_mask_options(reduce, fill, value)
+    check_mask_options(reduce, fill, value, largest=largest, abs_=abs_)
     if reduce == "mean" and x.shape[1] == 0:
         # the channel mean of no channels has no value to rank (0 / 0)
         raise ValueError(f"x must have at least one channel for reduce='mean' (scores are channel means); "

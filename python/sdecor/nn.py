@@ -189,7 +189,8 @@ class SyncGroupWhitening(GroupWhitening):
     process group together (as :class:`torch.nn.SyncBatchNorm` is to BatchNorm).
 
     Same arguments, parameters, buffers and state_dict as :class:`GroupWhitening`, plus
-    ``process_group`` (None: the default group, ``torch.distributed.group.WORLD``).
+    ``process_group`` (None: the default group, ``torch.distributed.group.WORLD``; else a
+    torch.distributed ProcessGroup, checked here).
 
     In training mode with an initialised process group of world size > 1, each group's mean and
     covariance are those of the union of the ranks' samples, weighted by count (ranks may hold
