@@ -264,8 +264,9 @@ class SyncGroupWhitening(GroupWhitening):
         return the module, or the replacement when ``module`` itself is one.
 
         The new layers share the old ones' parameters and buffers (the same tensors, so an optimizer
-        built before still updates them) and take over their options, training mode, device and
-        dtype. Layers that already are SyncGroupWhitening are left as they are.
+        built before still updates them; requires_grad, device and dtype with them), their options,
+        their training mode (the flag alone: drop and act keep their own) and their places among
+        their parents' children. Layers that already are SyncGroupWhitening are left as they are.
         """
         if process_group is not None:
             _checks.check_process_group(process_group)
@@ -304,7 +305,7 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
             new.register_buffer(name, b, persistent=name not in layer._non_persistent_buffers_set)
         for name, child in layer._modules.items():     # drop and act of the *Act layers
             new.add_module(name, child)
-        new.train(layer.training)
+        new.training = layer.training                   # the flag alone: drop and act keep their modes
         done[id(layer)] = new
         return new
 
