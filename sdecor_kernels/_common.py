@@ -9,7 +9,10 @@ is (n, l) = divmod(j, L). Group g holds channels [g*d, (g+1)*d); every kernel wo
 A smaller last group (IterNorm's flexible groups): the kernels take the channel count C, and group g
 holds dg = min(d, C - g*d) channels (:func:`_group_size`); loads of x, dy, weight and bias are masked
 by dg, so the last group's padding reads as zeros, and its statistics and d x d matrices (G, d[, d])
-hold zeros there (written, never left unwritten). With zero padding and the identity of the group's
+hold zeros there (written, never left unwritten). The loads of the per-group inputs (mean, the d x d
+matrices, v) are masked by dg too: whatever their padding holds is never read. Padded lanes are
+selected (masked loads, tl.where), never multiplied by 0, which would keep a NaN or turn an inf into
+one. With zero padding and the identity of the group's
 own channels, the padding block stays zero and decoupled in every d x d computation (Newton-Schulz,
 its backward), so the top-left dg x dg block is exactly the smaller group's own result.
 

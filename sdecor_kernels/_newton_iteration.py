@@ -251,9 +251,16 @@ def _ns_backward(gW, Z, S, tr, hist, T, eye, Mb, gYb, gZb, gMb, t1, t2, BD: tl.c
 
 
 @triton.jit
+def _trace(S, eye):
+    """The trace of S over the diagonal of ``eye`` (the identity of a group's own channels), its
+    entries selected, not multiplied by eye (0 * inf off the diagonal would be NaN)."""
+    return tl.sum(tl.sum(tl.where(eye != 0.0, S, 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     """W of Se = S in registers ([BD, BD], zero padded): Y0 = Se / tr, Z0 = I, W = Z_T / sqrt(tr)."""
-    tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
+    tr = _trace(S, eye)
     Z = _ns_forward(S / tr, eye, None, None, None, None, T, eye, S.shape[0], S.shape[0], USE_DOT, PREC,
                     True, False)
     return Z / tl.sqrt(tr)

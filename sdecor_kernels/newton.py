@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import SPEC_DS, MatrixConfig, _eye, _group_size, _inv_pow2, f32, launch, pow2, signature
 from ._newton_iteration import (_load_padded_tiled, _load_se_tiled, _newton_regs, _ns_backward, _ns_forward,
-                                _store_grad_tiled, _store_tiled, _tiled_axpy)
+                                _store_grad_tiled, _store_tiled, _tiled_axpy, _trace)
 
 __all__ = ["STATIC_SPECS", "NewtonBwdConfig", "NewtonFwdConfig", "newton_backward", "newton_forward"]
 
@@ -105,7 +105,7 @@ def newton_bwd_kernel(cov_ptr, gw_ptr, gcov_ptr, hist_ptr, work_ptr, scale_ptr, 
         m2g = (c < dg)[:, None] & (c < dg)[None, :]
         eye = _eye(BD, dg)
         S = tl.load(cov_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2g, other=0.0) + eps * eye
-        tr = tl.sum(tl.sum(S * eye, axis=1), axis=0)
+        tr = _trace(S, eye)
         Z = _ns_forward(S / tr, eye, None, None, None, hist, T, eye, BD, BT, USE_DOT, PREC, True, True)
         gW = tl.load(gw_ptr + gd * d + c[:, None] * d + c[None, :], mask=m2g, other=0.0)
         gY, g_tr = _ns_backward(gW, Z, S, tr, hist, T, eye, None, None, None, None, None, None, BD, BT,

@@ -87,6 +87,23 @@ def source_modules() -> set[str]:
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def fake_world_of_two():
+    """torch.distributed initialised in this process on torch's fake backend, world size 2 (the
+    collectives communicate nothing): real ProcessGroup objects for the process_group arguments, and
+    the synchronised paths of layers taken without worker processes. Yields the default group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark as ``gpu`` every test that runs on the GPU when there is one: those taking the ``device``
     fixture and those parametrized with a CUDA device, beside the ones marked by hand. ``pytest -m

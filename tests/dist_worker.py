@@ -276,6 +276,8 @@ def scenario_failures(rank: int, world: int, spec: dict) -> dict:
     out["bad_dtype"] = outcome(lambda: layer(torch.zeros(4, 16, 3, dtype=torch.int64)))
     with sdecor.use_backend("triton"):                              # takes no float64: refused up front
         out["forced_unavailable"] = outcome(lambda: layer(x.double()))
+    on_meta = sdecor.SyncGroupWhitening(16, 8, device="meta")       # the layer on another device than x
+    out["bad_device"] = outcome(lambda: on_meta(x))
     out["calls_after_bad"] = seen.take()
     out["good_after_bad"] = outcome(lambda: layer(x).detach())
     out["calls_good"] = seen.take()

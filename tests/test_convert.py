@@ -376,8 +376,8 @@ def test_lazy_batchnorm_reported_until_initialized():
     assert_same_function(net(x), before)
 
 
-def test_sync_batchnorm_becomes_sync_whitening_in_its_process_group():
-    group = object()                   # any object stands for a process group until a collective runs
+def test_sync_batchnorm_becomes_sync_whitening_in_its_process_group(fake_world_of_two):
+    group = torch.distributed.new_group([0, 1])
     net = _net_with(nn.SyncBatchNorm(16, process_group=group), nn.ReLU(), nn.SyncBatchNorm(16))
     x = torch.randn(2, 3, 5, 5)
     before = net(x)
@@ -566,9 +566,9 @@ def test_known_timm_classes_exist_under_their_table_names():
         assert isinstance(getattr(importlib.import_module(module), cls), type), name
 
 
-def test_timm_sync_batchnorm_act_and_split_batchnorm():
+def test_timm_sync_batchnorm_act_and_split_batchnorm(fake_world_of_two):
     timm = pytest.importorskip("timm")
-    group = object()
+    group = torch.distributed.new_group([0, 1])
     net = nn.Sequential(nn.Conv2d(3, 16, 1), timm.layers.BatchNormAct2d(16, act_layer=nn.GELU),
                         nn.Conv2d(16, 16, 1), timm.layers.SplitBatchNorm2d(16, num_splits=2))
     randomize_batchnorms(net).eval()

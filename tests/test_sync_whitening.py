@@ -179,6 +179,7 @@ def test_bad_input_fails_on_every_rank_before_any_collective(failures):
         assert out["bad_channels"][0] == "ValueError" and "16 channels" in out["bad_channels"][1]
         assert out["bad_dtype"][0] == "TypeError"
         assert out["forced_unavailable"][0] == "BackendUnavailableError"
+        assert out["bad_device"][0] == "ValueError" and "is on meta but the input is on cpu" in out["bad_device"][1]
         assert out["calls_after_bad"] == []
         # the group is still in step: the next forward works
         assert out["good_after_bad"][0] == "ok"
@@ -373,13 +374,13 @@ def _net(dtype=torch.float32):
     return net.to(dtype)
 
 
-def test_convert_sync_whitening_keeps_parameters_buffers_and_modes():
+def test_convert_sync_whitening_keeps_parameters_buffers_and_modes(fake_world_of_two):
     net = _net(torch.float64)
     net[3][1].eval()
     before = {k: v for k, v in net.state_dict(keep_vars=True).items()}
     params = list(net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    group = object()
+    group = dist.new_group([0, 1])
     out = SyncGroupWhitening.convert_sync_whitening(net, process_group=group)
     assert out is net
     layers = [m for m in net.modules() if isinstance(m, GroupWhitening)]

@@ -12,6 +12,7 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 
 from ._layout import group_layout
 
@@ -24,9 +25,11 @@ __all__ = [
     "METHODS",
     "REDUCES",
     "check_affine",
+    "check_bool",
     "check_corr_groups",
     "check_cov",
     "check_decor_args",
+    "check_device",
     "check_float_tensor",
     "check_eps",
     "check_finite_nonneg",
@@ -40,6 +43,8 @@ __all__ = [
     "check_mask_args",
     "check_mask_options",
     "check_module_input",
+    "check_process_group",
+    "check_state",
     "check_stats",
     "check_training_samples",
     "check_whitening_args",
@@ -105,6 +110,73 @@ def check_module_input(x, num_features: int, module: str) -> None:
                          f"for {module}; got input of shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor; got dtype {x.dtype}")
+
+
+def check_state(owner: str, tensors, x: torch.Tensor | None = None) -> None:
+    """The parameters and buffers of the layer ``owner`` ((name, tensor or None) pairs): floating-point
+    (real) tensors but the batch counter ``num_batches_tracked``, all on one device, which is x's when
+    the input x is given. Metadata only: nothing is read from a device, so it may run in a forward.
+
+    Their dtypes need not be x's: statistics and matrices are converted where they are used (an fp32
+    layer under bf16 autocast, an fp64 layer on fp32 input); a complex or integer one cannot be.
+    """
+    first = None
+    for name, t in tensors:
+        if t is None:
+            continue
+        if name != "num_batches_tracked" and not t.is_floating_point():
+            raise TypeError(f"{owner}: {name} must be a floating-point tensor; got dtype {t.dtype}")
+        if x is not None:
+            if t.device != x.device:
+                raise ValueError(
+                    f"{owner}: {name} is on {t.device} but the input is on {x.device}; a layer's "
+                    f"parameters and buffers must be on its input's device (move the layer with "
+                    f".to({str(x.device)!r}), or the input with .to({str(t.device)!r}))")
+        elif first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{owner}: {name} is on {t.device} but {first[0]} is on {first[1]}; a layer's "
+                             f"parameters and buffers must be on one device")
+
+
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+
+
+def check_device(device, name: str = "device") -> None:
+    """None or what torch.device takes: a torch.device, a device string ("cpu", "cuda:1", "meta") or
+    a CUDA index (an int >= 0)."""
+    if device is None or isinstance(device, torch.device):
+        return
+    if isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+        try:
+            torch.device(device)
+            return
+        except (RuntimeError, ValueError):
+            pass
+    raise ValueError(f"{name} must be None, a torch.device, a device string (e.g. 'cpu', 'cuda:0') or a "
+                     f"CUDA device index; got {type(device).__name__} {device!r}")
+
+
+def check_process_group(process_group) -> None:
+    """A torch.distributed ProcessGroup this process belongs to, in an initialised torch.distributed;
+    TypeError or ValueError naming ``process_group`` otherwise."""
+    if not dist.is_available():
+        raise ValueError("process_group needs torch.distributed, which this build of torch does not have")
+    if not isinstance(process_group, dist.ProcessGroup):
+        hint = (" (torch.distributed.new_group returns this marker to processes outside the group: only "
+                "its members may pass it)" if process_group is dist.GroupMember.NON_GROUP_MEMBER else "")
+        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD, or one from torch.distributed.new_group); got "
+                        f"{type(process_group).__name__} {process_group!r}{hint}")
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call "
+                         "torch.distributed.init_process_group first)")
+    try:
+        dist.get_world_size(process_group)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"process_group cannot be used by this process: {err}") from None
 
 
 def check_last_group(last_group) -> None:
@@ -291,8 +363,11 @@ def resolve_k(D: int | None, ratio, k) -> int | None:
     return k
 
 
-def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> None:
-    """reduce, fill and the constant ``value`` (checked for fill='constant', or always)."""
+def check_mask_options(reduce, fill, value, *, largest=False, abs_=True, value_always: bool = False) -> None:
+    """reduce, fill, the constant ``value`` (checked for fill='constant', or always) and the flags
+    largest and abs (bools: a string such as "no" would read as True)."""
+    check_bool(largest, "largest")
+    check_bool(abs_, "abs")
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be 'mean' or None; got {reduce!r}")
     if fill not in FILLS:
@@ -302,14 +377,14 @@ def check_mask_options(reduce, fill, value, *, value_always: bool = False) -> No
                          + f"; got {value!r}")
 
 
-def check_mask_args(x, saliency, reduce, fill, value, baseline) -> None:
+def check_mask_args(x, saliency, reduce, fill, value, baseline, largest=False, abs_=True) -> None:
     """Every argument of topk_mask but ratio/k (see :func:`resolve_k`) and the generator."""
     check_input(x, "x", min_dim=2, max_dim=5)
     # bool / integer scores: abs() is undefined for bool, and the ranking keys are float bits
     check_float_tensor(saliency, "saliency", x)
     if saliency.shape != x.shape:
         raise ValueError(f"saliency must have the shape of x {tuple(x.shape)}; got {tuple(saliency.shape)}")
-    check_mask_options(reduce, fill, value)
+    check_mask_options(reduce, fill, value, largest=largest, abs_=abs_)
     if reduce == "mean" and x.shape[1] == 0:
         # the channel mean of no channels has no value to rank (0 / 0)
         raise ValueError(f"x must have at least one channel for reduce='mean' (scores are channel means); "

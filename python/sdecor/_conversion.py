@@ -1,6 +1,7 @@
 """What both conversions of :mod:`sdecor.convert` share: the report, the selection of layers by name
-patterns, the checks that a layer's instance computes what its class does, and the swap of the new
-layers into the model.
+patterns, the checks that a layer's instance computes what its class does, the device and dtype of the
+new layers' state, and the swap of the new layers into the model (each in its old one's place among its
+parent's children).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["ConversionReport", "Skip", "instance_changes", "patterns", "qualname", "report_rows", "selected",
-           "state_like", "swap_in"]
+__all__ = ["ConversionReport", "Skip", "buffers_like", "instance_changes", "patterns", "qualname", "report_rows",
+           "selected", "state_like", "swap_in"]
 
 
 def report_rows(sections) -> list[str]:
@@ -95,6 +96,16 @@ def state_like(*tensors) -> dict:
         if isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin):
             return {"device": t.device, "dtype": t.dtype}
     return {}
+
+
+def buffers_like(layer: nn.Module, stats: torch.Tensor, counter: torch.Tensor | None = None) -> None:
+    """Put a new whitening layer's running statistics on the device and in the dtype of ``stats`` (the
+    running statistics of the layer it replaces) and its batch counter on ``counter``'s device (default:
+    stats'). The buffers keep their names and order."""
+    for name in ("running_mean", "running_wm"):
+        setattr(layer, name, getattr(layer, name).to(device=stats.device, dtype=stats.dtype))
+    device = (counter if isinstance(counter, torch.Tensor) else stats).device
+    layer.num_batches_tracked = layer.num_batches_tracked.to(device)
 
 
 def instance_changes(module: nn.Module) -> str | None:

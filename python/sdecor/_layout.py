@@ -9,7 +9,9 @@ zeros in the padding.
 Here: :func:`group_layout` / :func:`group_sizes` (G and the size of the last group), the (N, G, d, L)
 view of x, the split of x and of per-group values into the full groups and a smaller last group
 (:func:`split_channels`, :func:`split_groups`, :func:`join_groups`, :func:`by_part`), per-channel <->
-per-group vectors, the channel mask of the padding, and the output memory format (:func:`like_format`).
+per-group vectors, the channel mask of the padding (:func:`zero_padding` selects it away: padded
+entries are never multiplied by 0, which keeps a NaN there), and the output memory format
+(:func:`like_format`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "samples_per_channel",
     "split_channels",
     "split_groups",
+    "zero_padding",
 ]
 
 
@@ -130,10 +133,22 @@ def channel_mask(G: int, d: int, C: int, dtype: torch.dtype, device) -> torch.Te
 
 
 def last_group_mask(like: torch.Tensor, C: int) -> torch.Tensor | None:
-    """The channel mask (G, d) (:func:`channel_mask`) of the groups of per-group values ``like``
-    (G, d, d) for C channels, in like's dtype and on its device; None when d divides C (no padding)."""
+    """The channels (G, d) of the groups of per-group values ``like`` (G, d) or (G, d, d) for C
+    channels, as a bool mask on like's device (True where the channel exists, :func:`channel_mask`);
+    None when d divides C (no padding)."""
     G, d = like.shape[0], like.shape[-1]
-    return None if C == G * d else channel_mask(G, d, C, like.dtype, like.device)
+    return None if C == G * d else torch.arange(G * d, device=like.device).reshape(G, d) < C
+
+
+def zero_padding(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-group values t (G, d) or (G, d, d) with the padding of a smaller last group (``mask``
+    False, :func:`last_group_mask`; rows and columns for (G, d, d)) set to zero. Selected, never
+    multiplied by 0: whatever the padding holds (NaN from uninitialised memory, inf) does not leak
+    into the values that exist (0 * NaN is NaN)."""
+    if mask is None:
+        return t
+    keep = mask if t.dim() == 2 else mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def like_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._double_backward import NoThirdDerivative
-from ._layout import last_group_mask
+from ._layout import last_group_mask, zero_padding
 from ._precision import no_autocast_function, stats_dtype
 
 __all__ = [
@@ -194,22 +194,22 @@ def zca_scaled(cov: torch.Tensor, eps: float, scale: torch.Tensor, C: int, eigh)
     A smaller last group (zero padded in cov): its padding block of Se / c^2 is the identity, decoupled
     from its own block (eps / c^2 added to its own channels only) and positive; eigh of the block
     diagonal matrix gives the eigenpairs of both blocks, W of its own block is exact, and the padding
-    of W is set to zero."""
+    of W is set to zero. Whatever cov holds in its padding is selected away first."""
     inv = scale.reciprocal()
     se = shifted_cov(cov, (eps * inv * inv)[:, None, None])
     mask = last_group_mask(cov, C)
     if mask is None:
         evals, evecs = eigh(se)
         return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale)
-    keep = mask.unsqueeze(-1) * mask.unsqueeze(-2)
-    evals, evecs = eigh(se * keep + torch.diag_embed(1 - mask))
-    return evals, evecs, zca_from_eigh_scaled(evals, evecs, eps, scale) * keep
+    evals, evecs = eigh(zero_padding(se, mask) + torch.diag_embed((~mask).to(se.dtype)))
+    return evals, evecs, zero_padding(zca_from_eigh_scaled(evals, evecs, eps, scale), mask)
 
 
 def zca_backward_masked(grad_w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, eps: float,
                         scale: torch.Tensor, C: int) -> torch.Tensor:
     """:func:`zca_backward_scaled` of :func:`zca_scaled`'s eigenpairs: the padding of a smaller last
-    group set to zero (the block-diagonal derivative is zero there in exact arithmetic)."""
-    g = zca_backward_scaled(grad_w, evals, evecs, eps, scale)
-    mask = last_group_mask(g, C)
-    return g if mask is None else g * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+    group set to zero (the block-diagonal derivative is zero there in exact arithmetic), and whatever
+    the padding of grad_w holds selected away first."""
+    mask = last_group_mask(grad_w, C)
+    g = zca_backward_scaled(zero_padding(grad_w, mask), evals, evecs, eps, scale)
+    return zero_padding(g, mask)

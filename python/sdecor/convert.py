@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._conversion import (ConversionReport, Skip, instance_changes, patterns, qualname, selected, state_like,
-                          swap_in)
+from ._conversion import (ConversionReport, Skip, buffers_like, instance_changes, patterns, qualname, selected,
+                          state_like, swap_in)
 from ._layout import group_layout, group_sizes
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
 
@@ -84,7 +84,9 @@ def _is_uninitialized(bn: nn.Module) -> bool:
 def _whitening_layer(bn: nn.modules.batchnorm._BatchNorm, target: type, num_channels: int, method: str,
                      options: dict) -> GroupWhitening:
     """The ``target`` layer that computes in eval mode what ``bn`` computes (given no overriding
-    options), on its device, with its dtype and in its training mode."""
+    options), in its training mode, with its very weight and bias Parameters (so their
+    requires_grad, device, dtype, gradients and an optimizer's references carry over) and running
+    statistics on the device and in the dtype of its own."""
     kw = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
           "track_running_stats": bn.track_running_stats}
     kw.update(options)
@@ -96,10 +98,12 @@ def _whitening_layer(bn: nn.modules.batchnorm._BatchNorm, target: type, num_chan
         kw["act"] = getattr(bn, "act", None)
     new = target(bn.num_features, num_channels, method=method, **kw,
                  **state_like(bn.weight, bn.running_mean))
+    if new.affine and bn.affine:
+        # the same Parameters (shape (C,) both): registered in the same order, weight then bias
+        new.weight, new.bias = bn.weight, bn.bias
+    if new.track_running_stats and bn.track_running_stats and bn.running_mean is not None:
+        buffers_like(new, bn.running_mean, bn.num_batches_tracked)
     with torch.no_grad():
-        if new.affine and bn.affine:
-            new.weight.copy_(bn.weight)
-            new.bias.copy_(bn.bias)
         if new.track_running_stats and bn.track_running_stats and bn.running_mean is not None:
             # BatchNorm's running statistics are a diagonal covariance: the whitening matrices
             # diag((running_var + eps)^-1/2), with the BatchNorm's own eps, make eval mode compute
@@ -115,7 +119,8 @@ def _whitening_layer(bn: nn.modules.batchnorm._BatchNorm, target: type, num_chan
             new.running_mean.copy_(mean.reshape(G, d, 1))
             new.running_wm.copy_(torch.diag_embed(inv_std.reshape(G, d)))
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    new.train(bn.training)
+    # the flag alone: the drop and act modules an *Act layer shares with bn keep their own modes
+    new.training = bn.training
     return new
 
 
@@ -216,9 +221,14 @@ def convert_whitening(model: nn.Module, num_channels: int = 16, method: str = "n
             By default eps, momentum, affine and track_running_stats are each BatchNorm layer's own.
             eps, given or taken over, must be a finite number > 0.
 
-    The new layers are created on the layer's device, with its dtype and in its training mode. All
-    arguments are checked, and every new layer built, before the model is changed: on an error the
-    model is untouched. A layer reachable under several names is replaced by one new layer.
+    A new layer keeps what the BatchNorm layer had, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    does: its weight and bias are the BatchNorm's very Parameters (same objects, registered in the same
+    order, so requires_grad -- a frozen layer stays frozen --, device, dtype, ``.grad`` and an
+    optimizer's references carry over); its running statistics are on the device and in the dtype of
+    the BatchNorm's; it has the layer's training mode (the flag alone: the ``drop`` and ``act`` it
+    shares keep their own) and takes its place among its parent's children. All arguments are
+    checked, and every new layer built, before the model is changed: on an error the model is
+    untouched. A layer reachable under several names is replaced by one new layer.
 
     Returns:
         a :class:`ConversionReport`: ``replaced`` and ``skipped`` lists of (name, reason).
@@ -334,7 +344,9 @@ def _iternorm_state(layer: nn.Module) -> dict:
     momentum = _iternorm_number(settings, "momentum", "a number")
     weight, bias = _iternorm_affine(layer, C)
     return {"C": C, "d": d, "G": G, "last": group_layout(C, d)[1], "T": T, "eps": eps, "momentum": momentum,
-            "weight": weight, "bias": bias, "mean": mean, "wm": wm}
+            "weight": weight, "bias": bias, "mean": mean, "wm": wm,
+            "weight_requires_grad": weight is not None and layer.weight.requires_grad,
+            "bias_requires_grad": bias is not None and layer.bias.requires_grad}
 
 
 def _convert_one_iternorm(name: str, layer: nn.Module) -> GroupWhitening:
@@ -349,17 +361,23 @@ def _convert_one_iternorm(name: str, layer: nn.Module) -> GroupWhitening:
     try:
         new = GroupWhitening(s["C"], s["d"], method="newton", T=s["T"], eps=s["eps"], momentum=s["momentum"],
                              affine=s["weight"] is not None, track_running_stats=True,
-                             **option, **state_like(s["mean"]))
+                             **option, **state_like(s["weight"], s["mean"]))
     except (TypeError, ValueError) as e:
         raise Skip(f"its settings do not make a GroupWhitening layer: {e}") from None
+    # IterNorm's weight and bias are (1, C, 1, 1) or (1, C), GroupWhitening's (C,): new Parameters,
+    # with the layer's requires_grad (and its device and dtype); the buffers on the device and in the
+    # dtype of its own
+    buffers_like(new, s["mean"])
     with torch.no_grad():
         if new.affine:
             new.weight.copy_(s["weight"])
             new.bias.copy_(s["bias"])
+            new.weight.requires_grad_(s["weight_requires_grad"])
+            new.bias.requires_grad_(s["bias_requires_grad"])
         # IterNorm's running_wm may be an expanded (stride-0) view of one matrix: copied, not shared.
         new.running_mean.copy_(s["mean"])
         new.running_wm.copy_(s["wm"])
-    new.train(layer.training)
+    new.training = layer.training
     return new
 
 
@@ -378,7 +396,9 @@ def convert_iternorm(model: nn.Module, include=None, exclude=None) -> Conversion
 
     The new layer has ``method="newton"`` and the layer's ``T``, ``eps``, ``momentum`` and
     ``affine``; it takes over the weight and bias (stored by IterNorm as (1, C, 1, 1) or (1, C)),
-    the running mean and the running whitening matrices, and the training mode, device and dtype.
+    the running mean and the running whitening matrices, and the training mode, device and dtype
+    (of the parameters and of the buffers each), and the parameters' requires_grad (new Parameter
+    objects: the shapes differ), in the layer's place among its parent's children.
     Its training-mode output, its running-statistics update (``momentum`` as a float) and its
     eval-mode output are IterNorm's (up to rounding). ``num_batches_tracked``, which IterNorm does
     not have, starts at 0.

@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _checks
 from ._conversion import report_rows
 from ._layout import group_sizes
 from .nn import GroupWhitening, GroupWhiteningAct, SyncGroupWhitening, SyncGroupWhiteningAct
@@ -75,7 +76,10 @@ def fold_whitening(model: nn.Module, example_inputs=None, *, inplace: bool = Fal
     - otherwise replaced by a standard layer computing the map: with the input's rank known
       (``example_inputs``), ``nn.Conv1d/2d/3d`` with kernel size 1 (``nn.Linear`` for 2D input),
       grouped as finely as the whitening groups allow; with it unknown, a ``torch.fx.GraphModule``
-      that runs such an ``nn.Conv1d`` on the input reshaped to (N, C, -1), for any rank.
+      that runs such an ``nn.Conv1d`` on the input reshaped to (N, C, -1), for any rank. The layer is
+      made on the whitening layer's device, in the dtype of its input where ``example_inputs`` show
+      it (else that of the whitening layer's parameters), its parameters requiring gradients where
+      the whitening layer's weight does.
 
     A GroupWhiteningAct (or SyncGroupWhiteningAct) keeps its tail: ``nn.Sequential(drop, act)`` where it was folded,
     ``nn.Sequential(map, drop, act)`` otherwise.
@@ -84,10 +88,13 @@ def fold_whitening(model: nn.Module, example_inputs=None, *, inplace: bool = Fal
         model: the network (its own training mode does not matter: folding uses the running
             statistics, which are what eval mode uses). Every whitening layer must track running
             statistics (a layer with ``track_running_stats=False`` normalises each batch by its own
-            statistics in eval mode too, which is no fixed map): ValueError naming the layers.
+            statistics in eval mode too, which is no fixed map): ValueError naming the layers. The
+            parameters and buffers of each must be floating-point and on one device (TypeError /
+            ValueError naming the layer).
         example_inputs: optional input(s) of ``model`` (a tensor or a tuple of positional
-            arguments), run once in eval mode without gradients to learn the rank of each whitening
-            layer's input. With them a Linear takes a map only when its output is 2D (N, C); without
+            arguments), run once in eval mode without gradients to learn the rank and dtype of each
+            whitening layer's input (a whitening layer on another device than its input raises
+            there, naming both devices). With them a Linear takes a map only when its output is 2D (N, C); without
             them a Linear feeding a whitening layer is taken to have 2D output (for (N, L, C) output
             the whitening layer would see L as its channels).
         inplace: change ``model`` itself (its layers are replaced, the weights of the layers folded
@@ -164,6 +171,8 @@ def _check_layers(model: nn.Module) -> None:
     known = (GroupWhitening.forward, SyncGroupWhitening.forward) + tuple(c.forward for c in _ACT_CLASSES)
     for layer, names in _whitening_layers(model).values():
         label = names[0] or "<the model itself>"
+        # its map is computed from these tensors together, and the layer replacing it made on their device
+        _checks.check_state(f"fold_whitening: layer {label!r} ({type(layer).__name__})", _layer_tensors(layer))
         if not layer.track_running_stats:
             no_stats.append(label)
         if type(layer).forward not in known:
@@ -176,6 +185,11 @@ def _check_layers(model: nn.Module) -> None:
     if unknown:
         raise TypeError(f"fold_whitening: layer(s) {', '.join(unknown)} are GroupWhitening subclasses with "
                         f"a forward of their own, whose eval-mode map is unknown here")
+
+
+def _layer_tensors(layer: GroupWhitening) -> tuple:
+    return (("weight", layer.weight), ("bias", layer.bias), ("running_mean", layer.running_mean),
+            ("running_wm", layer.running_wm), ("num_batches_tracked", layer.num_batches_tracked))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,18 +312,24 @@ def _foldable_reason(layer: nn.Module, wl: GroupWhitening, rank: int | None) -> 
 # standard layers computing the map
 
 
-def affine_layer(wl: GroupWhitening, rank: int | None) -> nn.Module:
-    """A standard layer computing ``wl``'s eval-mode map on input of the given rank (None: any)."""
+def affine_layer(wl: GroupWhitening, rank: int | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A standard layer computing ``wl``'s eval-mode map on input of the given rank (None: any), on the
+    layer's device, in ``dtype`` (that of its input; None: the dtype of its parameters, or of its
+    running statistics without an affine map), with parameters that require gradients where the
+    layer's own do (its weight)."""
     blocks, shift = affine_map(wl)
     C = wl.num_features
-    factory = {"device": wl.running_wm.device, "dtype": wl.running_wm.dtype}
+    if dtype is None:
+        dtype = wl.weight.dtype if wl.affine else wl.running_wm.dtype
+    factory = {"device": wl.running_wm.device, "dtype": dtype}
+    trainable = wl.weight.requires_grad if wl.affine else True
     dense = mix_rows(blocks, torch.eye(C, dtype=blocks.dtype, device=blocks.device))
     if rank == 2:
         lin = nn.Linear(C, C, **factory)
         with torch.no_grad():
             lin.weight.copy_(dense)
             lin.bias.copy_(shift)
-        return lin
+        return lin.requires_grad_(trainable)
     k = conv_groups(layer_group_sizes(wl))
     s = C // k
     weight = torch.stack([dense[j * s:(j + 1) * s, j * s:(j + 1) * s] for j in range(k)]).reshape(C, s)
@@ -318,6 +338,7 @@ def affine_layer(wl: GroupWhitening, rank: int | None) -> nn.Module:
     with torch.no_grad():
         conv.weight.copy_(weight.reshape(conv.weight.shape))
         conv.bias.copy_(shift)
+    conv.requires_grad_(trainable)
     if rank is not None:
         return conv
     return _any_rank(conv)
@@ -347,15 +368,17 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, GroupWhitening) or super().is_leaf_module(m, qualname)
 
 
-def _input_ranks(model: nn.Module, layers, args) -> dict[int, int | None]:
-    """id -> the rank of the layer's input in one eval forward of ``args`` (None: not called, or
-    called with several ranks)."""
+def _input_ranks(model: nn.Module, layers, args) -> tuple[dict, dict]:
+    """(ranks, dtypes): id -> the rank and the dtype of the layer's input in one eval forward of ``args``
+    (None: not called, or called with several)."""
     seen: dict[int, set[int]] = {}
+    dtypes: dict[int, set[torch.dtype]] = {}
     handles = []
 
     def hook(module, inputs):
         if inputs and isinstance(inputs[0], torch.Tensor):
             seen.setdefault(id(module), set()).add(inputs[0].dim())
+            dtypes.setdefault(id(module), set()).add(inputs[0].dtype)
 
     try:
         for layer, _ in layers.values():
@@ -365,7 +388,10 @@ def _input_ranks(model: nn.Module, layers, args) -> dict[int, int | None]:
     finally:
         for h in handles:
             h.remove()
-    return {key: (next(iter(seen[key])) if len(seen.get(key, ())) == 1 else None) for key in layers}
+    def single(table, key):
+        return next(iter(table[key])) if len(table.get(key, ())) == 1 else None
+
+    return {key: single(seen, key) for key in layers}, {key: single(dtypes, key) for key in layers}
 
 
 def _pairs(model: nn.Module, layers, ranks, report: FoldReport) -> dict[int, tuple[nn.Module, str]]:
@@ -423,7 +449,7 @@ def _fold(model: nn.Module, args) -> tuple[nn.Module, FoldReport]:
     layers = _whitening_layers(model)
     if not layers:
         return model, report
-    ranks = _input_ranks(model, layers, args) if args is not None else {}
+    ranks, dtypes = _input_ranks(model, layers, args) if args is not None else ({}, {})
     # (a model that is itself a whitening layer has no layer before it)
     pairs = {} if isinstance(model, GroupWhitening) else _pairs(model, layers, ranks, report)
 
@@ -438,7 +464,7 @@ def _fold(model: nn.Module, args) -> tuple[nn.Module, FoldReport]:
             new = nn.Sequential(*tail) if tail else nn.Identity()
             report.folded.append((names[0], prev_name))
         else:
-            mapped = affine_layer(wl, ranks.get(key))
+            mapped = affine_layer(wl, ranks.get(key), dtypes.get(key))
             new = nn.Sequential(mapped, *tail) if tail else mapped
             report.replaced.append((names[0], _describe(mapped)))
         replacement[key] = new

@@ -26,18 +26,19 @@ __all__ = ["ProgressiveMasks", "SaliencyMasker", "progressive_masks", "saliency"
 class SaliencyMasker(nn.Module):
     """:func:`topk_mask` as a module: ``forward(x, saliency, baseline=None) -> (x_masked, mask)``.
 
-    Holds the masking options (ratio or k, largest, reduce, abs, fill, value, generator); no
-    parameters or buffers. ``baseline`` is given per call for fill="baseline".
+    Holds the masking options (ratio or k, largest, reduce, abs, fill, value, generator), each
+    checked here (largest and abs are bools); no parameters or buffers. ``baseline`` is given per
+    call for fill="baseline".
     """
 
     def __init__(self, ratio=None, k=None, *, largest: bool = False, reduce="mean", abs: bool = True,
                  fill: str = "zero", value: float = 0.0, generator=None):
         super().__init__()
         _checks.resolve_k(None, ratio, k)
-        _checks.check_mask_options(reduce, fill, value, value_always=True)
+        _checks.check_mask_options(reduce, fill, value, largest=largest, abs_=abs, value_always=True)
         _checks.check_generator(generator)
-        self.ratio, self.k, self.largest, self.reduce = ratio, k, bool(largest), reduce
-        self.abs, self.fill, self.value, self.generator = bool(abs), fill, value, generator
+        self.ratio, self.k, self.largest, self.reduce = ratio, k, largest, reduce
+        self.abs, self.fill, self.value, self.generator = abs, fill, value, generator
 
     def forward(self, x: torch.Tensor, saliency: torch.Tensor, baseline=None):
         return topk_mask(x, saliency, ratio=self.ratio, k=self.k, largest=self.largest,
@@ -107,7 +108,7 @@ def progressive_masks(x: torch.Tensor, saliency: torch.Tensor, ratios: Sequence[
     with the same options and, for "uniform", the same generator state (on the torch backend).
     Returns ``ProgressiveMasks(x_masked, mask)`` stacked along a new first dim of size L.
     """
-    _checks.check_mask_args(x, saliency, reduce, fill, value, baseline)
+    _checks.check_mask_args(x, saliency, reduce, fill, value, baseline, largest, abs)
     _checks.check_generator(generator, x.device)
     try:
         ratios = [r for r in ratios]

@@ -71,9 +71,9 @@ class GroupWhitening(nn.Module):
         if momentum is not None and (not _checks.is_number(momentum) or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); "
                              f"got {momentum!r}")
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+        _checks.check_bool(affine, "affine")
+        _checks.check_bool(track_running_stats, "track_running_stats")
+        _checks.check_device(device)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.num_channels = num_channels
@@ -133,9 +133,19 @@ class GroupWhitening(nn.Module):
                 f"track_running_stats={self.track_running_stats}"
                 + (f", last_group={self.last_group!r}" if self.last_group != "even" else ""))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The options were checked in __init__; the input is checked here, once.
+    def _state(self) -> tuple:
+        """(name, tensor or None) of the parameters and buffers the forward reads or updates."""
+        return (("weight", self.weight), ("bias", self.bias), ("running_mean", self.running_mean),
+                ("running_wm", self.running_wm), ("num_batches_tracked", self.num_batches_tracked))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """The input, and the layer's parameters and buffers against it (their device, their dtypes)."""
         _checks.check_module_input(x, self.num_features, type(self).__name__)
+        _checks.check_state(type(self).__name__, self._state(), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The options were checked in __init__; the input is checked here, once, before any work.
+        self._check_input(x)
         if self.training or not self.track_running_stats:
             _checks.check_training_samples(x)
             y, mean, wm = whiten.run_train(x, self.num_channels, self.method, self.eps, self.T,
@@ -179,7 +189,8 @@ class SyncGroupWhitening(GroupWhitening):
     process group together (as :class:`torch.nn.SyncBatchNorm` is to BatchNorm).
 
     Same arguments, parameters, buffers and state_dict as :class:`GroupWhitening`, plus
-    ``process_group`` (None: the default group, ``torch.distributed.group.WORLD``).
+    ``process_group`` (None: the default group, ``torch.distributed.group.WORLD``; else a
+    torch.distributed ProcessGroup, checked here).
 
     In training mode with an initialised process group of world size > 1, each group's mean and
     covariance are those of the union of the ranks' samples, weighted by count (ranks may hold
@@ -211,6 +222,8 @@ class SyncGroupWhitening(GroupWhitening):
         super().__init__(num_features, num_channels, method=method, T=T, eps=eps, momentum=momentum,
                          affine=affine, track_running_stats=track_running_stats, last_group=last_group,
                          device=device, dtype=dtype)
+        if process_group is not None:
+            _checks.check_process_group(process_group)
         self.process_group = process_group
 
     def _sync_world_size(self) -> int:
@@ -224,7 +237,7 @@ class SyncGroupWhitening(GroupWhitening):
         if self._sync_world_size() <= 1:
             return super().forward(x)
         # Checked here, before the collective: bad input fails on every rank alike.
-        _checks.check_module_input(x, self.num_features, type(self).__name__)
+        self._check_input(x)
         y, mean, wm, count = whiten_sync.run_train_sync(x, self.num_channels, self.method, self.eps, self.T,
                                                         self.weight, self.bias, self.process_group)
         if self.track_running_stats:
@@ -251,9 +264,12 @@ class SyncGroupWhitening(GroupWhitening):
         return the module, or the replacement when ``module`` itself is one.
 
         The new layers share the old ones' parameters and buffers (the same tensors, so an optimizer
-        built before still updates them) and take over their options, training mode, device and
-        dtype. Layers that already are SyncGroupWhitening are left as they are.
+        built before still updates them; requires_grad, device and dtype with them), their options,
+        their training mode (the flag alone: drop and act keep their own) and their places among
+        their parents' children. Layers that already are SyncGroupWhitening are left as they are.
         """
+        if process_group is not None:
+            _checks.check_process_group(process_group)
         return _swap(module, GroupWhitening, cls, {"process_group": process_group}, exclude=cls)
 
     @classmethod
@@ -289,7 +305,7 @@ def _swap(module: nn.Module, source: type, target: type, extra: dict, exclude) -
             new.register_buffer(name, b, persistent=name not in layer._non_persistent_buffers_set)
         for name, child in layer._modules.items():     # drop and act of the *Act layers
             new.add_module(name, child)
-        new.train(layer.training)
+        new.training = layer.training                   # the flag alone: drop and act keep their modes
         done[id(layer)] = new
         return new
 

@@ -194,7 +194,7 @@ class SaliencyDecor(nn.Module):
         _checks.check_decor_args(num_channels, kind)
         _checks.check_generator(generator)
         if process_group is not None:
-            cov_sync.check_process_group(process_group)
+            _checks.check_process_group(process_group)
         self.model = model
         self.mask_ratio, self.fill = float(mask_ratio), fill
         self.lambda_consistency, self.lambda_decor = float(lambda_consistency), float(lambda_decor)

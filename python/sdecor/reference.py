@@ -196,7 +196,7 @@ def topk_mask(x: torch.Tensor, saliency: torch.Tensor, *, ratio=None, k=None, la
     True = replaced, shaped (N, *S) for reduce="mean" (one mask shared by all channels) or like x for
     reduce=None.
     """
-    checks.check_mask_args(x, saliency, reduce, fill, value, baseline)
+    checks.check_mask_args(x, saliency, reduce, fill, value, baseline, largest, abs)
     score = mask_scores(saliency, reduce, abs)                       # (N, D)
     k = checks.resolve_k(score.shape[1], ratio, k)
     order = rank_order(score, largest)

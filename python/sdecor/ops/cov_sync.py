@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._checks import DECOR_KINDS, LAST_GROUPS
+from .._checks import DECOR_KINDS, LAST_GROUPS, check_process_group
 from .._decorrelation import CORR_MAX_EXP
 from .._layout import grouped, split_channels
 from .._precision import power_of_two
@@ -51,26 +51,6 @@ __all__ = ["check_header", "check_process_group", "exchange_header", "global_cov
 
 # ---------------------------------------------------------------------------------------------------
 # the process group
-
-
-def check_process_group(process_group) -> None:
-    """A torch.distributed ProcessGroup this process belongs to, in an initialised torch.distributed;
-    TypeError or ValueError naming ``process_group`` otherwise."""
-    if not dist.is_available():
-        raise ValueError("process_group needs torch.distributed, which this build of torch does not have")
-    if not isinstance(process_group, dist.ProcessGroup):
-        hint = (" (torch.distributed.new_group returns this marker to processes outside the group: only "
-                "its members may pass it)" if process_group is dist.GroupMember.NON_GROUP_MEMBER else "")
-        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD, or one from torch.distributed.new_group); got "
-                        f"{type(process_group).__name__} {process_group!r}{hint}")
-    if not dist.is_initialized():
-        raise ValueError("process_group: torch.distributed is not initialised (call "
-                         "torch.distributed.init_process_group first)")
-    try:
-        dist.get_world_size(process_group)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"process_group cannot be used by this process: {err}") from None
 
 
 def world_size(process_group) -> int:

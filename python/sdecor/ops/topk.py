@@ -59,7 +59,7 @@ def topk_mask(x: Tensor, saliency: Tensor, *, ratio=None, k=None, largest: bool 
     (per-sample, per-channel mean / U[min, max] of x over S; uniform draws from ``generator``),
     "baseline" (``baseline``, shaped like x). Returns (x_masked, mask), mask bool, True = replaced.
     """
-    _checks.check_mask_args(x, saliency, reduce, fill, value, baseline)
+    _checks.check_mask_args(x, saliency, reduce, fill, value, baseline, largest, abs)
     D = math.prod(x.shape[2:]) * (1 if reduce == "mean" else x.shape[1])
     k = _checks.resolve_k(D, ratio, k)
     _checks.check_generator(generator, x.device)

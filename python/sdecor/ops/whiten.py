@@ -45,7 +45,7 @@ from torch import Tensor
 from .. import _backend, _checks
 from .. import reference as ref
 from .._double_backward import graph_backward
-from .._layout import last_group_mask, per_channel, per_group, samples_per_channel
+from .._layout import last_group_mask, per_channel, per_group, samples_per_channel, zero_padding
 from .._precision import no_autocast
 from .._zca import shifted_cov, zca_backward_masked, zca_scaled
 from . import whiten_native, whiten_torch
@@ -326,6 +326,10 @@ def _whiten_apply_backward(ctx, dy):
         return tuple(graph_backward(whiten_torch.eval_torch, (x, mean, wm, weight, bias),
                                     ctx.needs_input_grad, (dy,)))
     G, d = mean.shape
+    # a smaller last group: the padding entries of mean and wm are not read (the forward's kernel
+    # masks them), so whatever they hold (NaN, inf) is selected away here, and gets zero gradient
+    mask = last_group_mask(wm, x.shape[1])
+    mean, wm = zero_padding(mean, mask), zero_padding(wm, mask)
     gamma = per_group(weight.to(torch.float32), G, d) if ctx.has_weight else torch.ones_like(mean)
     b = wm.to(torch.float32).transpose(-1, -2) * gamma.unsqueeze(-2)
     zeros = torch.zeros_like(b)
@@ -334,15 +338,10 @@ def _whiten_apply_backward(ctx, dy):
     grad_mean = grad_wm = grad_weight = grad_bias = None
     if any(need[1:]):
         D, s = whiten_bwd_reduce_op(dy, x, mean)
-        # a smaller last group: its padding entries of mean and wm are not read (zero gradient)
-        mask = last_group_mask(b, x.shape[1])
         if need[1]:
-            grad_mean = -(b @ s.unsqueeze(-1)).squeeze(-1)
-            grad_mean = (grad_mean if mask is None else grad_mean * mask).to(mean.dtype)
+            grad_mean = zero_padding(-(b @ s.unsqueeze(-1)).squeeze(-1), mask).to(mean.dtype)
         if need[2]:
-            grad_wm = gamma.unsqueeze(-1) * D
-            grad_wm = (grad_wm if mask is None else grad_wm * (mask.unsqueeze(-1) * mask.unsqueeze(-2)))
-            grad_wm = grad_wm.to(wm.dtype)
+            grad_wm = zero_padding(gamma.unsqueeze(-1) * D, mask).to(wm.dtype)
         if need[3] and ctx.has_weight:
             grad_weight = per_channel((D * wm).sum(-1), x.shape[1]).to(weight.dtype)
         if need[4] and ctx.has_bias:

@@ -38,7 +38,8 @@ import torch
 
 from .. import reference as ref
 from .._double_backward import graph_backward
-from .._layout import group_layout, grouped, join_groups, last_group_mask, like_format, split_channels, split_groups
+from .._layout import (group_layout, grouped, join_groups, last_group_mask, like_format, split_channels,
+                       split_groups, zero_padding)
 from .._precision import no_autocast_function, power_of_two, stats_dtype
 from .._zca import ZCAWhitening, eye_like, shifted_cov, zca_backward, zca_from_eigh
 from ._whiten_passes import ScaledStats, affine_terms
@@ -254,37 +255,37 @@ def whitening_scaled(cov: torch.Tensor, eps_s: torch.Tensor, method: str, T: int
     """W' = f(cov' + eps' I) (G, d, d) in units of the scales, and what its backward
     (:func:`whitening_scaled_backward`) needs: (W', small, history).
 
-    ``mask`` (G, d) (:func:`sdecor._layout.channel_mask`): a smaller last group, zero padded in cov;
-    its W' is that of its own block (eps' I and the trace over its channels), zeros in the padding.
-    For zca the padding block of the matrix given to eigh is the identity (decoupled from the real
-    block, and positive), and W' is masked after."""
-    eye = eye_like(cov) if mask is None else torch.diag_embed(mask)
+    ``mask`` (G, d) (bool, :func:`sdecor._layout.last_group_mask`): a smaller last group, whose
+    padding in cov is selected away (zero, whatever it held); its W' is that of its own block (eps' I
+    and the trace over its channels), zeros in the padding. For zca the padding block of the matrix
+    given to eigh is the identity (decoupled from the real block, and positive)."""
+    if mask is None:
+        eye = eye_like(cov)
+    else:
+        cov = zero_padding(cov, mask)
+        eye = torch.diag_embed(mask.to(cov.dtype))
     se = cov + eps_s[:, None, None] * eye
     if method == "zca":
-        evals, evecs = torch.linalg.eigh(se if mask is None else se + torch.diag_embed(1 - mask))
+        evals, evecs = torch.linalg.eigh(se if mask is None else se + torch.diag_embed((~mask).to(se.dtype)))
         w = zca_from_eigh(evals, evecs, eps_s[:, None])
-        return (w if mask is None else _masked(w, mask)), (evals, evecs), ()
+        return zero_padding(w, mask), (evals, evecs), ()
     w, trace, z_last, ys, zs, ms_hist = newton_torch_forward(se, T, None if mask is None else eye)
     return w, (se, trace, z_last), (*ys, *zs, *ms_hist)
-
-
-def _masked(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """a (G, d, d) with the rows and columns of the padding (mask 0) set to zero."""
-    return a * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
 
 
 def whitening_scaled_backward(grad_w: torch.Tensor, rest, eps_s: torch.Tensor, method: str,
                               T: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dSe' from dL/dW' for W' of :func:`whitening_scaled` (``rest``: its small and history;
     ``mask`` as there)."""
+    grad_w = zero_padding(grad_w, mask)
     if method == "zca":
         evals, evecs = rest
-        g = zca_backward(grad_w, evals, evecs, eps_s[:, None])
-        return g if mask is None else _masked(g, mask)
+        return zero_padding(zca_backward(grad_w, evals, evecs, eps_s[:, None]), mask)
     se, trace, z_last = rest[:3]
     hist = rest[3:]
-    return newton_torch_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:],
-                                 None if mask is None else torch.diag_embed(mask))
+    g = newton_torch_backward(grad_w, se, trace, z_last, hist[:T], hist[T:2 * T], hist[2 * T:],
+                              None if mask is None else torch.diag_embed(mask.to(se.dtype)))
+    return zero_padding(g, mask)
 
 
 class TorchPasses:
