@@ -5,8 +5,8 @@ distributed run needs before any process group exists; :func:`process_group` joi
 group; :func:`sync_norm_layers` makes the norm layers synchronise their batch statistics over the
 ranks (BatchNorm on CPU tensors by :class:`sdecor.SyncBatchNormGloo`, as torch's SyncBatchNorm
 takes GPU tensors only); :func:`decor_mode` says whether the decorrelation loss is that of the
-global batch (the default) or of each rank's share (--decor-per-rank). The training loop itself (:func:`sdecor.cli.train.loop.train_model`) takes the
-:class:`Distributed` of this process.
+global batch (the default) or of each rank's share (--decor-per-rank). The training loop itself
+(:func:`sdecor.cli.train.loop.train_model`) takes the :class:`Distributed` of this process.
 """
 
 from __future__ import annotations
