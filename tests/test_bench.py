@@ -749,7 +749,9 @@ def test_distributed_measures_both_layers_and_counts_the_bytes():
     from sdecor.cli.bench import distributed
     from sdecor.ops.whiten_sync import payload_numel
 
-    doc = distributed.measure(2, reps=2, layers=[("tiny", (4, 32, 3, 3), 8)], resnet=None, timeout=300)
+    doc = distributed.measure(2, reps=2, layers=[("tiny", (4, 32, 3, 3), 8)], resnet=None,
+                              decor=[("tiny decor", (4, 32, 3, 3), 8)], objective=("tiny objective", 4, 16),
+                              timeout=300)
     (row,) = doc["rows"]
     assert doc["world"] == 2 and doc["pg_backend"] == "gloo" and row["case"] == "tiny"
     assert set(row["ms"]) == {"GroupWhitening", "SyncGroupWhitening", "collectives"}
@@ -760,6 +762,22 @@ def test_distributed_measures_both_layers_and_counts_the_bytes():
                                      "backward_allreduce": 4 * 4 * 8 * 9}
     assert payload_numel(4, 8) == 2 + 4 + 4 * 8 + 4 * 36
     assert "SyncGroupWhitening vs GroupWhitening" in distributed.format_rows(doc)
+
+    # the decorrelation term per rank and of the global batch: the loss alone, and the tiny CNN's
+    # SaliencyDecor step (its decorrelated layer: the classifier's 32 inputs)
+    loss_row, step_row = doc["decor_rows"]
+    assert loss_row["case"] == "tiny decor" and step_row["case"] == "tiny objective"
+    assert set(loss_row["ms"]) == {"per-rank", "global", "collectives"}
+    assert set(step_row["ms"]) == {"per-rank", "global"}
+    for row in (loss_row, step_row):
+        assert all(v > 0 for v in row["ms"].values())
+        assert row["ratio"] == row["ms"]["global"] / row["ms"]["per-rank"]
+    # per step: a header of 6 int64 per process, and G (d + d^2) float64 (sum x, sum x x^T per group)
+    assert loss_row["numbers_per_step"] == {"header_int64": 12, "moments_float64": 4 * (8 + 64),
+                                            "bytes": 8 * (12 + 4 * 72)}
+    assert step_row["numbers_per_step"] == {"header_int64": 12, "moments_float64": 2 * (16 + 256),
+                                            "bytes": 8 * (12 + 2 * 272)}
+    assert "decorrelation term of each process's batch" in distributed.format_rows(doc)
 
 
 def test_distributed_needs_two_processes(capsys):

@@ -2,6 +2,7 @@
 exists, and a 2-process run under torchrun (gloo on the loopback interface)."""
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -185,6 +186,24 @@ def test_save_all_ranks_needs_distributed_and_out(fake_torchrun, capsys, tmp_pat
                "--out", "model-rank1.pt")
 
 
+def test_decor_per_rank_needs_distributed_and_decorrelation(fake_torchrun, capsys):
+    fails_with(capsys, ["--decor-per-rank", "--lambda-decor", "0.1"], "--decor-per-rank",
+               "an option of --distributed runs")
+    fails_with(capsys, ["--distributed", "--decor-per-rank"], "--decor-per-rank", "give --lambda-decor > 0")
+    args = parse("--distributed", "--lambda-decor", "0.1", "--decor-per-rank")
+    cfg = train.check_args(args)
+    assert train.check_distributed(args, cfg) == train.Distributed(1, 2, 1)
+
+
+def test_decor_mode():
+    assert train.decor_mode(train.TrainConfig(lambda_decor=0.1)) == "global"
+    assert train.decor_mode(train.TrainConfig(lambda_decor=0.1), per_rank=True) == "per-rank"
+    assert train.decor_mode(train.TrainConfig(lambda_decor=0.0)) == "none"
+    assert set(train.DECOR_MODES) == {"global", "per-rank", "none"}
+    with pytest.raises(ValueError, match="decor_per_rank"):      # a single-process run has no ranks
+        train.train_model(train.TrainConfig(lambda_decor=0.1), data.load("digits"), decor_per_rank=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # two processes under torchrun
 
@@ -198,34 +217,62 @@ def free_port() -> int:
 # An objective whose every step equals the single-process step on the same global batch (up to
 # rounding): synchronised norm layers, the saliency pass and the clean and masked forwards inside one
 # DDP forward, but mask ratio 0 (top-k masking is discontinuous: rounding-level differences in
-# saliency could swap masked positions) and no decorrelation loss (computed per rank). The norm
-# layers: whitening (SyncGroupWhitening), or the default, BatchNorm (sdecor.SyncBatchNormGloo on CPU).
+# saliency could swap masked positions). The cases: whitening layers (SyncGroupWhitening); the
+# default norm without decorrelation, BatchNorm (sdecor.SyncBatchNormGloo on CPU); the decorrelation
+# loss (whitening layers) of the global batch, the default; and the decorrelation loss of each
+# rank's share (--decor-per-rank), which is another objective than the single process's.
 DIST_ARGS = ["--dataset", "digits", "--model", "tiny", "--lambda-consistency", "1",
              "--mask-ratio", "0", "--epochs", "1", "--eval-samples", "8", "--threads", "1", "--no-progress"]
+CASES = {   # case: (its options, the norm layers, lambda_decor, metrics.json's distributed "decorrelation")
+    "whitening": (["--norm", "whitening"], "whitening", 0.0, "none"),
+    "batch": ([], "batch", 0.0, "none"),
+    "decor": (["--lambda-decor", "0.1"], "whitening", 0.1, "global"),
+    "decor-per-rank": (["--lambda-decor", "0.1", "--decor-per-rank"], "whitening", 0.1, "per-rank"),
+}
 
 
-@pytest.mark.parametrize("norm", ["whitening", "batch"])
-def test_torchrun_two_ranks(tmp_path, norm):
+@functools.lru_cache(maxsize=None)
+def single_process_run(norm, lambda_decor):
+    """The same steps in one process (one thread): the trained model's state_dict and its history."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train.train_model(train.TrainConfig(dataset="digits", model="tiny", norm=norm, lambda_consistency=1.0,
+                                                  lambda_decor=lambda_decor, mask_ratio=0.0, epochs=1),
+                                data.load("digits"))
+    finally:
+        torch.set_num_threads(threads)
+    return res.model.state_dict(), res.history
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torchrun_two_ranks(tmp_path, case):
+    case_args, norm, lambda_decor, decorrelation = CASES[case]
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    norm_args = ["--norm", "whitening"] if norm == "whitening" else []       # batch: the default
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "sdecor", "train", "--distributed", "--save-all-ranks", "--out", str(out), *DIST_ARGS, *norm_args]
+           "-m", "sdecor", "train", "--distributed", "--save-all-ranks", "--out", str(out), *DIST_ARGS, *case_args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr           # torchrun: 0 when every rank exits 0
 
     # only rank 0 prints and writes metrics.json and model.pt; --save-all-ranks adds rank 1's model
     assert proc.stdout.count("test accuracy") == 1 and proc.stdout.count("dataset digits") == 1, proc.stdout
-    assert "distributed: 2 ranks (gloo), global batch 64 = 32 samples per rank per step" in proc.stdout
+    assert ("distributed: 2 ranks (gloo), global batch 64 = 32 samples per rank per step; "
+            + train.DECOR_MODES[decorrelation]) in proc.stdout
     note = ("torch.nn.SyncBatchNorm does not run on CPU tensors: BatchNorm statistics synced over gloo by "
             "sdecor.SyncBatchNormGloo")
     assert proc.stdout.count(note) == (1 if norm == "batch" else 0), proc.stdout
     assert f"({norm} norm, group size" in proc.stdout
     assert sorted(os.listdir(out)) == ["metrics.json", "model-rank1.pt", "model.pt"]
     res = json.loads((out / "metrics.json").read_text())
-    assert res["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_rank": 32}
+    assert res["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_rank": 32,
+                                  "decorrelation": decorrelation}
+    # the features' decorrelation on the test split, from the saved model
+    assert res["test"]["feature_decorrelation"].keys() == {"layer", "channels", "num_channels", "samples", "decov",
+                                                           "corr"}
+    assert res["test"]["feature_decorrelation"]["samples"] == 449
 
     # both ranks end with the same parameters and buffers, bit for bit
     state = torch.load(out / "model.pt")["state_dict"]
@@ -234,7 +281,8 @@ def test_torchrun_two_ranks(tmp_path, norm):
     assert [k for k in state if not torch.equal(state[k], state1[k])] == []
     assert int(state["features.0.1.num_batches_tracked"]) == 2 * 22     # 22 steps, clean + masked forward
 
-    # model.pt loads into the single-process model, and the reported accuracy is that model's
+    # model.pt loads into the single-process model, and the reported accuracy and feature
+    # decorrelation are that model's
     model = build_model("tiny", 1, 10, norm=norm)
     model.load_state_dict(state)
     ds = data.load("digits")
@@ -242,16 +290,25 @@ def test_torchrun_two_ranks(tmp_path, norm):
     torch.set_num_threads(1)
     try:
         acc = train.accuracy(model, ds.test)
-        # the same steps in one process: the same model up to rounding
-        single = train.train_model(train.TrainConfig(dataset="digits", model="tiny", norm=norm,
-                                                     lambda_consistency=1.0, mask_ratio=0.0, epochs=1), ds)
+        assert res["test"]["feature_decorrelation"] == train.feature_decorrelation(model, ds.test, 16)
     finally:
         torch.set_num_threads(threads)
     assert res["test"]["accuracy"] == acc
     assert re.search(r"^test accuracy (\S+)$", proc.stdout, re.M).group(1) == f"{acc:.4f}"
-    single_state = single.model.state_dict()
-    for key, value in state.items():
-        torch.testing.assert_close(value, single_state[key], msg=lambda m: f"{key}: {m}")
-    assert res["history"][0].keys() == single.history[0].keys()
-    torch.testing.assert_close(torch.tensor(list(res["history"][0].values())),
-                               torch.tensor(list(single.history[0].values())))
+
+    # the same steps in one process: the same model up to rounding, except with the decorrelation
+    # loss of each rank's share, which trains another model
+    single_state, single_history = single_process_run(norm, lambda_decor)
+    assert res["history"][0].keys() == single_history[0].keys()
+    history = torch.tensor(list(res["history"][0].values()))
+    single_history = torch.tensor(list(single_history[0].values()))
+    if decorrelation != "per-rank":
+        for key, value in state.items():
+            torch.testing.assert_close(value, single_state[key], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(history, single_history)
+    else:   # the global term's run agrees to about 2e-6 of each tensor's largest value; this one to 0.5
+        largest = max((value - single_state[key]).abs().max() / single_state[key].abs().max()
+                      for key, value in state.items() if value.is_floating_point())
+        assert largest > 0.05, largest
+        # the mean of the ranks' penalties of 32 samples each is not the global batch's penalty
+        assert not torch.allclose(history, single_history, rtol=1e-3, atol=1e-3)

@@ -98,9 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "instead of running; --ops filters it")
     ds = parser.add_argument_group("synchronised statistics")
     ds.add_argument("--distributed", type=int, default=None, metavar="N",
-                    help="time a training step of SyncGroupWhitening against GroupWhitening on N processes (2 to 64) "
+                    help="time a training step of SyncGroupWhitening against GroupWhitening, and the decorrelation "
+                         "term of each process's batch against that of the global batch, on N processes (2 to 64) "
                          "(gloo with CPU tensors on the loopback interface; nccl with --device cuda and N "
-                         "GPUs) and report the bytes per layer and step; writes <device>-distributed.json")
+                         "GPUs) and report what each layer communicates per step; writes <device>-distributed.json")
     st = parser.add_argument_group("static report")
     st.add_argument("--static", action="store_true",
                     help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed): registers, "

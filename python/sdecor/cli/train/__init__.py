@@ -3,7 +3,8 @@
 The objective is CE + lambda_consistency * KL(f(x) || f(x masked)) + lambda_decor * decorrelation
 (:class:`sdecor.SaliencyDecor`); with both lambdas 0 it is plain cross-entropy. The model's norm
 layers are BatchNorm where decorrelation is off and GroupWhitening where it is on (``--norm auto``).
-After training it reports test accuracy and the saliency metrics of :mod:`sdecor.metrics`, and
+After training it reports test accuracy, the saliency metrics of :mod:`sdecor.metrics` and how
+decorrelated the classifier's input features are on the test split (:func:`feature_decorrelation`), and
 writes ``metrics.json`` and ``model.pt`` into ``--out`` (made and proved writable before any work;
 where the final write fails, the files go to a temporary folder the message names:
 :mod:`sdecor.cli.output`). ``--report-every N`` logs the worst group of the whitening layers every N
@@ -13,7 +14,8 @@ in fp32.
 
 ``--distributed`` trains data-parallel over the processes that torchrun starts (see
 :func:`check_distributed` and :func:`train_model`): --batch-size stays the global batch, split
-evenly over the ranks; only rank 0 prints and writes.
+evenly over the ranks; the decorrelation loss is that of the global batch (``--decor-per-rank``:
+of each rank's share); only rank 0 prints and writes.
 
 The same functions (:func:`train_model`, :func:`evaluate`) run every configuration of the demo.
 
@@ -39,15 +41,15 @@ from .. import data as data_mod
 from ..output import OutputDir
 from .args import NUMBERS, OUTPUT_FILES, UsageError, add_arguments, check_args, check_out_dir, option_name
 from .config import AMP_DTYPES, ConfigError, TrainConfig, check_amp, check_device
-from .distributed import (GLOO_BATCHNORM_NOTE, Distributed, batchnorm_sync, check_distributed, check_distributed_config,
-                          process_group, sync_norm_layers)
-from .loop import TrainResult, accuracy, batches, evaluate, train_model
+from .distributed import (DECOR_MODES, GLOO_BATCHNORM_NOTE, Distributed, batchnorm_sync, check_distributed,
+                          check_distributed_config, decor_mode, process_group, sync_norm_layers)
+from .loop import TrainResult, accuracy, batches, evaluate, feature_decorrelation, train_model
 
-__all__ = ["AMP_DTYPES", "GLOO_BATCHNORM_NOTE", "NUMBERS", "OUTPUT_FILES", "ConfigError", "Distributed", "TrainConfig",
-           "TrainResult", "UsageError", "accuracy", "add_arguments", "batches", "batchnorm_sync", "check_amp",
-           "check_args", "check_device", "check_distributed",
-           "check_distributed_config", "check_out_dir", "evaluate", "model_bytes", "option_name", "output_dir", "run",
-           "save_model", "sync_norm_layers", "train_model"]
+__all__ = ["AMP_DTYPES", "DECOR_MODES", "GLOO_BATCHNORM_NOTE", "NUMBERS", "OUTPUT_FILES", "ConfigError", "Distributed",
+           "TrainConfig", "TrainResult", "UsageError", "accuracy", "add_arguments", "batches", "batchnorm_sync",
+           "check_amp", "check_args", "check_device", "check_distributed", "check_distributed_config",
+           "check_out_dir", "decor_mode", "evaluate", "feature_decorrelation", "model_bytes", "option_name",
+           "output_dir", "run", "save_model", "sync_norm_layers", "train_model"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +128,7 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
     tqdm = require("tqdm.auto", "demo", "sdecor train's progress bar").tqdm
     lead = dist is None or dist.rank == 0
     rank, world_size = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    per_rank = getattr(args, "decor_per_rank", False)
     if lead:
         print(f"dataset {dataset.name}: {dataset.description}; train {len(dataset.train.y)}, "
               f"test {len(dataset.test.y)}")
@@ -136,14 +139,15 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
         if dist is not None:
             ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")
             print(f"distributed: {ranks} ({dist.backend(cfg.device)}), global batch {cfg.batch_size} = "
-                  f"{cfg.batch_size // world_size} samples per rank per step")
+                  f"{cfg.batch_size // world_size} samples per rank per step; "
+                  f"{DECOR_MODES[decor_mode(cfg, per_rank)]}")
             if batchnorm_sync(cfg) == "gloo":
                 print(GLOO_BATCHNORM_NOTE)
     steps = cfg.epochs * len(list(batches(len(dataset.train.y), cfg.batch_size, torch.Generator(), rank,
                                           world_size)))
     disable = args.no_progress or not sys.stderr.isatty() or not lead
     with tqdm(total=steps, desc="train", unit="step", disable=disable) as bar:
-        result = train_model(cfg, dataset, progress=bar, dist=dist,
+        result = train_model(cfg, dataset, progress=bar, dist=dist, decor_per_rank=per_rank,
                              report_every=getattr(args, "report_every", 0), log=bar.write)
     if not lead:
         if out is not None:
@@ -157,6 +161,12 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
     print(f"saliency on {ev['saliency_samples']} test images: gini {ev['gini']:.3f}, entropy "
           f"{ev['entropy']:.3f}, deletion AUC {ev['deletion_auc']:.3f}, insertion AUC {ev['insertion_auc']:.3f}"
           + (f", mass in object {ev['mask_mass_share']:.3f}" if "mask_mass_share" in ev else ""))
+    decor = feature_decorrelation(result.model, dataset.test, cfg.num_channels)
+    if decor is not None:
+        ev["feature_decorrelation"] = decor
+        print(f"decorrelation of the {decor['channels']} input features of {decor['layer']!r} on {decor['samples']} "
+              f"test images, groups of {decor['num_channels']}: decov {decor['decov']:.4g}, mean squared "
+              f"correlation {decor['corr']:.4g}")
     if out is None:
         return 0
     record = {"config": asdict(cfg), "history": result.history, "train_seconds": result.seconds, "test": ev}
@@ -164,7 +174,8 @@ def train_and_report(cfg: TrainConfig, dataset: data_mod.Dataset, args: argparse
         record["whitening"] = result.whitening
     if dist is not None:
         record["distributed"] = {"world_size": world_size, "backend": dist.backend(cfg.device),
-                                 "batch_per_rank": cfg.batch_size // world_size}
+                                 "batch_per_rank": cfg.batch_size // world_size,
+                                 "decorrelation": decor_mode(cfg, per_rank)}
     saved = out.save({"metrics.json": (json.dumps(record, indent=2) + "\n").encode(),
                       "model.pt": model_bytes(cfg, result.model)}, show=("metrics.json",))
     if not saved.requested:

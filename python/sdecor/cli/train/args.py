@@ -56,10 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel training over the processes torchrun starts (torchrun "
                              "--nproc-per-node N -m sdecor train --distributed ...; gloo on cpu, nccl on "
                              "cuda:LOCAL_RANK): --batch-size is the global batch, split evenly over the ranks; "
-                             "norm layers synchronised; only rank 0 prints and writes --out")
+                             "norm layers synchronised, the decorrelation loss that of the global batch; only rank 0 "
+                             "prints and writes --out")
     parser.add_argument("--save-all-ranks", action="store_true",
                         help="with --distributed and --out: every rank r > 0 also writes its final model as "
                              "model-rank<r>.pt (to check that all ranks hold the same model)")
+    parser.add_argument("--decor-per-rank", action="store_true",
+                        help="with --distributed and --lambda-decor > 0: each rank's decorrelation loss on its own "
+                             "share of the batch, for comparison; by default it is the loss of the global batch "
+                             "(the group covariances of all ranks' features, from two small all-reduces per step), "
+                             "as one process training on the whole batch computes it")
 
 
 OUTPUT_FILES = ("metrics.json", "model.pt")
@@ -109,6 +115,11 @@ def check_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError("--save-all-ranks", "--save-all-ranks is an option of --distributed runs")
     if args.save_all_ranks and args.out is None:
         raise UsageError("--save-all-ranks", "--save-all-ranks writes into --out: give --out")
+    if args.decor_per_rank and not args.distributed:
+        raise UsageError("--decor-per-rank", "--decor-per-rank is an option of --distributed runs")
+    if args.decor_per_rank and not cfg.lambda_decor > 0:
+        raise UsageError("--decor-per-rank", "--decor-per-rank chooses how the decorrelation loss is computed, "
+                                             "and --lambda-decor is 0: give --lambda-decor > 0")
     if args.out is not None:
         try:
             check_out_dir(args.out, OUTPUT_FILES)

@@ -4,8 +4,9 @@
 distributed run needs before any process group exists; :func:`process_group` joins and leaves the
 group; :func:`sync_norm_layers` makes the norm layers synchronise their batch statistics over the
 ranks (BatchNorm on CPU tensors by :class:`sdecor.SyncBatchNormGloo`, as torch's SyncBatchNorm
-takes GPU tensors only). The training loop itself (:func:`sdecor.cli.train.loop.train_model`) takes the
-:class:`Distributed` of this process.
+takes GPU tensors only); :func:`decor_mode` says whether the decorrelation loss is that of the
+global batch (the default) or of each rank's share (--decor-per-rank). The training loop itself
+(:func:`sdecor.cli.train.loop.train_model`) takes the :class:`Distributed` of this process.
 """
 
 from __future__ import annotations
@@ -122,6 +123,22 @@ def check_distributed(args: argparse.Namespace, cfg: TrainConfig, environ=None) 
         except ValueError as err:
             raise UsageError("--out", str(err)) from None
     return dist
+
+
+# how a distributed run computes the decorrelation loss (metrics.json's distributed "decorrelation")
+DECOR_MODES = {
+    "global": "the decorrelation loss of the global batch (group covariances all-reduced over the ranks)",
+    "per-rank": "the decorrelation loss of each rank's share of the batch (--decor-per-rank)",
+    "none": "no decorrelation loss (--lambda-decor 0)",
+}
+
+
+def decor_mode(cfg: TrainConfig, per_rank: bool = False) -> str:
+    """How a distributed run of cfg computes its decorrelation term (a key of :data:`DECOR_MODES`):
+    "none" with lambda_decor 0, else "per-rank" with ``per_rank`` (--decor-per-rank), else "global"."""
+    if not cfg.lambda_decor > 0:
+        return "none"
+    return "per-rank" if per_rank else "global"
 
 
 # said once by a run whose BatchNorm layers are synchronised by sdecor's layer

@@ -14,7 +14,7 @@ from ... import metrics
 from .. import data as data_mod
 from ..models import build_model
 from .config import AMP_DTYPES, TrainConfig
-from .distributed import Distributed, check_distributed_config, sync_norm_layers
+from .distributed import Distributed, check_distributed_config, decor_mode, sync_norm_layers
 from .health import format_entry, health_entry
 
 
@@ -27,11 +27,13 @@ class TrainResult:
     whitening: list = field(default_factory=list)  # report_every: the worst whitening group per report
 
 
-def make_objective(model: torch.nn.Module, cfg: TrainConfig, device=None, rank: int = 0):
+def make_objective(model: torch.nn.Module, cfg: TrainConfig, device=None, rank: int = 0, process_group=None):
     """The SaliencyDecor objective of the configuration (no masking pass when lambda_consistency = 0).
 
     Its generator (the uniform fill's noise) lives on ``device`` (default cfg.device) and is seeded
     with cfg.seed + 1 + rank, so that the ranks of a distributed run draw different noise.
+    ``process_group``: None, the decorrelation term of this process's batch; a process group, that
+    of the global batch (see :class:`sdecor.SaliencyDecor`).
     """
     from ...objective import SaliencyDecor
 
@@ -39,7 +41,8 @@ def make_objective(model: torch.nn.Module, cfg: TrainConfig, device=None, rank: 
     return SaliencyDecor(model, mask_ratio=cfg.mask_ratio, fill=cfg.fill,
                          lambda_consistency=float(cfg.lambda_consistency),
                          lambda_decor=float(cfg.lambda_decor), num_channels=cfg.num_channels,
-                         generator=torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank))
+                         generator=torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank),
+                         process_group=process_group)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1):
@@ -66,7 +69,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, 
 
 
 def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
-                dist: Optional[Distributed] = None, report_every: int = 0, log=print) -> TrainResult:
+                dist: Optional[Distributed] = None, decor_per_rank: bool = False, report_every: int = 0,
+                log=print) -> TrainResult:
     """Train cfg.model on dataset.train with the SaliencyDecor objective given by cfg.
 
     With cfg.amp "bf16" / "fp16" each step's forward and loss run under torch.autocast in that dtype
@@ -80,9 +84,12 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
     (:func:`sync_norm_layers`), and the objective is wrapped whole in DistributedDataParallel, so
     that a step is one DDP forward (the saliency pass, the clean and the masked forward) and one
     backward, whose gradients DDP averages over the ranks. Each rank trains on its share of every
-    global batch of cfg.batch_size (:func:`batches`); the loss terms are those of its share (the
-    decorrelation loss too: the covariance of the rank's features, not of the global batch), the
-    history holds their means over the ranks. The model returned is the trained model itself (not
+    global batch of cfg.batch_size (:func:`batches`). Cross-entropy and consistency are means over
+    the rank's share; the decorrelation term is that of the global batch (the covariance of all
+    ranks' features, :class:`sdecor.SaliencyDecor` with the default process group, whose gradient
+    makes a step with equal shares the single-process step), or with ``decor_per_rank`` that of the
+    rank's share (the covariance of its own features). The history holds the terms' means over the
+    ranks. The model returned is the trained model itself (not
     the DDP wrapper), its whitening layers reverted to GroupWhitening (sharing the trained tensors).
 
     ``report_every`` N > 0: after every N-th epoch, the worst group of the model's whitening report
@@ -94,6 +101,8 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
     rank, world_size = (0, 1) if dist is None else (dist.rank, dist.world_size)
     if dist is not None:
         check_distributed_config(cfg, dist)
+    elif decor_per_rank:
+        raise ValueError("decor_per_rank chooses the decorrelation loss of a distributed run; dist is None")
     device = torch.device(cfg.device) if dist is None else dist.device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -101,7 +110,8 @@ def train_model(cfg: TrainConfig, dataset: data_mod.Dataset, progress=None, *,
                         num_channels=cfg.num_channels, width=cfg.width).to(device)
     if dist is not None:
         model = sync_norm_layers(model, device)
-    objective = make_objective(model, cfg, device, rank)
+    group = None if dist is None or decor_mode(cfg, decor_per_rank) != "global" else torch.distributed.group.WORLD
+    objective = make_objective(model, cfg, device, rank, group)
     if dist is None:
         step_loss = objective.loss
     else:
@@ -172,6 +182,38 @@ def accuracy(model: torch.nn.Module, split: data_mod.Split, batch_size: int = 51
         yb = split.y[start:start + batch_size].to(device)
         correct += (model(xb).argmax(1) == yb).sum()
     return correct.item() / len(split.y)
+
+
+@torch.no_grad()
+def feature_decorrelation(model: torch.nn.Module, split: data_mod.Split, num_channels: int,
+                          batch_size: int = 512) -> Optional[dict]:
+    """How decorrelated the trained model's features are on a split: the input of its last
+    nn.Linear (the layer SaliencyDecor decorrelates by default), in eval mode, over the whole split,
+    in groups of ``num_channels``. Returns the layer's name, its channels, the group size, the
+    sample count and two numbers of :func:`sdecor.decorrelation_loss` on all those samples at once:
+    "decov" (the term the objective trains: the squared covariances of the pairs of channels of a
+    group, summed, in the features' units) and "corr" (the mean squared correlation of two channels of a group,
+    independent of the features' scale). None where the model has no nn.Linear or its input does
+    not split into groups of ``num_channels`` >= 2 channels."""
+    from ...objective import decorrelation_loss
+
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or num_channels < 2 or linears[-1][1].in_features % num_channels:
+        return None
+    name, layer = linears[-1]
+    model.eval()
+    device = next(model.parameters()).device
+    feats = []
+    handle = layer.register_forward_pre_hook(lambda module, args: feats.append(args[0].float()))
+    try:
+        for start in range(0, len(split.y), batch_size):
+            model(split.x[start:start + batch_size].to(device))
+    finally:
+        handle.remove()
+    f = torch.cat(feats)
+    return {"layer": name, "channels": layer.in_features, "num_channels": num_channels, "samples": f.shape[0],
+            "decov": decorrelation_loss(f, num_channels, "decov").item(),
+            "corr": decorrelation_loss(f, num_channels, "corr").item()}
 
 
 def evaluate(model: torch.nn.Module, split: data_mod.Split, *, fractions=None, fill: str = "uniform",
