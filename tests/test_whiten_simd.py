@@ -87,6 +87,11 @@ OP_CASES = [
     ((3, 200, 1, 1, 33), 100, "contiguous", torch.float32),
     ((2, 256, 15, 13), 128, "contiguous", torch.float32),
     ((2, 256, 260), 128, "contiguous", torch.bfloat16),
+    # above 128: reduce and dx through BLAS on the packed rows
+    ((2, 258, 11, 13), 129, "contiguous", torch.float32),
+    ((3, 320, 7, 9), 160, "channels_last", torch.float32),
+    ((2, 384, 33), 192, "contiguous", torch.float64),
+    ((2, 272, 5, 41), 136, "contiguous", torch.float16),
 ]
 
 
@@ -194,6 +199,8 @@ MODULE_CASES = [
     ((4, 128, 7, 9), 64, "contiguous", "newton"),
     ((3, 130, 9, 13), 100, "contiguous", "newton"),
     ((4, 160, 8, 9), 128, "contiguous", "newton"),
+    ((5, 300, 9, 11), 144, "contiguous", "newton"),         # groups of 144, 144, 12; BLAS above 128
+    ((6, 160, 7, 9), 160, "channels_last", "newton"),
 ]
 
 

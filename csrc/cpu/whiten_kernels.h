@@ -22,6 +22,10 @@
     /* over columns [0, n): sum[r] += the row's sum, lo[r] / hi[r] = min / max with the row's least and   \
        greatest value (NaN ignored) */                                                                       \
     void (*rowstats)(const T* x, int64_t ld, int64_t rows, int64_t n, T* sum, T* lo, T* hi);               \
+    /* dst[r][k] = xs[r][k] for k < n (x itself where mu is null and ic = 1), zeros to the end of its last \
+       vector; sums[r] += the row's sum where sums is not null */                                        \
+    void (*pack)(const T* x, int64_t ld, int64_t rows, int64_t n, const T* mu, T ic, T* dst, int64_t ldd,  \
+                 T* sums);                                                                                   \
     /* acc[i * d + j] += xs_i . xs_j for j >= i, acc[d * d + i] += sum of xs_i (acc: d * d + d) */         \
     void (*syrk)(const T* x, int64_t ld, int64_t d, int64_t n, const T* mu, T ic, T* acc, T* buf);         \
     /* acc[i * d + j] += g_i . xs_j for all i, j, acc[d * d + i] += sum of g_i */                           \
