@@ -40,10 +40,11 @@
 // at run time (SDECOR_CPU_ISA, torch.ops.sdecor.set_cpu_isa). Results depend on that choice in their
 // rounding only.
 //
-// Measured on a 2-core Xeon (AVX-512), (32, 256, 28, 28) float32, one thread: d = 16 forward + backward
-// 0.97x BatchNorm2d's time, eval 0.84x BatchNorm2d eval, group_cov 1.00x x.clone(); d = 64 forward +
-// backward 1.73x the flop floor (the five d x d x m products at the rate of a 2048^3 sgemm). The
-// BLAS products this replaces ran 16 x 16 x 784 products at 46-59 GFLOP/s: 1.8x BatchNorm2d at d = 16.
+// Measured on a shared 2-core Xeon (AVX-512), x (32, 256, 28, 28) float32, 2 threads, medians of
+// interleaved rounds (the BLAS version this replaced in parentheses): GroupWhitening d = 16 training
+// forward + backward 1.13x BatchNorm2d's time (2.03x), eval 0.88x BatchNorm2d eval (1.47x), group_cov
+// 0.83x x.clone() (2.18x); d = 64 forward + backward 1.91x the flop floor (2.63x), the five d x d x m
+// products at the rate of a 2048^3 sgemm. benchmarks/cpu_passes.py times the passes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
