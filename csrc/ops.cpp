@@ -10,6 +10,9 @@
 //                                        the CPU kernels of the native backend, defined with their own
 //                                        Meta, Autograd and Autocast kernels in whiten_cpu.cpp and
 //                                        topk_cpu.cpp (TORCH_LIBRARY_FRAGMENT)
+//   cpu_isa() -> str, set_cpu_isa(str name)
+//                                        the instruction set of the whitening microkernels in use, and
+//                                        forcing one (cpu/whiten_dispatch.cpp)
 // Kernels: CPU here (eigh_small.cpp); CUDA in eigh_small_cuda.cu when built with SDECOR_WITH_CUDA.
 // Meta kernels (shapes only) are registered here too, so fake tensors (torch.compile, opcheck) work
 // however the extension was loaded; so are the Autocast kernels (CPU, CUDA), so that eager and
@@ -24,6 +27,7 @@
 
 #include <string>
 
+#include "cpu/whiten_dispatch.h"
 #include "eigh_small.h"
 #include "no_autocast.h"
 
@@ -54,7 +58,9 @@ std::string build_info() {
 #else
   s += ";cuda=none;archs=none";
 #endif
-  s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx,native_topk_mask";
+  s += ";" + cpu::whiten_isa_info();
+  s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx,"
+       "native_topk_mask,cpu_isa,set_cpu_isa";
   return s;
 }
 
