@@ -8,7 +8,8 @@ Rule of :mod:`sdecor.ops`: the glue of a family's C++ ops (the autograd around
   tensors in C++ (``sdecor::native_whiten_stats`` / ``_apply`` / ``_reduce`` / ``_dx``,
   csrc/whiten_cpu.cpp): the statistics in one read of x (block statistics about each block's own
   centre and scale, combined by the parallel formula), the others as the torch passes, each on
-  cache-sized blocks of (group, samples) in parallel with BLAS for the d x d x block products, in a
+  cache-sized blocks of (group, samples) in parallel with register-blocked SIMD microkernels
+  (csrc/cpu/, one build per instruction set, chosen at run time) for the d x d x block products, in a
   fixed order whatever the thread count.
 - Eval (:func:`eval_native`): y = A (x - mean) + bias by ``native_whiten_apply``, its backward by the
   C++ passes.
