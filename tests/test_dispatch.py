@@ -64,7 +64,9 @@ def test_module_forward_checks_only_its_input(check_calls):
     gw = sdecor.GroupWhitening(8, 4)
     check_calls.clear()                    # the options were checked once, in __init__
     gw(_x())
-    assert dict(check_calls) == {"check_module_input:GroupWhitening": 1, "check_training_samples": 1}
+    # the input, and the layer's own tensors against it (device, floating point: metadata only)
+    assert dict(check_calls) == {"check_module_input:GroupWhitening": 1, "check_state:GroupWhitening": 1,
+                                 "check_training_samples": 1}
 
 
 def test_python_ops_share_one_namespace():
