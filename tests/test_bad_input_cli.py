@@ -18,27 +18,10 @@ from sdecor.masking import saliency
 from sdecor.cli.models import MODELS, build_model, check_group_size, layer_channels
 from sdecor.objective import SaliencyDecor
 
+from test_cli_output import no_work  # noqa: F401  (a fixture: fails a command that reads data, trains or times)
 from test_objective import _cnn
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test if a command reads data or trains; returns the list of what was called."""
-    called = []
-
-    def refuse(what):
-        def stub(*args, **kwargs):
-            called.append(what)
-            raise AssertionError(f"{what} ran although an option was bad")
-        return stub
-
-    monkeypatch.setattr(train.data_mod, "load", refuse("data.load"))
-    monkeypatch.setattr(train, "train_model", refuse("train_model"))
-    monkeypatch.setattr(demo, "load_dataset", refuse("demo.load_dataset"))
-    monkeypatch.setattr(demo, "train_model", refuse("demo.train_model"))
-    return called
 
 
 def run_cli(capsys, argv):
