@@ -73,14 +73,7 @@
 namespace sdecor {
 namespace {
 
-template <typename acc_t>
-const auto& kernels_of(const sdecor_whiten_isa& isa) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return isa.f64;
-  } else {
-    return isa.f32;
-  }
-}
+using cpu::kernels_of;
 
 // ---------------------------------------------------------------------------------------------------
 // layout

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _backend, _native
 from .._double_backward import graph_backward
-from .._layout import like_format, split_channels
+from .._layout import group_layout, like_format, split_channels
 from .._precision import no_autocast_function, stats_dtype
 from .._zca import ZCAWhitening, shifted_cov
 from . import whiten_torch
@@ -38,13 +38,12 @@ __all__ = ["NativePasses", "eigh_for", "eigh_native", "eval_native", "train_nati
 # training: the C++ passes
 
 
-class NativePasses:
+class NativePasses(whiten_torch.TorchPasses):
     """The passes of the native backend over one input x (N, C, *S) in groups of d | C
     (:class:`~sdecor.ops._whiten_passes.WhiteningPasses`): the C++ ops ``sdecor::native_whiten_*``
-    on x itself (any memory format), the d x d math of the torch backend."""
-
-    matrix = staticmethod(whiten_torch.TorchPasses.matrix)
-    matrix_grad = staticmethod(whiten_torch.TorchPasses.matrix_grad)
+    on x itself (any memory format); the d x d part of method="newton" by ``sdecor::native_newton``
+    and its backward (all groups in one call each way, csrc/newton_cpu.cpp), that of zca by the torch
+    backend's math."""
 
     def __init__(self, x: Tensor, d: int):
         self.x, self.d = x, d
@@ -67,6 +66,22 @@ class NativePasses:
         dx = torch.ops.sdecor.native_whiten_dx(dy.to(self.x.dtype), self.x, self.d, mean.contiguous(),
                                                c.reciprocal(), b.contiguous(), a.contiguous(), v.contiguous())
         return dx.to(dy.dtype)
+
+
+    @staticmethod
+    def whitening(cov, eps_s, method, T, C):
+        if method != "newton":
+            return whiten_torch.TorchPasses.whitening(cov, eps_s, method, T, C)
+        w, trace, hist = torch.ops.sdecor.native_newton(cov, eps_s, T, group_layout(C, cov.shape[-1])[1])
+        return w, (cov, trace, hist)
+
+    @staticmethod
+    def whitening_grad(grad_w, state, eps_s, method, T, C) -> Tensor:
+        if method != "newton":
+            return whiten_torch.TorchPasses.whitening_grad(grad_w, state, eps_s, method, T, C)
+        cov, trace, hist = state
+        return torch.ops.sdecor.native_newton_backward(grad_w, cov, eps_s, trace, hist, T,
+                                                       group_layout(C, grad_w.shape[-1])[1])
 
 
 def train_native(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight=None, bias=None):

@@ -321,16 +321,28 @@ class TorchPasses:
         return dx.reshape(dy.shape).to(dy.dtype)
 
     @staticmethod
-    def matrix(cov, c, method, eps, T, C):
-        inv_c = c.reciprocal()                                       # exact: c is a power of two
-        eps_s = scaled_eps(eps, inv_c)
+    def whitening(cov, eps_s, method, T, C):
+        """(W', state): W' = f(cov' + eps' I) of the groups of C channels in units of their scales
+        (:func:`whitening_scaled`), and what :meth:`whitening_grad` needs (a tuple of tensors)."""
         w, small, history = whitening_scaled(cov, eps_s, method, T, last_group_mask(cov, C))
-        return w * inv_c[:, None, None], (eps_s, *small, *history)
+        return w, (*small, *history)
 
     @staticmethod
-    def matrix_grad(grad_w, state, cov, c, method, eps, T, C) -> torch.Tensor:
+    def whitening_grad(grad_w, state, eps_s, method, T, C) -> torch.Tensor:
+        """dL/dSe' from dL/dW' (:func:`whitening_scaled_backward`; ``state`` from :meth:`whitening`)."""
+        return whitening_scaled_backward(grad_w, state, eps_s, method, T, last_group_mask(grad_w, C))
+
+    @classmethod
+    def matrix(cls, cov, c, method, eps, T, C):
+        inv_c = c.reciprocal()                                       # exact: c is a power of two
+        eps_s = scaled_eps(eps, inv_c)
+        w, state = cls.whitening(cov, eps_s, method, T, C)
+        return w * inv_c[:, None, None], (eps_s, *state)
+
+    @classmethod
+    def matrix_grad(cls, grad_w, state, cov, c, method, eps, T, C) -> torch.Tensor:
         eps_s, *rest = state
-        g = whitening_scaled_backward(grad_w, rest, eps_s, method, T, last_group_mask(cov, C))
+        g = cls.whitening_grad(grad_w, tuple(rest), eps_s, method, T, C)
         return g * c.reciprocal()[:, None, None]
 
 
@@ -339,8 +351,9 @@ class _GroupWhitenTrain(torch.autograd.Function):
     """Per group, in units of the power-of-two scale c (see :func:`_center_and_scale`):
     xs = (x - centre) / c, ms = mean(xs), Sigma' = Xs Xs^T / m - ms ms^T = Sigma / c^2,
     W' = f(Sigma' + (eps / c^2) I) = c W, y = A' (xs - ms) + b with A' = diag(w) W'. The backward is
-    the one of the module docstring in these units, and dx = dxs / c. The passes over x and dy are
-    those of ``passes`` (:class:`TorchPasses` or the native backend's).
+    the one of the module docstring in these units, and dx = dxs / c. The passes over x and dy and
+    the d x d whitening (``whitening`` / ``whitening_grad``) are those of ``passes``
+    (:class:`TorchPasses` or the native backend's).
 
     The extra work over unscaled statistics is the max and min of every channel in the mean pass
     and the scaling of x in the covariance pass and the two backward passes (all on blocks in cache).
@@ -355,7 +368,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
         run = passes(x, d)
         center, c, inv_c, ms, cov = run.statistics()
         eps_s = scaled_eps(eps, inv_c)
-        w, small, history = whitening_scaled(cov, eps_s, method, T)
+        w, state = passes.whitening(cov, eps_s, method, T, C)
         wg = None if weight is None else weight.to(cov.dtype).reshape(G, d)
         a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
         # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
@@ -371,7 +384,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype, passes)
         # x itself is saved (regrouped in backward): the double backward differentiates through it
-        ctx.save_for_backward(x, center, c, inv_c, ms, eps_s, w, a, weight, bias, *small, *history)
+        ctx.save_for_backward(x, center, c, inv_c, ms, eps_s, w, a, weight, bias, *state)
         ctx.mark_non_differentiable(mean, w_true)
         return y, mean, w_true
 
@@ -407,7 +420,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
             grad_w = gx_t
         if not need_x:
             return grad_x, grad_weight, grad_bias, *nones
-        grad_se = whitening_scaled_backward(grad_w, rest, eps_s, method, T)
+        grad_se = passes.whitening_grad(grad_w, tuple(rest), eps_s, method, T, G * d)
         inv_c3 = inv_c[:, None, None]
         s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
         a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
