@@ -8,7 +8,8 @@ module that owns it:
 
 - ``torch``: :class:`sdecor.ops.whiten_torch.TorchPasses` (blocked torch ops, d x d math in torch);
 - ``native``: :class:`sdecor.ops.whiten_native.NativePasses` (the C++ passes
-  ``sdecor::native_whiten_*``, the torch d x d math);
+  ``sdecor::native_whiten_*``; the Newton steps by ``sdecor::native_newton`` and its backward, the
+  zca math of torch);
 - ``triton``: :class:`sdecor.ops.whiten.TritonPasses` (the custom ops of the Triton kernels; the
   Newton-Schulz kernels or the ZCA math for the d x d part).
 
@@ -70,6 +71,17 @@ class WhiteningPasses(Protocol):
 
     def input_grad(self, dy: Tensor, mean: Tensor, c: Tensor, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
         """dx_j = B dy_j + A (x_j - mean) / c + v (a, b (G, d, d), v (G, d)), dy's shape and dtype."""
+
+    @staticmethod
+    def whitening(cov: Tensor, eps_s: Tensor, method: str, T: int, C: int) -> tuple[Tensor, tuple]:
+        """(W', state): W' = f(cov + eps_s I) in units of the scales (eps_s (G,) = eps / c^2) for the
+        groups of C channels, zeros in a smaller last group's padding, and what :meth:`whitening_grad`
+        needs (a tuple of tensors). Torch and native only: the single-process training Function of
+        :mod:`sdecor.ops.whiten_torch` calls it; triton's whiten_train runs its own kernels."""
+
+    @staticmethod
+    def whitening_grad(grad_w: Tensor, state: tuple, eps_s: Tensor, method: str, T: int, C: int) -> Tensor:
+        """dL/dSe' from dL/dW' for W' of :meth:`whitening` (torch and native only)."""
 
     @staticmethod
     def matrix(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int) -> tuple[Tensor, tuple]:

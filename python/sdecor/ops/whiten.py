@@ -20,8 +20,9 @@ itself). Backends:
   extension is built), group whitening in training and eval mode through the C++ passes of
   ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``: statistics in one read of x, apply in one read
   and one write, backward in two reads of (dy, x) and one write, parallel over groups and blocks of
-  samples with register-blocked SIMD microkernels for the d x d x block products), with the d x d
-  math and the autograd of :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca) the batched Jacobi eigensolver
+  samples with register-blocked SIMD microkernels for the d x d x block products), the Newton steps
+  of a layer in one op each way (``csrc/newton_cpu.cpp``), and the autograd of
+  :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca) the batched Jacobi eigensolver
   :func:`sdecor._native.eigh_small` with the stable ZCA backward (forced only on CPU), on CUDA also
   the eigensolver of the triton zca path.
 

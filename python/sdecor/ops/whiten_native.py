@@ -3,8 +3,10 @@
 Rule of :mod:`sdecor.ops`: the glue of a family's C++ ops (the autograd around
 ``torch.ops.sdecor.native_*`` and ``eigh_small``) lives in ``ops/<family>_native.py``.
 
-- Training (:func:`train_native`): the autograd Function of :mod:`sdecor.ops.whiten_torch` (the d x d
-  math and the hand-written backward) over :class:`NativePasses`, the four passes over the large
+- Training (:func:`train_native`): the autograd Function of :mod:`sdecor.ops.whiten_torch` (the
+  hand-written backward) over :class:`NativePasses`: the Newton steps of all groups and their reverse
+  in one C++ op each (``sdecor::native_newton`` / ``_backward``, csrc/newton_cpu.cpp; zca: the torch
+  backend's d x d math), and the four passes over the large
   tensors in C++ (``sdecor::native_whiten_stats`` / ``_apply`` / ``_reduce`` / ``_dx``,
   csrc/whiten_cpu.cpp): the statistics in one read of x (block statistics about each block's own
   centre and scale, combined by the parallel formula), the others as the torch passes, each on
