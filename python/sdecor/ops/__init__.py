@@ -12,7 +12,8 @@ Families:
 
 - :mod:`sdecor.ops.cov`: group_cov; native :mod:`sdecor.ops.cov_native`; torch: the reference
 - :mod:`sdecor.ops.whiten`: whitening_matrix, group_whiten, group_whiten_train / group_whiten_eval
-  (the GroupWhitening paths); torch :mod:`sdecor.ops.whiten_torch`, native
+  (the GroupWhitening paths); torch :mod:`sdecor.ops.whiten_torch` (its d x d part in
+  :mod:`sdecor.ops.whiten_scaled_torch`), native
   :mod:`sdecor.ops.whiten_native`; the passes of the training paths share the interface of
   :mod:`sdecor.ops._whiten_passes`; statistics synchronised over torch.distributed (SyncGroupWhitening)
   in :mod:`sdecor.ops.whiten_sync`
