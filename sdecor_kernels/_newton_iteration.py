@@ -1,13 +1,13 @@
 """The coupled Newton-Schulz iteration and its reverse mode as jit helpers, for matrices in registers
 or in tiles of a global scratch buffer; run by the kernels of :mod:`sdecor_kernels.newton` and by the
-statistics finalize kernel of :mod:`sdecor_kernels.stats` (W in the same program for BD <= 32).
+statistics finalize kernel of :mod:`sdecor_kernels.stats` (W in the same program, for every BD).
 
 Se = cov + eps I; Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z;
 W = Z_T / sqrt(tr(Se)). :func:`_ns_forward` runs the steps (keeping the iterates for the backward
 when asked), :func:`_ns_backward` their reverse mode, :func:`_newton_regs` W of a matrix in
-registers; the ``_mat_*`` operations take and return either storage, the ``_tiled_*`` ones work on
-BD x BD scratch in BT x BT tiles, and the ``_load_*`` / ``_store_*`` ones move a group's matrices
-between its d x d rows and the scratch.
+registers and :func:`_newton_tiled` W of a group's matrix in scratch tiles; the ``_mat_*`` operations
+take and return either storage, the ``_tiled_*`` ones work on BD x BD scratch in BT x BT tiles, and
+the ``_load_*`` / ``_store_*`` ones move a group's matrices between its d x d rows and the scratch.
 """
 
 from __future__ import annotations
@@ -264,6 +264,22 @@ def _newton_regs(S, eye, T, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     Z = _ns_forward(S / tr, eye, None, None, None, None, T, eye, S.shape[0], S.shape[0], USE_DOT, PREC,
                     True, False)
     return Z / tl.sqrt(tr)
+
+
+@triton.jit
+def _newton_tiled(cov_ptr, w_ptr, scratch, d, dg, eps, r, T, BD: tl.constexpr, BT: tl.constexpr,
+                  USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """w (d x d) = r W of Se = cov + eps I over the group's dg channels (cov: its d x d rows), the steps
+    on BD x BD scratch (Y, Z, M and a free buffer, 4 BD^2) in BT x BT tiles: W = Z_T / sqrt(tr(Se))."""
+    sz = BD * BD
+    Yp = scratch
+    Zp = Yp + sz
+    Mp = Zp + sz
+    Xp = Mp + sz
+    tr = _load_se_tiled(cov_ptr, Yp, Zp, d, dg, eps, BD, BT)
+    Z = _ns_forward(Yp, Zp, Mp, Xp, None, None, T, None, BD, BT, USE_DOT, PREC, False, False)
+    rs = 1.0 / tl.sqrt(tr)
+    _store_tiled(Z, w_ptr, rs * r, d, BD, BT)
 
 
 @triton.jit

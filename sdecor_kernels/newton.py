@@ -3,7 +3,9 @@
 W = Newton-Schulz(cov + eps I, T), the coupled iteration on Se = cov + eps I (one program per group):
 Y0 = Se / tr(Se), Z0 = I; step k: M = 1.5 I - 0.5 Z Y, Y' = Y M, Z' = M Z; W = Z_T / sqrt(tr(Se)).
 
-- ``newton_fwd_kernel`` grid (G,): W of cov + eps I.
+- ``newton_fwd_kernel`` grid (G,): W of cov + eps I, for whitening_matrix and for the W of
+  SyncGroupWhitening's combined statistics (a GroupWhitening training forward gets W from the
+  statistics finalize program instead, see :mod:`sdecor_kernels.stats`).
 - ``newton_bwd_kernel`` grid (G,): dL/dcov from dL/dW (the exact derivative of the coupled
   iteration, iterates kept in a global scratch buffer).
 
@@ -16,8 +18,9 @@ divided by c.
 
 For BD > 32 the Newton kernels keep their d x d matrices in a global scratch buffer between steps and
 multiply them in 32 x 32 tiles (three 64 x 64 fp32 matrices and the product operands spill). The
-iteration (``_ns_forward``, also run by group_stats_finalize_kernel) and its reverse mode
-(``_ns_backward``) are written once for both storages, in :mod:`sdecor_kernels._newton_iteration`.
+iteration (``_ns_forward``; with the scratch load and store, ``_newton_tiled``, also run by
+group_stats_finalize_kernel) and its reverse mode (``_ns_backward``) are written once for both
+storages, in :mod:`sdecor_kernels._newton_iteration`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SPEC_DS, MatrixConfig, _eye, _group_size, _inv_pow2, f32, launch, pow2, signature
-from ._newton_iteration import (_load_padded_tiled, _load_se_tiled, _newton_regs, _ns_backward, _ns_forward,
-                                _store_grad_tiled, _store_tiled, _tiled_axpy, _trace)
+from ._common import SPEC_DS, MatrixConfig, _eye, _group_size, _inv_pow2, f32, launch, signature
+from ._newton_iteration import (_load_padded_tiled, _load_se_tiled, _newton_regs, _newton_tiled, _ns_backward,
+                                _ns_forward, _store_grad_tiled, _tiled_axpy, _trace)
 
 __all__ = ["STATIC_SPECS", "NewtonBwdConfig", "NewtonFwdConfig", "newton_backward", "newton_forward"]
 
@@ -69,17 +72,8 @@ def newton_fwd_kernel(cov_ptr, w_ptr, scratch_ptr, scale_ptr, d, C, eps, T, HAS_
         tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W, mask=m2)
     else:
         # scratch per group: Y, Z, M, tmp, each BD x BD (padded, zero outside d x d)
-        sz = BD * BD
-        Yp = scratch_ptr + g.to(tl.int64) * 4 * sz
-        Zp = Yp + sz
-        Mp = Zp + sz
-        Xp = Mp + sz
-        tr = _load_se_tiled(cov_ptr + gd * d, Yp, Zp, d, dg, eps, BD, BT)
-        Z = _ns_forward(Yp, Zp, Mp, Xp, None, None, T, None, BD, BT, USE_DOT, PREC, False, False)
-        rs = 1.0 / tl.sqrt(tr)
-        if HAS_SCALE:
-            rs = rs * r
-        _store_tiled(Z, w_ptr + gd * d, rs, d, BD, BT)
+        _newton_tiled(cov_ptr + gd * d, w_ptr + gd * d, scratch_ptr + g.to(tl.int64) * 4 * BD * BD, d, dg, eps,
+                      r, T, BD, BT, USE_DOT, PREC)
 
 
 @triton.jit
@@ -244,9 +238,8 @@ STATIC_SPECS = [
     dict(name="newton_fwd_kernel", kernel=newton_fwd_kernel, ds=SPEC_DS,
          signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d C eps T", {"eps": "fp32"}),
          config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=False)),
-    # with a scale: the training path above REG_BD (below it, W comes from the statistics finalize)
-    dict(name="newton_fwd_kernel[HAS_SCALE]", kernel=newton_fwd_kernel,
-         ds=tuple(d for d in SPEC_DS if pow2(d) > REG_BD),
+    # with a scale: SyncGroupWhitening's W of the combined statistics (TritonPasses.matrix), every d
+    dict(name="newton_fwd_kernel[HAS_SCALE]", kernel=newton_fwd_kernel, ds=SPEC_DS,
          signature=signature("cov_ptr w_ptr scratch_ptr scale_ptr d C eps T", {"eps": "fp32"}),
          config=lambda d: dict(NewtonFwdConfig.for_group(d).meta(), HAS_SCALE=True)),
     dict(name="newton_bwd_kernel", kernel=newton_bwd_kernel, ds=SPEC_DS,

@@ -9,7 +9,10 @@ Notation: see :mod:`sdecor_kernels._common` (x read as (N, C, L) by three stride
   2^e a power-of-two scale grown with the largest |x - shift| seen (see ``_common._scale_exp``).
 - ``group_stats_finalize_kernel`` grid (G,): brings the P partials to the group's largest scale c and
   sums them in a fixed order (deterministic), writes mean, c and cov (or cov / c^2 with SCALED), and
-  with NEWTON runs the Newton-Schulz steps on cov / c^2 + eps / c^2 I and writes W (divided by c).
+  with NEWTON runs the Newton-Schulz steps on cov / c^2 + eps / c^2 I and writes W (divided by c):
+  in registers for BD <= newton.REG_BD, above it in 32 x 32 tiles of a global scratch buffer of 4 d x d
+  matrices per group (as newton_fwd_kernel), so that a training forward is these two launches and the
+  apply for every d.
 
 The scale keeps the statistics finite up to |x| ~ 3e38 (unscaled, xx^T overflows fp32 from |x| ~ 1e19);
 every factor is an exact power of two, so the sums are exactly those of the unscaled data times 4^-e,
@@ -22,6 +25,7 @@ as two halves of BD/2 rows (the whole product spills at BD = 128).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +34,8 @@ import triton.language as tl
 
 from . import newton
 from ._common import (BF16, SPEC_DS, X_ARGS, MatrixConfig, ReducePassConfig, _block_range, _exp2i, _eye,
-                      _group_size, _mm, _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, pow2,
-                      signature)
-from ._newton_iteration import _newton_regs
+                      _group_size, _mm, _scale_exp, _tile, _tile_rows, f32, flat_view, launch, pass_setup, signature)
+from ._newton_iteration import _newton_regs, _newton_tiled
 
 __all__ = ["STATIC_SPECS", "FinalizeConfig", "group_stats", "group_stats_newton"]
 
@@ -126,9 +129,9 @@ def group_stats_partial_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, d, C, m, L, sn, sc
 
 
 @triton.jit
-def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr, scale_ptr, w_ptr, d, C, m,
-                                sc, P, eps, T, SCALED: tl.constexpr, NEWTON: tl.constexpr,
-                                BD: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr, scale_ptr, w_ptr, scratch_ptr,
+                                d, C, m, sc, P, eps, T, SCALED: tl.constexpr, NEWTON: tl.constexpr,
+                                BD: tl.constexpr, BT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     g = tl.program_id(0)
     c = tl.arange(0, BD)
     cm = c < d
@@ -161,10 +164,18 @@ def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr
     if NEWTON:
         # W = W(cov / 4^e + eps / 4^e I) / 2^e: Newton-Schulz is homogeneous of degree -1/2 in Se
         r = _exp2i(-e)
-        # the identity of the group's own dg channels: a smaller last group's padding stays zero
-        eye = _eye(BD, dg)
-        W = _newton_regs(cov + (eps * r * r) * eye, eye, T, USE_DOT, PREC)
-        tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W * r, mask=m2)
+        if BD <= BT:
+            # the identity of the group's own dg channels: a smaller last group's padding stays zero
+            eye = _eye(BD, dg)
+            W = _newton_regs(cov + (eps * r * r) * eye, eye, T, USE_DOT, PREC)
+            tl.store(w_ptr + gd * d + c[:, None] * d + c[None, :], W * r, mask=m2)
+        else:
+            # the steps in BT x BT tiles of the group's scratch (Y, Z, M, tmp: 4 BD^2), from the
+            # cov / 4^e just stored: the barrier makes every thread's stores visible to the program
+            tl.static_assert(SCALED, "the tiled Newton-Schulz steps read the stored cov / 4^e")
+            tl.debug_barrier()
+            _newton_tiled(cov_ptr + gd * d, w_ptr + gd * d, scratch_ptr + g.to(tl.int64) * 4 * BD * BD, d, dg,
+                          eps * r * r, r, T, BD, BT, USE_DOT, PREC)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,12 +185,28 @@ def group_stats_finalize_kernel(x_ptr, s1_ptr, s2_ptr, ep_ptr, mean_ptr, cov_ptr
 @dataclass(frozen=True)
 class FinalizeConfig(MatrixConfig):
     """Constexprs and launch options of group_stats_finalize_kernel for group size d (the same on
-    every device; NEWTON is chosen per launch)."""
+    every device; NEWTON is chosen per launch). With NEWTON, the d x d matrices of the steps are in
+    registers for BD <= BT (BT = newton.TILE = newton.REG_BD), else in BT x BT tiles of a global
+    scratch buffer, as in newton_fwd_kernel. ``TABLE`` rows (largest BD, num_warps, num_stages), spill-free on sm_80 and
+    sm_90 in the static compile sweep, with and without NEWTON."""
+
+    BT: int = newton.TILE
+    # With NEWTON above BD = 32: at BD = 64, 8 warps and num_stages=1 spilled 72 bytes at 64 registers
+    # on sm_90 (2 stages: 80-122 registers, no spill); at BD = 128, 8 warps spilled at 128 registers
+    # (32 bytes on sm_80 with 1 stage, 92-96 with 2), 16 warps and 2 stages take 72-124 registers, no
+    # spill (without NEWTON 102-112, where 8 warps took 255).
+    TABLE = ((16, 4, 1), (32, 8, 1), (64, 8, 2), (math.inf, 16, 2))
 
     @classmethod
     def for_group(cls, d: int) -> "FinalizeConfig":
         blocks = cls.matrix_blocks(d)
-        return cls(**blocks, num_warps=4 if blocks["BD"] <= 16 else 8, num_stages=1)
+        warps, stages = next(row[1:] for row in cls.TABLE if blocks["BD"] <= row[0])
+        return cls(**blocks, BT=newton.TILE, num_warps=warps, num_stages=stages)
+
+    @property
+    def in_registers(self) -> bool:
+        """The Newton-Schulz matrices in registers (else in BT x BT tiles of a global scratch buffer)."""
+        return self.BD <= self.BT
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,17 +233,14 @@ def group_stats_scaled(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Ten
 def group_stats_newton(x: torch.Tensor, d: int, eps: float, T: int):
     """mean (G, d), cov / scale^2 (G, d, d), scale (G,) (see :func:`group_stats_scaled`) and W
     (G, d, d), the Newton-Schulz whitening matrix of cov + eps I (T steps), fp32, computed as
-    W(cov / scale^2 + eps / scale^2 I) / scale. W comes from the finalize launch when its matrices fit
-    in registers (BD <= newton.REG_BD), else from newton.newton_forward."""
-    mean, cov, scale, w = _group_stats(x, d, (eps, T), scaled=True)
-    if w is None:
-        w = newton.newton_forward(cov, eps, T, scale, x.shape[1])
-    return mean, cov, scale, w
+    W(cov / scale^2 + eps / scale^2 I) / scale, in the finalize launch for every d (its matrices in
+    registers for BD <= newton.REG_BD, else in tiles of a global scratch buffer)."""
+    return _group_stats(x, d, (eps, T), scaled=True)
 
 
 def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None, scaled: bool):
-    """(mean, cov, scale, W or None): cov / scale^2 when ``scaled``; W only when newton_args =
-    (eps, T) is given and fused in finalize."""
+    """(mean, cov, scale, W or None): cov / scale^2 when ``scaled``; W when newton_args = (eps, T) is
+    given (then ``scaled`` must be set: above REG_BD the steps read the stored cov / scale^2)."""
     x, sn, sc, sl, L = flat_view(x)
     C, dev = x.shape[1], x.device
     G = -(-C // d)
@@ -230,11 +254,14 @@ def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None,
     mean = f32(G, d, device=dev)
     cov = f32(G, d, d, device=dev)
     scale = f32(G, device=dev)
-    fused = newton_args is not None and BD <= newton.REG_BD
+    fin = FinalizeConfig.for_group(d)
+    fused = newton_args is not None
     w = f32(G, d, d, device=dev) if fused else cov
-    eps, T = newton_args if newton_args is not None else (0.0, 0)
-    launch(group_stats_finalize_kernel, (G,), x, s1, s2, ep, mean, cov, scale, w, d, C, m, sc, P, float(eps),
-           int(T), SCALED=scaled, NEWTON=fused, **FinalizeConfig.for_group(d).meta())
+    # the Newton-Schulz scratch of the tiled steps (else any fp32 tensor: not read)
+    scratch = f32(G, 4, BD, BD, device=dev) if fused and not fin.in_registers else scale
+    eps, T = newton_args if fused else (0.0, 0)
+    launch(group_stats_finalize_kernel, (G,), x, s1, s2, ep, mean, cov, scale, w, scratch, d, C, m, sc, P,
+           float(eps), int(T), SCALED=scaled, NEWTON=fused, **fin.meta())
     return mean, cov, scale, (w if fused else None)
 
 
@@ -242,7 +269,7 @@ def _group_stats(x: torch.Tensor, d: int, newton_args: tuple[float, int] | None,
 # ahead-of-time compilation specs (see sdecor_kernels.static); d = group size
 
 _PARTIAL_ARGS = f"x_ptr s1_ptr s2_ptr ep_ptr {X_ARGS} P"
-_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr ep_ptr mean_ptr cov_ptr scale_ptr w_ptr d C m sc P eps T"
+_FINALIZE_ARGS = "x_ptr s1_ptr s2_ptr ep_ptr mean_ptr cov_ptr scale_ptr w_ptr scratch_ptr d C m sc P eps T"
 _EP = {"ep_ptr": "*i32", "eps": "fp32"}
 
 STATIC_SPECS = [
@@ -251,8 +278,7 @@ STATIC_SPECS = [
     dict(name="group_stats_partial_kernel[bf16]", kernel=group_stats_partial_kernel, ds=SPEC_DS,
          signature=signature(_PARTIAL_ARGS, {**BF16, **_EP}),
          config=lambda d: ReducePassConfig.for_group(d, True).meta()),
-    dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel,
-         ds=tuple(d for d in SPEC_DS if pow2(d) <= newton.REG_BD),
+    dict(name="group_stats_finalize_kernel[NEWTON]", kernel=group_stats_finalize_kernel, ds=SPEC_DS,
          signature=signature(_FINALIZE_ARGS, _EP),
          config=lambda d: dict(FinalizeConfig.for_group(d).meta(), SCALED=True, NEWTON=True)),
     dict(name="group_stats_finalize_kernel", kernel=group_stats_finalize_kernel, ds=SPEC_DS,

@@ -165,8 +165,8 @@ def test_triton_backend_matches_reference(layout_case, method, device, poison):
 
 
 def test_triton_large_group_tiled_newton(device, poison):
-    """d above the Newton kernels' register limit (scratch tiles, unfused from the statistics) with
-    a smaller last group of 5 channels."""
+    """d above the Newton kernels' register limit (scratch tiles, in the statistics finalize program)
+    with a smaller last group of 5 channels."""
     x = _input((3, 45, 3), torch.float32, device=device)
     weight, bias = torch.rand(45, device=device) + 0.5, torch.randn(45, device=device)
     got = _backend_run("triton", x, 40, "newton", weight, bias, T=2)

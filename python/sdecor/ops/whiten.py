@@ -7,13 +7,14 @@ itself). Backends:
 - ``triton`` (CUDA tensors of float32/float16/bfloat16; CPU tensors only when forced under
   TRITON_INTERPRET=1): the custom ops below, each a launcher of :mod:`sdecor_kernels`, and their
   autograd; :class:`TritonPasses` are its passes of the training paths. Forward of
-  ``whiten_train``: statistics (one read of x; for d <= 32 the Newton-Schulz steps run in the same
-  finalize program) -> W -> apply (one read of x, one write of y). Backward: one pass over (dy, x) for
-  D = sum dy (x - mean)^T and sum dy, the d x d math (Newton backward kernel, or the stable ZCA
-  backward in torch), one pass over (dy, x) that writes dx. Nothing synchronises with the host
-  (except torch.linalg.eigh on CUDA for zca without the native extension). The statistics and the
-  d x d math of training run in units of a per-group power-of-two scale (exact, 1 for |x - shift| < 1),
-  so that y, W and dx stay finite up to |x| ~ 3e38, where the covariance overflows fp32 from 1e19.
+  ``whiten_train``: statistics (one read of x; for newton the Newton-Schulz steps run in the same
+  finalize program, for every d) -> W -> apply (one read of x, one write of y): 3 launches for newton.
+  Backward: one pass over (dy, x) for D = sum dy (x - mean)^T and sum dy, the d x d math (Newton
+  backward kernel, or the stable ZCA backward in torch), one pass over (dy, x) that writes dx.
+  Nothing synchronises with the host (except torch.linalg.eigh on CUDA for zca without the native
+  extension). The statistics and the d x d math of training run in units of a per-group power-of-two
+  scale (exact, 1 for |x - shift| < 1), so that y, W and dx stay finite up to |x| ~ 3e38, where the
+  covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
 - ``native``: :mod:`sdecor.ops.whiten_native`. On CPU tensors (picked automatically where the

@@ -17,8 +17,10 @@ counted here on CPU tensors with ``TRITON_INTERPRET=1`` and ``sdecor.use_backend
 
 Calls measured: a GroupWhitening training forward and its backward, each counted on its own (newton T=5
 and zca at d = 16 on a ResNet-18/CIFAR-10 layer (64, 64, 16, 16); a smaller last group, C = 56 at
-d = 16; newton at d = 64, whose Newton steps run in a kernel of their own); and ``topk_mask`` with
-each fill (ratio 0.5, one mask per sample shared by the channels, on a CIFAR-10 batch (128, 3, 32, 32)).
+d = 16; newton at d = 64, whose Newton steps run in the statistics finalize program in tiles of a
+scratch buffer, as those of d <= 32 run in its registers: 3 launches per pass either way); and
+``topk_mask`` with each fill (ratio 0.5, one mask per sample shared by the channels, on a CIFAR-10
+batch (128, 3, 32, 32)).
 Each configuration is called once on a small input first, so that one-time work is not counted.
 
 :func:`measure` runs in this process when the interpreter is on here, else :func:`measure_in_subprocess`
