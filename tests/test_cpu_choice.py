@@ -17,7 +17,7 @@ needs_native = pytest.mark.skipif(not _ext.available(), reason="the native exten
 N, T = "native", "torch"
 
 # Every cell, written out: op -> dtype -> backend per range of d (d <= 32, 33..64, 65..128, > 128),
-# or one backend for an op without a group size.
+# or one backend for an op without a group size. Measured with `sdecor bench --suite choice-cpu`.
 EXPECTED = {
     "group_cov": {
         "float32": (N, N, N, N),

@@ -6,8 +6,15 @@ for whitening_matrix the side d of the d x d matrices). The ranges are the colum
 :data:`D_BOUNDS`: d <= 32, 33 <= d <= 64, 65 <= d <= 128, d > 128. An op without a group size
 (topk_mask) has one backend per dtype.
 
-The entries keep the ops' previous CPU order: native wherever the op has C++ kernels, torch
-(LAPACK's eigh) for whitening_matrix; the Jacobi solver takes d <= 128 (:data:`MAX_D`).
+The entries come from a measurement,
+``python -m sdecor bench --suite choice-cpu --threads 2 --device cpu`` (:mod:`sdecor.cli.bench.choice`),
+which times both backends on every cell, prints the measured table beside this one with the cells
+where they disagree flagged, and prints the measured table as a literal to put here. The entries
+below are those of a run on a 2-core Intel Xeon shared with other work (--threads 2): native faster
+on every cell of group_cov, group whitening and topk_mask (the median native / torch time of a cell
+0.09x to 0.93x), torch (LAPACK's eigh) on every measured cell of whitening_matrix (1.03x to 16.8x);
+the Jacobi solver takes d <= 128 (:data:`MAX_D`). No op turned from one backend to the other
+between d = 8 and d = 256 in that run; the ranges are where a measurement may show such a turn.
 
 :func:`sdecor._backend.select` consults the table only for CPU tensors and only when no backend is
 forced; a choice the op cannot run (no extension built, a dtype its kernel does not take) gives way
