@@ -5,9 +5,13 @@ Selection order for an op:
 1. a backend forced by :func:`use_backend` (innermost context wins), else by ``SDECOR_BACKEND``;
    a forced backend that cannot run the op on the given tensors raises :class:`BackendUnavailableError`
    with the reason -- there is never a silent fallback;
-2. otherwise the fastest backend that can run: for CUDA tensors the op's GPU preference order, for CPU
-   tensors ``native`` where the op has a C++ kernel, else ``torch``. Triton runs on CPU tensors only
-   under ``TRITON_INTERPRET=1`` and is never picked automatically there (the interpreter is for tests).
+2. otherwise the fastest backend that can run: for CUDA tensors the first available of the op's GPU
+   preference order; for CPU tensors the backend that the measured choice table
+   (:mod:`sdecor._cpu_choice`) names for the op, the input's dtype and the group size d, and where it
+   cannot run (no extension built, a dtype its kernel does not take) or the table has no entry, the
+   first available of the op's CPU order (``native`` where the op has a C++ kernel, then ``torch``).
+   Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` and is never picked automatically
+   there (the interpreter is for tests).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import _ext
+from . import _cpu_choice, _ext
 
 BACKENDS = ("torch", "triton", "native")
 ENV_VAR = "SDECOR_BACKEND"
@@ -138,15 +142,17 @@ def available(device: torch.device | str = "cpu") -> list[str]:
 
 
 def select(op: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-           supports: Mapping[str, Sequence[str]]) -> str:
+           supports: Mapping[str, Sequence[str]], d: int | None = None) -> str:
     """Pick the backend for ``op`` on ``tensors`` (argument name -> tensor, or a sequence of tensors;
-    the first one gives the device).
+    the first one gives the device and, on the CPU, the dtype of the choice table's row).
 
     ``supports`` maps a device type to the backends that implement ``op`` there, in order of
     preference, e.g. ``{"cuda": ("triton", "torch"), "cpu": ("native", "torch"),
     "interpret": ("triton",)}``. ``"interpret"`` lists backends that can be forced on CPU tensors
     through the Triton interpreter but are never picked automatically. Triton runs only when every
     tensor has one of :data:`TRITON_DTYPES`: otherwise it is skipped, or, when forced, an error.
+    ``d``: the group size (the side of the d x d matrices for whitening_matrix), the column of the
+    CPU choice table; None reads only rows that do not depend on it.
     """
     if not isinstance(tensors, Mapping):
         tensors = {f"input {i}": t for i, t in enumerate(tensors)}
@@ -176,6 +182,10 @@ def select(op: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
         if why is not None:
             raise BackendUnavailableError(f"sdecor.{op}: the {want!r} backend cannot run: {why}")
         return want
+    if dev_type == "cpu":
+        first = _cpu_choice.choice(op, next(iter(tensors.values())).dtype, d)
+        if first in preferred:
+            preferred = (first,) + tuple(b for b in preferred if b != first)
     for backend in preferred:
         if reason(backend, device) is None:
             return backend

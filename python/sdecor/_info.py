@@ -1,4 +1,4 @@
-"""sdecor.info(): versions, backends and how the native extension was built."""
+"""sdecor.info(): versions, backends, the CPU choice table and how the native extension was built."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import _backend, _ext
+from . import _backend, _cpu_choice, _ext
 from ._version import __version__
 
 
@@ -33,8 +33,15 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "forced_backend": _backend.forced(),
         "backends": backends,
+        # the backend auto-selection runs on CPU tensors per op, dtype and range of d (where it can run)
+        "cpu_choice": _cpu_choice.table(),
         "extension": _ext.build_info() or {"error": _ext.error()},
     }
+
+
+def _inline(value) -> str:
+    """A third level of the report on one line: "d<=32 native, d<=64 torch" for a dict."""
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 def format_info(data: dict) -> str:
@@ -45,7 +52,7 @@ def format_info(data: dict) -> str:
             for k, v in value.items():
                 if isinstance(v, dict):
                     lines.append(f"  {k}:")
-                    lines.extend(f"    {kk}: {vv}" for kk, vv in v.items())
+                    lines.extend(f"    {kk}: {_inline(vv)}" for kk, vv in v.items())
                 else:
                     lines.append(f"  {k}: {v}")
         else:

@@ -3,7 +3,8 @@
 Public function -> backend table -> ``triton``: the op ``sdecor::group_cov`` (launcher
 :func:`sdecor_kernels.stats.group_stats`: one read of x) and its backward op
 ``sdecor::group_cov_backward`` (launcher :func:`sdecor_kernels.backward.whiten_bwd_dx` without dy),
-below; ``native`` (CPU tensors, picked automatically where the extension is built):
+below; ``native`` (CPU tensors; picked where the extension is built and the CPU choice table,
+:mod:`sdecor._cpu_choice`, names it for the dtype and d):
 :func:`sdecor.ops.cov_native.group_cov_native`, the C++ statistics pass (one read of x) and its
 backward; ``torch``: :func:`sdecor.reference.group_cov`. A backward with create_graph=True (double
 backward) differentiates the reference recomputed from the saved x instead of launching the backward
@@ -44,7 +45,7 @@ def group_cov(x: Tensor, num_channels: int, last_group: str = "even") -> tuple[T
 @no_autocast
 def run_group_cov(x: Tensor, num_channels: int) -> tuple[Tensor, Tensor]:
     """group_cov on the selected backend, for callers that checked the arguments."""
-    backend = _backend.select("group_cov", {"x": x}, SUPPORTS)
+    backend = _backend.select("group_cov", {"x": x}, SUPPORTS, num_channels)
     if backend == "triton":
         return group_cov_op(x, num_channels)
     if backend == "native":

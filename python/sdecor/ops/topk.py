@@ -9,8 +9,9 @@ Public function (checks once, picks the backend from ``SUPPORTS``) -> backends:
 - ``native``: :func:`sdecor.ops.topk_native.topk_mask_native`, the C++ op ``sdecor::native_topk_mask``
   of ``sdecor._C`` (``csrc/topk_cpu.cpp``: per sample, order-preserving score keys, the k-th key by a
   histogram of their top bits and nth_element within one bucket, then one pass writing the mask and
-  x_masked), with the autograd of the triton op. Picked automatically for CPU tensors of float32, float64, bfloat16 and float16 when the
-  extension is built; every output equals the torch backend's bit for bit, the uniform noise aside.
+  x_masked), with the autograd of the triton op. Takes CPU tensors of float32, float64, bfloat16 and
+  float16; picked where the extension is built and the CPU choice table (:mod:`sdecor._cpu_choice`)
+  names it for the dtype. Every output equals the torch backend's bit for bit, the uniform noise aside.
 - ``torch``: :func:`sdecor.ops.topk_torch.topk_mask_torch`, bit-identical to the reference.
 
 All backends give identical masks (ties by lower flat index, NaN ranked as the largest value,

@@ -17,15 +17,16 @@ itself). Backends:
   covariance overflows fp32 from 1e19.
 - ``torch``: :mod:`sdecor.ops.whiten_torch` for the whitening itself (torch ops, hand-written
   backward), the reference for whitening_matrix.
-- ``native``: :mod:`sdecor.ops.whiten_native`. On CPU tensors (picked automatically where the
-  extension is built), group whitening in training and eval mode through the C++ passes of
-  ``csrc/whiten_cpu.cpp`` (``sdecor::native_whiten_*``: statistics in one read of x, apply in one read
-  and one write, backward in two reads of (dy, x) and one write, parallel over groups and blocks of
-  samples with register-blocked SIMD microkernels for the d x d x block products), the Newton steps
-  of a layer in one op each way (``csrc/newton_cpu.cpp``), and the autograd of
-  :mod:`sdecor.ops.whiten_torch`; for whitening_matrix (zca) the batched Jacobi eigensolver
-  :func:`sdecor._native.eigh_small` with the stable ZCA backward (forced only on CPU), on CUDA also
-  the eigensolver of the triton zca path.
+- ``native``: :mod:`sdecor.ops.whiten_native`. On CPU tensors (picked where the extension is built
+  and the CPU choice table, :mod:`sdecor._cpu_choice`, names it for the dtype and d), group
+  whitening in training and eval mode through the C++ passes of ``csrc/whiten_cpu.cpp``
+  (``sdecor::native_whiten_*``: statistics in one read of x, apply in one read and one write,
+  backward in two reads of (dy, x) and one write, parallel over groups and blocks of samples with
+  register-blocked SIMD microkernels for the d x d x block products), the Newton steps of a layer in
+  one op each way (``csrc/newton_cpu.cpp``), and the autograd of :mod:`sdecor.ops.whiten_torch`; for
+  whitening_matrix (zca) the batched Jacobi eigensolver :func:`sdecor._native.eigh_small` with the
+  stable ZCA backward (on CPU where the choice table names it), on CUDA also the eigensolver of the
+  triton zca path.
 
 The passes of the training paths share one interface (:mod:`sdecor.ops._whiten_passes`), used by
 the single-process path and by SyncGroupWhitening (:mod:`sdecor.ops.whiten_sync`).
@@ -75,7 +76,8 @@ SUPPORTS = {
     "group_whiten_train": _TRITON_NATIVE,
     "group_whiten_eval": _TRITON_NATIVE,
     "whitening_matrix": _TRITON,                                      # method="newton"
-    # On CPU, LAPACK's eigh beats the Jacobi solver at these sizes: native only when forced.
+    # On CPU the choice table (sdecor._cpu_choice) picks between LAPACK's eigh and the Jacobi
+    # solver; without an entry, torch first.
     "whitening_matrix[zca]": {"cuda": ("native", "triton", "torch"), "cpu": ("torch", "native"),
                               "interpret": ("triton",)},
 }
@@ -91,7 +93,7 @@ def whitening_matrix(cov: Tensor, method: str = "newton", eps: float = 1e-5, T: 
     _checks.check_cov(cov)
     _checks.check_whitening_args(method, eps, T)
     key = "whitening_matrix[zca]" if method == "zca" else "whitening_matrix"
-    backend = _backend.select("whitening_matrix", {"cov": cov}, SUPPORTS[key])
+    backend = _backend.select("whitening_matrix", {"cov": cov}, SUPPORTS[key], cov.shape[-1])
     if backend == "native":
         return whiten_native.zca_matrix_native(cov, eps)
     if backend == "triton" and method == "newton" and math.prod(cov.shape[:-2]) > 0:
@@ -153,7 +155,7 @@ def group_whiten_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None
 def run_train(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight: Tensor | None,
               bias: Tensor | None, op: str = "group_whiten_train"):
     """(y, mean, wm) of :func:`group_whiten_train` on the selected backend; no argument checks."""
-    backend = _backend.select(op, {"x": x}, SUPPORTS[op])
+    backend = _backend.select(op, {"x": x}, SUPPORTS[op], num_channels)
     if backend == "triton":
         y, mean, w = whiten_train_op(x, num_channels, method, float(eps), T, weight, bias)[:3]
         return y, mean, w
@@ -167,7 +169,7 @@ def run_eval(x: Tensor, mean: Tensor, wm: Tensor, weight: Tensor | None, bias: T
     """:func:`group_whiten_eval` on the selected backend; no argument checks."""
     G, d = wm.shape[0], wm.shape[-1]
     mean = mean.reshape(G, d)
-    backend = _backend.select("group_whiten_eval", {"x": x}, SUPPORTS["group_whiten_eval"])
+    backend = _backend.select("group_whiten_eval", {"x": x}, SUPPORTS["group_whiten_eval"], d)
     if backend == "triton":
         return whiten_apply_op(x, mean.to(torch.float32), wm.to(torch.float32), weight, bias)
     if backend == "native":

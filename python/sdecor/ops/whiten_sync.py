@@ -213,6 +213,7 @@ def run_train_sync(x: Tensor, num_channels: int, method: str, eps: float, T: int
     ``group`` (None: the default process group), on the backend GroupWhitening would use; n the
     number of samples per channel on all ranks together (a 0-dim tensor). No argument checks: the
     caller checks before calling, so that bad input fails on every rank before the collective."""
-    backend = _backend.select("group_whiten_train", {"x": x}, whiten.SUPPORTS["group_whiten_train"])
+    backend = _backend.select("group_whiten_train", {"x": x}, whiten.SUPPORTS["group_whiten_train"],
+                              num_channels)
     return _SyncGroupWhitenTrain.apply(x, weight, bias, PASSES[backend], num_channels, method,
                                        float(eps), int(T), group)

@@ -6,7 +6,9 @@ reference, ``torch.compile`` of the reference, BatchNorm, a naive IterNorm, Sali
 Training's masking and ``torch.linalg.eigh``. Every fast path is checked against the reference on
 the same inputs before it is timed; one that disagrees is reported as MISMATCH and never timed.
 Shapes and suites (focused comparisons, ``--suite``): :mod:`sdecor.cli.bench.shapes`; the suite of
-whole training steps (``--suite steps-cpu``): :mod:`sdecor.cli.bench.steps`.
+whole training steps (``--suite steps-cpu``): :mod:`sdecor.cli.bench.steps`; the measurement of the
+CPU choice table, native against torch per (op, d, dtype) (``--suite choice-cpu``):
+:mod:`sdecor.cli.bench.choice`.
 
 CPU timing keeps freed memory in the process (glibc's mmap and trim thresholds raised with mallopt at
 start-up, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set: :mod:`sdecor.cli.bench.allocator`),
@@ -36,7 +38,7 @@ from pathlib import Path
 from ..._backend import BACKENDS
 from ..options import MAX_SEED, MAX_THREADS, Number, Parser, UsageError, check_numbers, int_list
 from ..output import OutputDir
-from . import steps
+from . import choice, steps
 from .ops import BASELINES, MODES
 from .shapes import DTYPES, OPS, SHAPES, SUITES
 
@@ -171,6 +173,8 @@ def settings_from_args(args: argparse.Namespace):
     baselines = ("reference",) if (args.baselines or "").strip().lower() == "none" else \
         _split(args.baselines, BASELINES, "baselines")
     suites = _split(args.suite, SUITES, "suite") or ()
+    if choice.SUITE in suites and device != "cpu":
+        raise UsageError("--suite", f"--suite {choice.SUITE} measures the CPU backends; add --device cpu")
     shapes = _split(args.shapes, None, "shapes") or ()
     names = [e["name"] for e in SHAPES]
     for pattern in shapes:
@@ -258,8 +262,11 @@ def _run_selected(args, settings) -> int:
         if steps.SUITE in settings.suites:
             for name in steps.PATHS:
                 print(f"{steps.OP:<20} {name:<36} {steps.StepConfig().describe()}")
+        if choice.SUITE in settings.suites:
+            for case in choice.cases(choice.QUICK if settings.quick else choice.ChoiceConfig()):
+                print(f"{choice.OP:<20} {case.name() + '-' + case.dtype:<36} {case.describe()} {case.mode}")
         return 0
-    if not entries and steps.SUITE not in settings.suites:
+    if not entries and not {steps.SUITE, choice.SUITE} & set(settings.suites):
         print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
               file=sys.stderr)
         return 2
@@ -300,6 +307,8 @@ def _run_bench(args, settings) -> int:
         records = harness.run(settings)
         if steps.SUITE in settings.suites:
             records += steps.run(settings)
+        if choice.SUITE in settings.suites:
+            records += choice.run(settings)
     except BaseException:
         if out is not None:
             out.discard()                         # only folders prepare made, still empty
@@ -311,7 +320,10 @@ def _run_bench(args, settings) -> int:
         print("sdecor bench: error: --ops, --shapes, --suite, --quick: nothing selected together (see --list)",
               file=sys.stderr)
         return 2
-    print(report.format_table(records, env, markdown=args.markdown))
+    # the choice suite's cases have their own tables: both backends per row, and the choice table
+    print(report.format_table([r for r in records if r["op"] != choice.OP], env, markdown=args.markdown))
+    if any(r["op"] == choice.OP for r in records):
+        print(choice.format_choice(records))
     code = 0
     if out is not None:
         # the curated set is the JSON and the plots; the CSV (the same numbers) stays in run folders
@@ -319,7 +331,7 @@ def _run_bench(args, settings) -> int:
         if not args.no_plot:
             from .plot import render_op
 
-            for op in dict.fromkeys(r["op"] for r in records):
+            for op in dict.fromkeys(r["op"] for r in records if r["op"] != choice.OP):
                 png = render_op(records, op, env)
                 if png is not None:
                     files[f"{env['device_slug']}-{op}.png"] = png

@@ -228,7 +228,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
             clear_grads(ref_prep.leaves)
         ref_canon = spec.canon(ref_outs, e)
     except Exception as exc:  # without the oracle nothing of this case can be checked or timed
-        why = f"the reference failed, nothing checked: {_one_line(exc)}"
+        why = f"the reference failed, nothing checked: {one_line(exc)}"
         log(f"    {why}")
         return [record(ref_impl, m, STATUS_ERROR, reason=why) for m in modes]
     out_names = [f"output {j}" for j in range(len(ref_canon))]
@@ -275,7 +275,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
             out += [record(impl, m, STATUS_SKIPPED, reason=str(exc)) for m in modes]
             continue
         except Exception as exc:  # a path that fails is reported, and the other paths still run
-            why = _one_line(exc)
+            why = one_line(exc)
             out += [record(impl, m, STATUS_ERROR, reason=why) for m in modes]
             log(f"    {impl.name}: error, {why}")
             continue
@@ -298,7 +298,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
                 clear_grads(prep.leaves)
                 fns.append((impl, fn, prep.leaves))
             except Exception as exc:
-                failed[impl.name] = _one_line(exc)
+                failed[impl.name] = one_line(exc)
         flops = spec.flops(e, m) if matmul is not None else None
         mm = matmul() if flops is not None and fns else None
         timed, mm_time = {}, None
@@ -307,7 +307,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
                 try:
                     timed[impl.name] = time_gpu(fn, leaves)
                 except Exception as exc:
-                    failed[impl.name] = _one_line(exc)
+                    failed[impl.name] = one_line(exc)
             if mm is not None:
                 mm_time = time_gpu(mm["fn"], [])
         elif fns:
@@ -318,7 +318,7 @@ def _run_case(settings, spec, e, dtype, modes, device, compile_here, log, matmul
                 timed = {impl.name: t for (impl, _, _), t in zip(fns, results)}
                 mm_time = results[-1] if mm is not None else None
             except Exception as exc:
-                failed.update({impl.name: _one_line(exc) for impl, _, _ in fns})
+                failed.update({impl.name: one_line(exc) for impl, _, _ in fns})
         del fns
         nbytes = spec.bytes(e, dtype, m)
         for impl, _, errs in ready:
@@ -356,7 +356,8 @@ def floor_record(base: dict, mode: str, flops: int, n: int, rate: float) -> dict
                 reason="", flops=flops, matmul_n=n, matmul_flops_per_s=rate)
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
+    """The exception in one line of at most 300 characters: its type and the first line of its text."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 

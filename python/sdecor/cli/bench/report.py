@@ -221,7 +221,7 @@ def format_table(records: list[dict], env: dict, markdown: bool = False) -> str:
         lines.append(f"### {op}" if markdown else f"== {op} ==")
         if markdown:
             lines.append("")
-        lines += _render(head, rows, markdown)
+        lines += render_rows(head, rows, markdown)
         legend = {}
         for r in rs:
             if r["status"] != "skipped":
@@ -327,7 +327,7 @@ def format_targets(records: list[dict], env: dict, markdown: bool = False) -> li
         lines.append(f"{op} {rs[0]['shape_desc']}, {mode}" + (f" (not measured: {', '.join(missing)})" if missing else ""))
         if markdown:
             lines.append("")
-        lines += _render(head, rows, markdown)
+        lines += render_rows(head, rows, markdown)
     return lines
 
 
@@ -343,7 +343,8 @@ def _short(text: str, n: int = 100) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def _render(head, rows, markdown) -> list[str]:
+def render_rows(head, rows, markdown) -> list[str]:
+    """A table as lines: Markdown, or columns padded to their widest cell."""
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -41,7 +41,11 @@ the target is at most ``bound``) or "speedup" (baseline time / path time, at lea
   (d <= 32: one batched Jacobi call; d > 32: one solver call per matrix), X X^T / m with m = 3d + 1;
 * ``steps-cpu``: whole training steps of ResNet-18 (BatchNorm, GroupWhitening, IterNorm, Saliency
   Guided Training, SaliencyDecor); no per-op entries, its paths and targets are in
-  :mod:`sdecor.cli.bench.steps`.
+  :mod:`sdecor.cli.bench.steps`;
+* ``choice-cpu``: native against torch for every cell (op, dtype, range of d) of the CPU choice
+  table :data:`sdecor._cpu_choice.CHOICE`, and the measured table beside it; no per-op entries, its
+  cases are in :mod:`sdecor.cli.bench.choice` (CPU only, every dtype of the table whatever
+  ``--dtypes`` says).
 
 The GroupWhitening training entries of ``groupwhitening-cpu`` also carry ``compiled_iternorm``: the
 naive IterNorm under torch.compile (``iternorm-compile``, what a user tries first) is measured there,
@@ -62,7 +66,7 @@ OPS = (
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh", "steps-cpu")
+SUITES = ("groupwhitening-cpu", "topk-cpu", "eigh", "steps-cpu", "choice-cpu")
 
 # (network, stage, N, C, spatial)
 _R18_CIFAR = [
