@@ -41,6 +41,7 @@ struct F32 {
   static void stream(T* p, V v) { _mm256_stream_ps(p, v); }
   static void fence() { _mm_sfence(); }
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
   static void storen(T* p, V v, int64_t n) { _mm256_maskstore_ps(p, mask(n), v); }
   static V keepn(V v, int64_t n) { return _mm256_and_ps(v, _mm256_castsi256_ps(mask(n))); }
   static V zero() { return _mm256_setzero_ps(); }
@@ -103,6 +104,7 @@ struct F64 {
   static void stream(T* p, V v) { _mm256_stream_pd(p, v); }
   static void fence() { _mm_sfence(); }
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
   static void storen(T* p, V v, int64_t n) { _mm256_maskstore_pd(p, mask(n), v); }
   static V keepn(V v, int64_t n) { return _mm256_and_pd(v, _mm256_castsi256_pd(mask(n))); }
   static V zero() { return _mm256_setzero_pd(); }

@@ -37,6 +37,7 @@ struct F32 {
   static void stream(T* p, V v) { _mm512_stream_ps(p, v); }
   static void fence() { _mm_sfence(); }
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
   static void storen(T* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static V keepn(V v, int64_t n) { return _mm512_maskz_mov_ps(mask(n), v); }
   static V zero() { return _mm512_setzero_ps(); }
@@ -82,6 +83,7 @@ struct F64 {
   static void stream(T* p, V v) { _mm512_stream_pd(p, v); }
   static void fence() { _mm_sfence(); }
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
   static void storen(T* p, V v, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), v); }
   static V keepn(V v, int64_t n) { return _mm512_maskz_mov_pd(mask(n), v); }
   static V zero() { return _mm512_setzero_pd(); }
