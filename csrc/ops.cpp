@@ -6,7 +6,8 @@
 //                                        batched symmetric eigendecomposition of (..., d, d), d <= 128,
 //                                        float32/float64, reading the lower triangle; eigenvalues
 //                                        ascending (..., d), eigenvectors as columns (..., d, d).
-//   native_whiten_stats / _apply / _reduce / _dx, native_newton / _backward, native_topk_mask
+//   native_whiten_stats / _apply / _reduce / _dx, native_newton / _backward / _train / _train_backward,
+//                                        native_topk_mask
 //                                        the CPU kernels of the native backend, defined with their own
 //                                        Meta, Autograd and Autocast kernels in whiten_cpu.cpp and
 //                                        topk_cpu.cpp (TORCH_LIBRARY_FRAGMENT)
@@ -60,7 +61,7 @@ std::string build_info() {
 #endif
   s += ";" + cpu::whiten_isa_info();
   s += ";ops=build_info,eigh_small,native_whiten_stats,native_whiten_apply,native_whiten_reduce,native_whiten_dx,"
-       "native_topk_mask,native_newton,native_newton_backward,cpu_isa,set_cpu_isa";
+       "native_topk_mask,native_newton,native_newton_backward,native_newton_train,native_newton_train_backward,cpu_isa,set_cpu_isa";
   return s;
 }
 

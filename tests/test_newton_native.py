@@ -197,9 +197,92 @@ def _profiled_step(T):
 
 
 def test_the_native_training_path_runs_them():
-    """GroupWhitening's native training forward and backward call the two ops once each (all groups),
-    and run no other op per Newton step: the op counts do not depend on T."""
+    """GroupWhitening's native training forward and backward run the d x d part in one op each (all
+    groups, with the affine terms around the Newton steps), and no other op per Newton step: the op
+    counts do not depend on T."""
     names = _profiled_step(5)
-    assert names.count("sdecor::native_newton") == 1
-    assert names.count("sdecor::native_newton_backward") == 1
+    assert names.count("sdecor::native_newton_train") == 1
+    assert names.count("sdecor::native_newton_train_backward") == 1
+    assert "aten::bmm" not in names and "aten::matmul" not in names
     assert sorted(names) == sorted(_profiled_step(1)) == sorted(_profiled_step(9))
+
+
+def _train_inputs(G, d, dtype, log2_scale=0, seed=4):
+    """Statistics as native_whiten_stats gives them (units of power-of-two scales c = 2^log2_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    cov = torch.nan_to_num(_cov(G, d, d, torch.float64, seed=seed), nan=0.0).to(dtype)
+    ms = (torch.randn(G, d, generator=gen, dtype=torch.float64) * 0.1).to(dtype)
+    center = torch.randn(G, d, generator=gen, dtype=torch.float64).to(dtype) * 2.0 ** log2_scale
+    c = torch.full((G,), 2.0 ** log2_scale, dtype=dtype)
+    return ms, center, c, c.reciprocal(), cov
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("d,log2_scale,T", [(16, 0, 5), (8, 60, 3), (33, -40, 4), (1, 0, 2), (64, 10, 0)])
+def test_train_ops_match_the_torch_formulation(isa, dtype, affine, d, log2_scale, T):
+    """native_newton_train and its backward against TorchPasses.train_matrix / train_matrix_grad (the same
+    d x d part written as torch ops) on the same statistics."""
+    G = 3
+    ms, center, c, inv_c, cov = _train_inputs(G, d, dtype, log2_scale)
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.rand(G * d, generator=gen, dtype=torch.float64) + 0.5).to(dtype) if affine in ("weight", "both") else None
+    bias = torch.randn(G * d, generator=gen, dtype=torch.float64).to(dtype) if affine in ("bias", "both") else None
+    from sdecor.ops._whiten_passes import ScaledStats
+
+    stats = ScaledStats(center, c, inv_c, ms, cov)
+    eps = 1e-5
+    got = whiten_native.NativePasses.train_matrix(stats, weight, bias, "newton", eps, T)
+    want = whiten_torch.TorchPasses.train_matrix(stats, weight, bias, "newton", eps, T)
+    for name, g, w in zip(("w", "a", "a_apply", "shift", "mean", "w_true", "eps_s"), got[:7], want[:7]):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, **tol(dtype), msg=name)
+    m = 1000
+    gx = torch.randn(G, d, d, generator=gen, dtype=torch.float64).to(dtype)
+    gsum = torch.randn(G, d, generator=gen, dtype=torch.float64).to(dtype)
+    w_, a_ = want[0], want[1]
+    got_b = whiten_native.NativePasses.train_matrix_grad(gx, gsum, ms, w_, a_, weight, inv_c, m, got[7], got[6],
+                                                          "newton", T)
+    want_b = whiten_torch.TorchPasses.train_matrix_grad(gx, gsum, ms, w_, a_, weight, inv_c, m, want[7], want[6],
+                                                         "newton", T)
+    for name, g, w in zip(("grad_weight", "s2", "a_t", "shift"), got_b, want_b):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == w.shape, name
+        t = tol(dtype)
+        torch.testing.assert_close(g, w, rtol=t["rtol"], atol=t["atol"] * w.abs().max().item(), msg=name)
+
+
+def test_train_ops_errors_name_the_argument():
+    G, d = 2, 4
+    ms, center, c, inv_c, cov = _train_inputs(G, d, torch.float32)
+    op = torch.ops.sdecor.native_newton_train
+    with pytest.raises(RuntimeError, match="ms must be Float of shape \\[2, 4\\]"):
+        op(cov, ms[:, :3], center, c, inv_c, 1e-5, 5, None, None)
+    with pytest.raises(RuntimeError, match="inv_scale must be Float of shape \\[2\\]"):
+        op(cov, ms, center, c, inv_c.double(), 1e-5, 5, None, None)
+    with pytest.raises(RuntimeError, match="weight must be Float of shape \\(8,\\)"):
+        op(cov, ms, center, c, inv_c, 1e-5, 5, torch.ones(7), None)
+    with pytest.raises(RuntimeError, match="T must be >= 0"):
+        op(cov, ms, center, c, inv_c, 1e-5, -2, None, None)
+    w, a, _, _, _, _, eps_s, trace, hist = op(cov, ms, center, c, inv_c, 1e-5, 5, None, None)
+    back = torch.ops.sdecor.native_newton_train_backward
+    gx, gsum = torch.ones(G, d, d), torch.ones(G, d)
+    with pytest.raises(RuntimeError, match="hist must be Float of shape \\(2, 10, 4, 4\\)"):
+        back(gx, gsum, ms, w, None, inv_c, cov, eps_s, trace, hist, 3, 10)
+    with pytest.raises(RuntimeError, match="m must be >= 1"):
+        back(gx, gsum, ms, w, None, inv_c, cov, eps_s, trace, hist, 5, 0)
+    with pytest.raises(RuntimeError, match="gx must have shape \\(2, 4, 4\\)"):
+        back(gx[:1], gsum, ms, w, None, inv_c, cov, eps_s, trace, hist, 5, 10)
+
+
+def test_train_ops_meta():
+    G, d = 3, 8
+    meta = dict(device="meta")
+    cov, v, s = torch.empty(G, d, d, **meta), torch.empty(G, d, **meta), torch.empty(G, **meta)
+    out = torch.ops.sdecor.native_newton_train(cov, v, v, s, s, 1e-5, 4, None, None)
+    assert [tuple(t.shape) for t in out] == [(G, d, d)] * 3 + [(G, d)] * 2 + [(G, d, d), (G,), (G,), (G, 13, d, d)]
+    gw, s2, a_t, shift = torch.ops.sdecor.native_newton_train_backward(
+        cov, v, v, cov, torch.empty(G * d, **meta), s, cov, s, s, out[-1], 4, 100)
+    assert gw.shape == (G * d,) and s2.shape == (G, d, d) and a_t.shape == (G, d, d) and shift.shape == (G, d)

@@ -83,6 +83,16 @@ class WhiteningPasses(Protocol):
     def whitening_grad(grad_w: Tensor, state: tuple, eps_s: Tensor, method: str, T: int, C: int) -> Tensor:
         """dL/dSe' from dL/dW' for W' of :meth:`whitening` (torch and native only)."""
 
+    @classmethod
+    def train_matrix(cls, stats: ScaledStats, weight, bias, method: str, eps: float, T: int) -> tuple:
+        """The d x d part of a single-process training forward around :meth:`whitening`: (w, a, a_apply,
+        shift, mean, w_true, eps_s, state) (torch and native only; see TorchPasses)."""
+
+    @classmethod
+    def train_matrix_grad(cls, gx, gsum, ms, w, a, weight, inv_c, m: int, state: tuple, eps_s, method: str,
+                          T: int) -> tuple:
+        """Its backward: (grad_weight, s2, a_t, shift) for :meth:`input_grad` (torch and native only)."""
+
     @staticmethod
     def matrix(cov: Tensor, c: Tensor, method: str, eps: float, T: int, C: int) -> tuple[Tensor, tuple]:
         """(W, state): W (true units) of Se = cov c^2 + eps I for the groups of C channels (cov in

@@ -44,7 +44,8 @@ class NativePasses(whiten_torch.TorchPasses):
     """The passes of the native backend over one input x (N, C, *S) in groups of d | C
     (:class:`~sdecor.ops._whiten_passes.WhiteningPasses`): the C++ ops ``sdecor::native_whiten_*``
     on x itself (any memory format); the d x d part of method="newton" by ``sdecor::native_newton``
-    and its backward (all groups in one call each way, csrc/newton_cpu.cpp), that of zca by the torch
+    and its backward (all groups in one call each way, csrc/newton_cpu.cpp), in a training step with
+    the affine terms around it (``native_newton_train`` and its backward); that of zca by the torch
     backend's math."""
 
     def __init__(self, x: Tensor, d: int):
@@ -84,6 +85,25 @@ class NativePasses(whiten_torch.TorchPasses):
         cov, trace, hist = state
         return torch.ops.sdecor.native_newton_backward(grad_w, cov, eps_s, trace, hist, T,
                                                        group_layout(C, grad_w.shape[-1])[1])
+
+    @classmethod
+    def train_matrix(cls, stats, weight, bias, method, eps, T):
+        if method != "newton":
+            return super().train_matrix(stats, weight, bias, method, eps, T)
+        center, c, inv_c, ms, cov = stats
+        sd = cov.dtype
+        w, a, a_apply, shift, mean, w_true, eps_s, trace, hist = torch.ops.sdecor.native_newton_train(
+            cov, ms, center, c, inv_c, float(eps), T, None if weight is None else weight.to(sd),
+            None if bias is None else bias.to(sd))
+        return w, a, a_apply, shift, mean, w_true, eps_s, (cov, trace, hist)
+
+    @classmethod
+    def train_matrix_grad(cls, gx, gsum, ms, w, a, weight, inv_c, m, state, eps_s, method, T):
+        if method != "newton":
+            return super().train_matrix_grad(gx, gsum, ms, w, a, weight, inv_c, m, state, eps_s, method, T)
+        cov, trace, hist = state
+        return torch.ops.sdecor.native_newton_train_backward(
+            gx, gsum, ms, w, None if weight is None else weight.to(w.dtype), inv_c, cov, eps_s, trace, hist, T, m)
 
 
 def train_native(x: Tensor, num_channels: int, method: str, eps: float, T: int, weight=None, bias=None):

@@ -242,6 +242,41 @@ class TorchPasses:
         return whitening_scaled_backward(grad_w, state, eps_s, method, T, last_group_mask(grad_w, C))
 
     @classmethod
+    def train_matrix(cls, stats: ScaledStats, weight, bias, method, eps, T):
+        """The d x d part of a training forward on groups of d | C channels from ``stats`` (units of
+        the scales c): (w, a, a_apply, shift, mean, w_true, eps_s, state) with eps' = eps / c^2
+        (:func:`scaled_eps`), W' = f(cov' + eps' I) (:meth:`whitening`; ``state`` its state),
+        A' = diag(weight) W', shift = bias - A' ms (G, d), a_apply = A' / c, mean = center + c ms,
+        w_true = W' / c."""
+        center, c, inv_c, ms, cov = stats
+        G, d = ms.shape
+        eps_s = scaled_eps(eps, inv_c)
+        w, state = cls.whitening(cov, eps_s, method, T, G * d)
+        a = w if weight is None else weight.to(cov.dtype).reshape(G, d).unsqueeze(-1) * w
+        shift = -(a @ ms.unsqueeze(-1))
+        if bias is not None:
+            shift = shift + bias.to(cov.dtype).reshape(G, d, 1)
+        inv_c3 = inv_c[:, None, None]
+        return w, a, a * inv_c3, shift.reshape(G, d), center + c[:, None] * ms, w * inv_c3, eps_s, state
+
+    @classmethod
+    def train_matrix_grad(cls, gx, gsum, ms, w, a, weight, inv_c, m, state, eps_s, method, T):
+        """Its backward from the reduce pass's (D / c, s = sum dy): (grad_weight, s2, a_t, shift) with
+        GX' = D / c - s ms^T, grad_weight = rowsum(GX' o W') (G * d, None without weight), dL/dSe'
+        from dL/dW' = diag(weight) GX' (:meth:`whitening_grad`), s2 = (2 / m) sym(dL/dSe') / c,
+        a_t = A'^T / c and shift = -a_t s / m - s2 ms (G, d): the input_grad pass's terms."""
+        G, d = ms.shape
+        gx_t = gx - gsum.unsqueeze(-1) * ms.unsqueeze(-2)
+        grad_weight = None if weight is None else (gx_t * w).sum(-1).reshape(-1)
+        grad_w = gx_t if weight is None else weight.to(w.dtype).reshape(G, d).unsqueeze(-1) * gx_t
+        grad_se = cls.whitening_grad(grad_w, state, eps_s, method, T, G * d)
+        inv_c3 = inv_c[:, None, None]
+        s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
+        a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
+        shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)
+        return grad_weight, s2, a_t, shift.squeeze(-1)
+
+    @classmethod
     def matrix(cls, cov, c, method, eps, T, C):
         inv_c = c.reciprocal()                                       # exact: c is a power of two
         eps_s = scaled_eps(eps, inv_c)
@@ -275,20 +310,13 @@ class _GroupWhitenTrain(torch.autograd.Function):
         G = C // d
         m = N * math.prod(x.shape[2:])
         run = passes(x, d)
-        center, c, inv_c, ms, cov = run.statistics()
-        eps_s = scaled_eps(eps, inv_c)
-        w, state = passes.whitening(cov, eps_s, method, T, C)
-        wg = None if weight is None else weight.to(cov.dtype).reshape(G, d)
-        a = w if wg is None else wg.unsqueeze(-1) * w                # A' = diag(weight) W'
+        stats = run.statistics()
+        center, c, inv_c, ms, cov = stats
         # y = A' (xs - ms) + b = A (x - centre) + (b - A' ms) with A = A' / c: the apply pass needs
         # no scaling (A ~ 1 / std is in range wherever y is); it is the whiten pass with W = A, mean =
         # centre and bias = b - A' ms
-        shift = -(a @ ms.unsqueeze(-1))
-        if bias is not None:
-            shift = shift + bias.to(cov.dtype).reshape(G, d, 1)
-        y = run.whiten(center, a * inv_c[:, None, None], None, shift.reshape(-1))
-        mean = center + c[:, None] * ms
-        w_true = w * inv_c[:, None, None]                            # W = W' / c
+        w, a, a_apply, shift, mean, w_true, eps_s, state = passes.train_matrix(stats, weight, bias, method, eps, T)
+        y = run.whiten(center, a_apply, None, shift.reshape(-1))
 
         ctx.meta = (method, eps, T, N, G, d, m, weight is not None, bias is not None,
                     None if bias is None else bias.dtype, passes)
@@ -315,27 +343,20 @@ class _GroupWhitenTrain(torch.autograd.Function):
             return grad_x, grad_weight, grad_bias, *nones
         run = passes(x, d)
         # one blocked pass: sum gy and GX' = sum gy (xs - ms)^T
-        gx_t, gsum = run.reduce_grad(grad_y, center, c)
-        gx_t -= gsum.unsqueeze(-1) * ms.unsqueeze(-2)
+        gx, gsum = run.reduce_grad(grad_y, center, c)
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
-        if has_weight:
-            wg = weight.to(sd).reshape(G, d)
-            if need_weight:
-                # sum_j gy W (x_j - mean) = rowsum(GX' o W'): the scales cancel
-                grad_weight = (gx_t * w).sum(-1).reshape(-1).to(weight.dtype)
-            grad_w = wg.unsqueeze(-1) * gx_t                          # dL/dW'
-        else:
-            grad_w = gx_t
         if not need_x:
+            # sum_j gy W (x_j - mean) = rowsum(GX' o W'): the scales cancel
+            gx_t = gx - gsum.unsqueeze(-1) * ms.unsqueeze(-2)
+            grad_weight = (gx_t * w).sum(-1).reshape(-1).to(weight.dtype)
             return grad_x, grad_weight, grad_bias, *nones
-        grad_se = passes.whitening_grad(grad_w, tuple(rest), eps_s, method, T, G * d)
-        inv_c3 = inv_c[:, None, None]
-        s2 = (grad_se + grad_se.transpose(-1, -2)) * (inv_c3 / m)    # (2/m) sym(dSe') / c
-        a_t = a.transpose(-1, -2) * inv_c3                           # A'^T / c
+        gw, s2, a_t, shift = passes.train_matrix_grad(gx, gsum, ms, w, a, weight if has_weight else None, inv_c, m,
+                                                      tuple(rest), eps_s, method, T)
+        if has_weight and need_weight:
+            grad_weight = gw.to(weight.dtype)
         # dx = (A'^T (gy - mean(gy)) + (2/m) sym(dSe') (xs - ms)) / c, block by block
-        shift = -(a_t @ (gsum / m).unsqueeze(-1)) - s2 @ ms.unsqueeze(-1)   # (G, d, 1)
-        grad_x = run.input_grad(grad_y, center, c, s2, a_t, shift.squeeze(-1))
+        grad_x = run.input_grad(grad_y, center, c, s2, a_t, shift)
         return grad_x, grad_weight, grad_bias, *nones
 
 
