@@ -386,7 +386,7 @@ Tensor9 newton_train_cpu(const at::Tensor& cov_, const at::Tensor& ms_, const at
   auto o = cov.options();
   Tensor9 out{at::empty({G, d, d}, o), at::empty({G, d, d}, o), at::empty({G, d, d}, o), at::empty({G, d}, o),
               at::empty({G, d}, o),    at::empty({G, d, d}, o), at::empty({G}, o),       at::empty({G}, o),
-              at::zeros({G, 3 * T + 1, d, d}, o)};
+              at::empty({G, 3 * T + 1, d, d}, o)};   // every slot written: the groups are whole (n = d)
   if (G == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "native_newton_train", [&] {
     newton_train_kernel<scalar_t>(cov, ms, center, scale, inv, eps, T, weight ? &wc : nullptr, bias ? &bc : nullptr,
