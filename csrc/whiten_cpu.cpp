@@ -184,10 +184,38 @@ T* at_column(const View3& v, int64_t n, int64_t c, int64_t l) {
 
 // dst[r * ldp + t] = convert(x[n, c0 + r, l]) for the block's columns [j0, j1) (t = j - j0), with
 // optional per-row affine map (v - sub[r]) * mul (mul a scalar, a power of two).
+// Samples shorter than this (tiny images, an (N, C) input) are gathered row by row over the block's
+// whole samples (rows outer), not run by run: a run of one to a few columns costs a call and a loop per
+// row. Measured on (64, 512, 1, 1) float32 d = 16, one thread: the statistics pass 1.45x and the reduce
+// pass 1.65x faster. (Written back run by run: rows outer, the stores of one sample's channels, adjacent
+// there, land on one line from d rows apart, and the apply pass measured 1.15x slower.)
+constexpr int64_t kShortSample = 16;
+
+// The block [j0, j1) as whole samples [n0, n1) where its samples are short (kShortSample) and it holds
+// only whole ones (always so then: a block of short samples is never a part of one).
+bool whole_short_samples(const View3& v, int64_t j0, int64_t j1, int64_t& n0, int64_t& n1) {
+  if (v.L >= kShortSample || j0 % v.L != 0 || j1 % v.L != 0) return false;
+  n0 = j0 / v.L, n1 = j1 / v.L;
+  return true;
+}
+
 template <typename scalar_t, typename acc_t>
 void gather(const View3& v, int64_t c0, int64_t rows, int64_t j0, int64_t j1, acc_t* dst, int64_t ldp,
             const acc_t* sub, acc_t mul) {
   const bool channels_inner = v.sC < v.sL;   // channels_last: the d values of a column are adjacent
+  int64_t n0, n1;
+  if (!channels_inner && whole_short_samples(v, j0, j1, n0, n1)) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* s = at_column<const scalar_t>(v, 0, c0 + r, 0);
+      acc_t* o = dst + r * ldp;
+      const acc_t sr = sub ? sub[r] : acc_t(0);
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t* p = s + n * v.sN;
+        for (int64_t l = 0; l < v.L; ++l) *o++ = (static_cast<acc_t>(p[l * v.sL]) - sr) * mul;
+      }
+    }
+    return;
+  }
   for_runs(v, j0, j1, [&](int64_t n, int64_t l0, int64_t len, int64_t off) {
     const scalar_t* src = at_column<const scalar_t>(v, n, c0, l0);
     acc_t* out = dst + off;
