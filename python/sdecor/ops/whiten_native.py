@@ -171,9 +171,9 @@ def eval_native(x: Tensor, mean: Tensor, wm: Tensor, weight=None, bias=None) -> 
     concatenated), as in training."""
     G, d = wm.shape[0], wm.shape[-1]
     mean = mean.reshape(G, d)
-    x_even, x_last, r = split_channels(x, d)
-    if r == d:
+    if x.shape[1] % d == 0:                  # no smaller last group: x itself (no views to make)
         return _GroupWhitenEvalNative.apply(x, mean, wm, weight, bias)
+    x_even, x_last, r = split_channels(x, d)
     c0 = x_even.shape[1]
     parts = [(x_even, slice(0, G - 1), d, slice(0, c0)), (x_last, slice(G - 1, G), r, slice(c0, None))]
     if c0 == 0:

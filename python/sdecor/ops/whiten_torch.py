@@ -407,9 +407,9 @@ def train_with_passes(passes, x: torch.Tensor, num_channels: int, method: str, e
     (G, d) and wm (G, d, d) are the batch statistics (float32, float64 for float64 input), detached.
     A smaller last group (d does not divide C): see the module docstring.
     """
-    x_even, x_last, r = split_channels(x, num_channels)
-    if r == num_channels:
+    if x.shape[1] % num_channels == 0:       # no smaller last group: x itself (no views to make)
         return _GroupWhitenTrain.apply(x, weight, bias, passes, num_channels, method, float(eps), int(T))
+    x_even, x_last, r = split_channels(x, num_channels)
     # the full groups' channels and the last group's, each through the even path (views of x)
     d, c0 = num_channels, x_even.shape[1]
     parts = [(x_even, d, slice(0, c0)), (x_last, r, slice(c0, None))]
