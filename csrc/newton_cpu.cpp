@@ -100,22 +100,32 @@ void check_matrices(const at::Tensor& t, const char* op, const char* name, int64
   TORCH_CHECK(t.scalar_type() == dtype, "sdecor::", op, ": ", name, " must be ", dtype, "; got ", t.scalar_type());
 }
 
-// (G, d) after checking cov (G, d, d) float32 / float64 on the CPU (or meta), eps (G,) of its dtype,
-// T >= 0 and 1 <= last <= d.
-std::tuple<int64_t, int64_t> check_newton(const at::Tensor& cov, const at::Tensor& eps, int64_t T, int64_t last,
-                                          const char* op) {
+// (G, d) after checking cov (G, d, d) float32 / float64 on the CPU (or meta) and T >= 0.
+std::tuple<int64_t, int64_t> check_cov(const at::Tensor& cov, int64_t T, const char* op) {
   TORCH_CHECK(cov.dim() == 3 && cov.size(1) == cov.size(2) && cov.size(1) >= 1, "sdecor::", op,
               ": cov must be (G, d, d) with d >= 1; got shape ", cov.sizes());
   TORCH_CHECK(cov.scalar_type() == at::kFloat || cov.scalar_type() == at::kDouble, "sdecor::", op,
               ": cov must be float32 or float64; got ", cov.scalar_type());
   TORCH_CHECK(cov.device().is_cpu() || cov.device().is_meta(), "sdecor::", op, ": cov must be a CPU tensor; got ",
               cov.device());
-  const int64_t G = cov.size(0), d = cov.size(1);
+  TORCH_CHECK(T >= 0, "sdecor::", op, ": T must be >= 0; got ", T);
+  return {cov.size(0), cov.size(1)};
+}
+
+// check_cov, and eps (G,) of cov's dtype.
+std::tuple<int64_t, int64_t> check_cov_eps(const at::Tensor& cov, const at::Tensor& eps, int64_t T, const char* op) {
+  const auto [G, d] = check_cov(cov, T, op);
   TORCH_CHECK(eps.dim() == 1 && eps.size(0) == G, "sdecor::", op, ": eps must have shape (", G, ",); got ",
               eps.sizes());
   TORCH_CHECK(eps.scalar_type() == cov.scalar_type(), "sdecor::", op, ": eps must be ", cov.scalar_type(), "; got ",
               eps.scalar_type());
-  TORCH_CHECK(T >= 0, "sdecor::", op, ": T must be >= 0; got ", T);
+  return {G, d};
+}
+
+// check_cov_eps, and 1 <= last <= d.
+std::tuple<int64_t, int64_t> check_newton(const at::Tensor& cov, const at::Tensor& eps, int64_t T, int64_t last,
+                                          const char* op) {
+  const auto [G, d] = check_cov_eps(cov, eps, T, op);
   TORCH_CHECK(last >= 1 && last <= d, "sdecor::", op, ": last must be in [1, ", d, "]; got ", last);
   return {G, d};
 }
@@ -370,12 +380,7 @@ Tensor9 newton_train_cpu(const at::Tensor& cov_, const at::Tensor& ms_, const at
                          const at::Tensor& scale_, const at::Tensor& inv_, double eps, int64_t T,
                          const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_) {
   const char* op = "native_newton_train";
-  TORCH_CHECK(cov_.dim() == 3 && cov_.size(1) == cov_.size(2) && cov_.size(1) >= 1, "sdecor::", op,
-              ": cov must be (G, d, d) with d >= 1; got shape ", cov_.sizes());
-  TORCH_CHECK(cov_.scalar_type() == at::kFloat || cov_.scalar_type() == at::kDouble, "sdecor::", op,
-              ": cov must be float32 or float64; got ", cov_.scalar_type());
-  TORCH_CHECK(T >= 0, "sdecor::", op, ": T must be >= 0; got ", T);
-  const int64_t G = cov_.size(0), d = cov_.size(1);
+  const auto [G, d] = check_cov(cov_, T, op);
   check_vectors({{&ms_, "ms"}, {&center_, "center"}}, cov_, {G, d}, op);
   check_vectors({{&scale_, "scale"}, {&inv_, "inv_scale"}}, cov_, {G}, op);
   const at::Tensor* weight = optional_vector(weight_, cov_, G * d, op, "weight");
@@ -398,7 +403,7 @@ Tensor9 newton_train_cpu(const at::Tensor& cov_, const at::Tensor& ms_, const at
 Tensor9 newton_train_meta(const at::Tensor& cov, const at::Tensor& ms, const at::Tensor& center,
                           const at::Tensor& scale, const at::Tensor& inv, double, int64_t T,
                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  const int64_t G = cov.size(0), d = cov.size(-1);
+  const auto [G, d] = check_cov(cov, T, "native_newton_train");
   auto o = cov.options();
   return {at::empty({G, d, d}, o), at::empty({G, d, d}, o), at::empty({G, d, d}, o), at::empty({G, d}, o),
           at::empty({G, d}, o),    at::empty({G, d, d}, o), at::empty({G}, o),       at::empty({G}, o),
@@ -465,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_train_backward
     const std::optional<at::Tensor>& weight_, const at::Tensor& inv_, const at::Tensor& cov_, const at::Tensor& eps_,
     const at::Tensor& trace_, const at::Tensor& hist_, int64_t T, int64_t m) {
   const char* op = "native_newton_train_backward";
-  const auto [G, d] = check_newton(cov_, eps_, T, cov_.dim() == 3 ? std::max<int64_t>(cov_.size(1), 1) : 1, op);
+  const auto [G, d] = check_cov_eps(cov_, eps_, T, op);
   check_matrices(gx_, op, "gx", G, d, cov_.scalar_type());
   check_matrices(w_, op, "w", G, d, cov_.scalar_type());
   check_vectors({{&gsum_, "gsum"}, {&ms_, "ms"}}, cov_, {G, d}, op);
@@ -493,8 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_train_backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> newton_train_backward_meta(
     const at::Tensor& gx, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>& weight, const at::Tensor&, const at::Tensor& cov, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
-  const int64_t G = cov.size(0), d = cov.size(-1);
+    const at::Tensor&, const at::Tensor&, int64_t T, int64_t) {
+  const auto [G, d] = check_cov(cov, T, "native_newton_train_backward");
   auto o = cov.options();
   return {weight.has_value() && weight->defined() ? at::empty({G * d}, o) : at::Tensor(), at::empty({G, d, d}, o),
           at::empty({G, d, d}, o), at::empty({G, d}, o)};
