@@ -197,6 +197,13 @@ def dx_pass(gy: torch.Tensor, xg: torch.Tensor, center: torch.Tensor, inv_c: tor
     return dx
 
 
+def weight_grad(gx: torch.Tensor, gsum: torch.Tensor, ms: torch.Tensor, w: torch.Tensor | None):
+    """(GX', dL/dweight) from the reduce pass's (D / c, s = sum dy): GX' = D / c - s ms^T = sum dy (xs - ms)^T,
+    and sum_j dy_j o W (x_j - mean) = rowsum(GX' o W') (G * d; the scales cancel), None where w is None."""
+    gx_t = gx - gsum.unsqueeze(-1) * ms.unsqueeze(-2)
+    return gx_t, None if w is None else (gx_t * w).sum(-1).reshape(-1)
+
+
 class TorchPasses:
     """The passes of the torch backend over one input x (N, C, *S) in groups of d | C
     (:class:`~sdecor.ops._whiten_passes.WhiteningPasses`): the blocked passes above on the
@@ -266,8 +273,7 @@ class TorchPasses:
         from dL/dW' = diag(weight) GX' (:meth:`whitening_grad`), s2 = (2 / m) sym(dL/dSe') / c,
         a_t = A'^T / c and shift = -a_t s / m - s2 ms (G, d): the input_grad pass's terms."""
         G, d = ms.shape
-        gx_t = gx - gsum.unsqueeze(-1) * ms.unsqueeze(-2)
-        grad_weight = None if weight is None else (gx_t * w).sum(-1).reshape(-1)
+        gx_t, grad_weight = weight_grad(gx, gsum, ms, None if weight is None else w)
         grad_w = gx_t if weight is None else weight.to(w.dtype).reshape(G, d).unsqueeze(-1) * gx_t
         grad_se = cls.whitening_grad(grad_w, state, eps_s, method, T, G * d)
         inv_c3 = inv_c[:, None, None]
@@ -347,9 +353,7 @@ class _GroupWhitenTrain(torch.autograd.Function):
         if has_bias and need_bias:
             grad_bias = gsum.reshape(-1).to(bias_dtype)
         if not need_x:
-            # sum_j gy W (x_j - mean) = rowsum(GX' o W'): the scales cancel
-            gx_t = gx - gsum.unsqueeze(-1) * ms.unsqueeze(-2)
-            grad_weight = (gx_t * w).sum(-1).reshape(-1).to(weight.dtype)
+            grad_weight = weight_grad(gx, gsum, ms, w)[1].to(weight.dtype)
             return grad_x, grad_weight, grad_bias, *nones
         gw, s2, a_t, shift = passes.train_matrix_grad(gx, gsum, ms, w, a, weight if has_weight else None, inv_c, m,
                                                       tuple(rest), eps_s, method, T)
