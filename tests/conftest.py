@@ -70,6 +70,46 @@ def poison(monkeypatch):
     return _poison
 
 
+# The instruction-set paths of the CPU microkernels (csrc/cpu/), best first.
+ISAS = ("avx512", "avx2", "portable")
+
+
+def runnable_isas() -> list[str]:
+    """The paths this CPU and build run (none without the extension)."""
+    from sdecor import _ext
+
+    return _ext.build_info().get("cpu_isas", "").split(",") if _ext.available() else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Every test taking this fixture runs once per path, that path forced for its duration."""
+    name = request.param
+    if name not in runnable_isas():
+        pytest.skip(f"this CPU (or build) cannot run the {name} path; it runs {runnable_isas()}")
+    torch.ops.sdecor.set_cpu_isa(name)
+    try:
+        assert torch.ops.sdecor.cpu_isa() == name
+        yield name
+    finally:
+        torch.ops.sdecor.set_cpu_isa("auto")
+
+
+def train_path(backend, x, d, method, weight, bias):
+    """(y, mean, wm, grad x, grad weight, grad bias) of group_whiten_train on ``backend``."""
+    import sdecor
+    from sdecor.ops import whiten
+
+    C = x.shape[1]
+    last = "even" if C % d == 0 else "smaller"
+    xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    with sdecor.use_backend(backend):
+        y, mean, wm = whiten.group_whiten_train(xx, d, method, 1e-5, 5, ww, bb, last_group=last)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+        (y * gy).sum().backward()
+    return y, mean, wm, xx.grad, ww.grad, bb.grad
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

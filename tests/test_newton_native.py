@@ -12,21 +12,6 @@ from sdecor.testing import assert_close, tol
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"sdecor._C is not built: {_ext.error()}")
 
-ISAS = ("avx512", "avx2", "portable")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    name = request.param
-    runnable = _ext.build_info().get("cpu_isas", "").split(",")
-    if name not in runnable:
-        pytest.skip(f"this CPU (or build) cannot run the {name} path; it runs {runnable}")
-    torch.ops.sdecor.set_cpu_isa(name)
-    try:
-        yield name
-    finally:
-        torch.ops.sdecor.set_cpu_isa("auto")
-
 
 def _cov(G, d, last, dtype, seed=0, scale=1.0):
     """Covariances (G, d, d) of random samples, the last group's padding filled with NaN (never read)."""

@@ -14,6 +14,8 @@ from sdecor import reference as ref
 from sdecor.ops import whiten
 from sdecor.testing import assert_close
 
+from conftest import train_path
+
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"sdecor._C is not built: {_ext.error()}")
 
 OPS = ("native_whiten_stats", "native_whiten_apply", "native_whiten_reduce", "native_whiten_dx")
@@ -48,18 +50,6 @@ def _input(shape, layout, dtype, offset=3.0):
     return _layout(x.to(dtype), layout)
 
 
-def _train(backend, x, d, method, weight, bias):
-    """(y, mean, wm, grad x, grad weight, grad bias) of group_whiten_train on ``backend``."""
-    C = x.shape[1]
-    last = "even" if C % d == 0 else "smaller"
-    xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    with sdecor.use_backend(backend):
-        y, mean, wm = whiten.group_whiten_train(xx, d, method, 1e-5, 5, ww, bb, last_group=last)
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
-        (y * gy).sum().backward()
-    return y, mean, wm, xx.grad, ww.grad, bb.grad
-
-
 @pytest.mark.parametrize("shape,d,layout", CASES)
 @pytest.mark.parametrize("method", ["newton", "zca"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -68,8 +58,8 @@ def test_train_matches_torch_backend(shape, d, layout, method, dtype):
     C = shape[1]
     weight = 1 + 0.1 * torch.randn(C, dtype=dtype)
     bias = 0.1 * torch.randn(C, dtype=dtype)
-    want = _train("torch", x, d, method, weight, bias)
-    got = _train("native", x, d, method, weight, bias)
+    want = train_path("torch", x, d, method, weight, bias)
+    got = train_path("native", x, d, method, weight, bias)
     names = ("y", "mean", "wm", "grad x", "grad weight", "grad bias")
     for name, g, w in zip(names, got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, name
@@ -92,8 +82,8 @@ def test_train_bfloat16(layout):
     x = _input((4, 16, 6, 5), layout, torch.bfloat16)
     weight = torch.ones(16, dtype=torch.bfloat16)
     bias = torch.zeros(16, dtype=torch.bfloat16)
-    want = _train("torch", x, 8, "newton", weight, bias)
-    got = _train("native", x, 8, "newton", weight, bias)
+    want = train_path("torch", x, 8, "newton", weight, bias)
+    got = train_path("native", x, 8, "newton", weight, bias)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert_close(got[1], want[1])
     assert_close(got[2], want[2])
@@ -201,7 +191,7 @@ def test_results_do_not_depend_on_thread_count():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y, mean, wm, gx, gw, gb = _train("native", x, 4, "newton", weight, bias)
+            y, mean, wm, gx, gw, gb = train_path("native", x, 4, "newton", weight, bias)
             with sdecor.use_backend("native"):
                 cm, cc = sdecor.group_cov(x, 4)
                 ye = whiten.group_whiten_eval(x, mean, wm, weight, bias)
@@ -329,8 +319,8 @@ def test_compile_fullgraph_matches_eager():
 def test_extreme_magnitudes_stay_finite(scale):
     # the statistics in units of a power-of-two scale per group, as on the torch backend
     x = _input((4, 8, 5, 5), "contiguous", torch.float32, offset=0.5) * scale
-    want = _train("torch", x, 4, "newton", torch.ones(8), torch.zeros(8))
-    got = _train("native", x, 4, "newton", torch.ones(8), torch.zeros(8))
+    want = train_path("torch", x, 4, "newton", torch.ones(8), torch.zeros(8))
+    got = train_path("native", x, 4, "newton", torch.ones(8), torch.zeros(8))
     for name, g, w in zip(("y", "mean", "wm", "grad x"), got, want):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item(), msg=name)

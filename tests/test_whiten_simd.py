@@ -17,30 +17,11 @@ from sdecor import _ext
 from sdecor.ops import whiten
 from sdecor.testing import assert_close, tol
 
+from conftest import ISAS, runnable_isas, train_path
+
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"sdecor._C is not built: {_ext.error()}")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISAS = ("avx512", "avx2", "portable")
-
-
-def _runnable():
-    return _ext.build_info().get("cpu_isas", "").split(",") if _ext.available() else []
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Every test taking this fixture runs once per path, that path forced for its duration."""
-    name = request.param
-    if name not in _runnable():
-        pytest.skip(f"this CPU (or build) cannot run the {name} path; it runs {_runnable()}")
-    torch.ops.sdecor.set_cpu_isa(name)
-    try:
-        assert torch.ops.sdecor.cpu_isa() == name
-        yield name
-    finally:
-        torch.ops.sdecor.set_cpu_isa("auto")
-
-
 def _layout(x, layout):
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -209,18 +190,6 @@ def _module_id(case):
     return f"{'x'.join(map(str, shape))}-d{d}-{layout}-{method}"
 
 
-def _train(backend, x, d, method, weight, bias):
-    """(y, mean, wm, grad x, grad weight, grad bias) of GroupWhitening's training path on `backend`."""
-    C = x.shape[1]
-    last = "even" if C % d == 0 else "smaller"
-    xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    with sdecor.use_backend(backend):
-        y, mean, wm = whiten.group_whiten_train(xx, d, method, 1e-5, 5, ww, bb, last_group=last)
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
-        (y * gy).sum().backward()
-    return y, mean, wm, xx.grad, ww.grad, bb.grad
-
-
 def _eval(backend, x, mean, wm, weight, bias):
     """(y, grad x, grad mean, grad wm, grad weight, grad bias) of the eval path on `backend`."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, mean, wm, weight, bias)]
@@ -240,8 +209,8 @@ def test_group_whitening_matches_torch_backend(isa, case, dtype, poison):
     gen = torch.Generator().manual_seed(3)
     weight = (1 + 0.1 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype)
     bias = (0.1 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype)
-    want = _train("torch", x, d, method, weight, bias)
-    got = _train("native", x, d, method, weight, bias)
+    want = train_path("torch", x, d, method, weight, bias)
+    got = train_path("native", x, d, method, weight, bias)
     for name, g, w in zip(("y", "mean", "wm", "grad x", "grad weight", "grad bias"), got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         assert_close(g, w, msg=name)
@@ -264,8 +233,8 @@ def test_group_whitening_half_storage(isa, dtype, layout, poison):
     x = _input((4, 40, 6, 5), layout, dtype)
     weight = torch.ones(40, dtype=dtype)
     bias = torch.zeros(40, dtype=dtype)
-    want = _train("torch", x, 16, "newton", weight, bias)
-    got = _train("native", x, 16, "newton", weight, bias)
+    want = train_path("torch", x, 16, "newton", weight, bias)
+    got = train_path("native", x, 16, "newton", weight, bias)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_close(got[1], want[1])
     assert_close(got[2], want[2])
@@ -279,8 +248,8 @@ def test_extreme_magnitudes_stay_finite(isa, scale):
     for shape, d in (((4, 32, 5, 5), 16), ((3, 34, 7), 17)):
         x = _input(shape, "contiguous", torch.float32, offset=0.5) * scale
         C = shape[1]
-        want = _train("torch", x, d, "newton", torch.ones(C), torch.zeros(C))
-        got = _train("native", x, d, "newton", torch.ones(C), torch.zeros(C))
+        want = train_path("torch", x, d, "newton", torch.ones(C), torch.zeros(C))
+        got = train_path("native", x, d, "newton", torch.ones(C), torch.zeros(C))
         for name, g, w in zip(("y", "mean", "wm", "grad x"), got, want):
             assert torch.isfinite(g).all(), name
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item(), msg=name)
@@ -298,7 +267,7 @@ def test_results_do_not_depend_on_thread_count(isa, layout):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y, mean, wm, gx, gw, gb = _train("native", x, 16, "newton", weight, bias)   # groups 16, 16, 8
+            y, mean, wm, gx, gw, gb = train_path("native", x, 16, "newton", weight, bias)   # groups 16, 16, 8
             with sdecor.use_backend("native"):
                 cm, cc = sdecor.group_cov(x, 16, last_group="smaller")
                 ye = whiten.group_whiten_eval(x, mean, wm, weight, bias)
@@ -315,13 +284,13 @@ def test_results_do_not_depend_on_thread_count(isa, layout):
 
 def test_paths_agree_with_each_other():
     # the paths differ in rounding only: float64 results agree to float64's tolerance
-    paths = [p for p in ISAS if p in _runnable()]
+    paths = [p for p in ISAS if p in runnable_isas()]
     x = _input((5, 48, 9, 11), "contiguous", torch.float64)
     res = {}
     try:
         for p in paths:
             torch.ops.sdecor.set_cpu_isa(p)
-            res[p] = _train("native", x, 16, "newton", torch.ones(48, dtype=torch.float64),
+            res[p] = train_path("native", x, 16, "newton", torch.ones(48, dtype=torch.float64),
                             torch.zeros(48, dtype=torch.float64))
     finally:
         torch.ops.sdecor.set_cpu_isa("auto")
@@ -335,7 +304,7 @@ def test_paths_agree_with_each_other():
 
 
 def test_cpu_isa_reports_and_forces_a_path():
-    runnable = _runnable()
+    runnable = runnable_isas()
     assert runnable and "portable" in runnable and set(runnable) <= set(ISAS)
     info = _ext.build_info()
     assert info["cpu_isa"] in runnable
@@ -355,9 +324,9 @@ def test_cpu_isa_reports_and_forces_a_path():
 
 
 def test_forcing_a_path_this_cpu_lacks_raises():
-    lacking = [p for p in ISAS if p not in _runnable()]
+    lacking = [p for p in ISAS if p not in runnable_isas()]
     if not lacking:
-        pytest.skip(f"this CPU runs every path ({_runnable()})")
+        pytest.skip(f"this CPU runs every path ({runnable_isas()})")
     with pytest.raises(RuntimeError, match=f"set_cpu_isa: name={lacking[0]} cannot run here"):
         torch.ops.sdecor.set_cpu_isa(lacking[0])
 
@@ -398,8 +367,8 @@ def test_kernels_standalone(tmp_path, variant):
     if variant == "portable loops":
         flags.append("-DSDECOR_PORTABLE_LOOPS")
     if variant == "x86":
-        if not any(p in _runnable() for p in ("avx2", "avx512")):
-            pytest.skip(f"this CPU runs no x86 vector path ({_runnable()})")
+        if not any(p in runnable_isas() for p in ("avx2", "avx512")):
+            pytest.skip(f"this CPU runs no x86 vector path ({runnable_isas()})")
         flags.append("-DSDECOR_CHECK_X86")
         sources += [os.path.join(cpu, "whiten_avx2.cpp"), os.path.join(cpu, "whiten_avx512.cpp")]
     exe = str(tmp_path / "whiten_kernels_check")
@@ -411,5 +380,5 @@ def test_kernels_standalone(tmp_path, variant):
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "0 mismatch(es)", run.stdout + run.stderr
     if variant == "x86":
         for p in ("avx2", "avx512"):
-            if p in _runnable():
+            if p in runnable_isas():
                 assert f"{p}: 0 mismatch(es)" in run.stdout, run.stdout
